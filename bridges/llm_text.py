@@ -1,0 +1,114 @@
+"""Prompt -> LLM hidden states, and greedy chat replies, on any transformers causal LM.
+
+Pure torch/transformers: the caller puts the model on its device, handles progress and interruption
+through the callbacks, and turns the result into conditioning.
+"""
+from dataclasses import dataclass
+
+import torch
+
+TEMPLATES = ("none", "llama-2-chat")
+
+
+class PromptError(ValueError):
+    pass
+
+
+@dataclass
+class EncodedPrompt:
+    hidden: torch.Tensor  # (1, N, hidden_size), float32
+    last_token: int  # index of the last real (not padding) token
+    prompt_tokens: int  # tokens of the prompt before any cut or padding
+    truncated_to: int = 0  # non-zero when the prompt was cut to this many tokens
+
+
+def apply_template(text: str, template: str) -> str:
+    if template == "none":
+        return text
+    if template == "llama-2-chat":
+        # The tokenizer adds <s>; this is Meta's single-turn format without a system prompt.
+        return f"[INST] {text.strip()} [/INST]"
+    raise PromptError(f"unknown prompt template {template!r}; choose one of {TEMPLATES}")
+
+
+def context_length(model) -> int:
+    config = model.config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2048
+
+
+def _pad_id(tokenizer) -> int:
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id):
+        if tid is not None:
+            return tid
+    return 0
+
+
+def tokenize(tokenizer, text: str, max_tokens: int):
+    """Token ids (1, n) with the tokenizer's own special tokens; cut to max_tokens keeping the start.
+    Returns (ids, prompt_tokens, truncated_to)."""
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=True)["input_ids"]
+    n = ids.shape[1]
+    if n > max_tokens:
+        return ids[:, :max_tokens], n, max_tokens
+    return ids, n, 0
+
+
+def encode(model, tokenizer, text: str, *, hidden_layer: int = -1, num_tokens: int = 0,
+           template: str = "none", allow_empty: bool = False) -> EncodedPrompt:
+    """Hidden states of `text` at `hidden_layer` (python index into hidden_states: -1 is the last layer,
+    0 the embeddings).
+
+    num_tokens > 0 gives exactly that many tokens: a longer prompt is cut, a shorter one padded on the right
+    with the pad token *attended to*, as CLIP pads with end-of-text tokens that SD's UNet attends to; in a
+    causal LM those positions see the whole prompt and carry its summary, and no attention mask is needed
+    downstream (SD ignores masks, so every emitted token must mean something).
+    """
+    if not text.strip() and not allow_empty:
+        raise PromptError("the prompt is empty: write a prompt (for an empty negative use the 'zeros' or "
+                          "encoded-empty negative choice)")
+    limit = context_length(model)
+    if num_tokens:
+        limit = min(limit, num_tokens)
+    ids, n, truncated_to = tokenize(tokenizer, apply_template(text, template), limit)
+    last_token = ids.shape[1] - 1
+    if num_tokens and ids.shape[1] < num_tokens:
+        pad = torch.full((1, num_tokens - ids.shape[1]), _pad_id(tokenizer), dtype=ids.dtype)
+        ids = torch.cat([ids, pad], dim=1)
+    device = next(model.parameters()).device
+    out = model(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device),
+                output_hidden_states=True, use_cache=False)
+    layers = len(out.hidden_states)
+    if not -layers <= hidden_layer < layers:
+        raise PromptError(f"hidden_layer {hidden_layer} is out of range: this LLM has {layers} hidden states "
+                          f"(0 = embeddings, {layers - 1} or -1 = last layer)")
+    hidden = out.hidden_states[hidden_layer].float()
+    return EncodedPrompt(hidden=hidden, last_token=last_token, prompt_tokens=n, truncated_to=truncated_to)
+
+
+def chat(model, tokenizer, text: str, *, max_new_tokens: int = 256, template: str = "none",
+         on_token=None) -> str:
+    """Greedy reply. on_token(i) is called after each new token (progress bar, interruption)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class _Callback(StoppingCriteria):
+        def __init__(self):
+            self.count = 0
+
+        def __call__(self, input_ids, scores, **kwargs):
+            self.count += 1
+            if on_token is not None:
+                on_token(self.count)
+            return False
+
+    prompt = apply_template(text, template)
+    ids, _, _ = tokenize(tokenizer, prompt, max(1, context_length(model) - max_new_tokens))
+    device = next(model.parameters()).device
+    generated = model.generate(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device),
+                               max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                               pad_token_id=_pad_id(tokenizer),
+                               stopping_criteria=StoppingCriteriaList([_Callback()]))
+    return tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True).strip()

@@ -1,0 +1,80 @@
+"""The Beyond CLIP mapper: LLM hidden states -> the UNet's cross-attention space, one token at a time.
+
+The paper says "multiple linear layers", hidden 512, output 768, and nothing about depth or activation, so
+those are config fields stored with the weights. SDXL also needs a pooled vector (1280) that the paper never
+had to produce: a second small MLP reads the hidden state of the prompt's last token, which in a causal LLM
+has seen the whole prompt (the same role CLIP's end-of-text token plays for CLIP's own pooled output).
+"""
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch import nn
+
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
+
+# What each target model's cross-attention reads (width) and whether it needs a pooled vector.
+TARGETS = {"sd1": {"out_dim": 768, "pooled_dim": 0}, "sdxl": {"out_dim": 2048, "pooled_dim": 1280}}
+
+
+@dataclass
+class MapperConfig:
+    in_dim: int  # the LLM's hidden size (4096 for LLaMA-2-7B)
+    target: str = "sd1"  # "sd1" (77 x 768) or "sdxl" (N x 2048 + pooled 1280)
+    hidden_dim: int = 512
+    depth: int = 2  # number of Linear layers in the token MLP
+    activation: str = "gelu"
+    num_tokens: int = 77  # prompts are padded or cut to this many tokens; 0 keeps the prompt's own length
+    hidden_layer: int = -1  # the LLM layer the mapper was trained on (-1 = last)
+
+    def __post_init__(self):
+        if self.target not in TARGETS:
+            raise ValueError(f"unknown mapper target {self.target!r}; expected one of {sorted(TARGETS)}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r}; expected one of {sorted(ACTIVATIONS)}")
+        if self.depth < 1 or self.in_dim < 1 or self.hidden_dim < 1 or self.num_tokens < 0:
+            raise ValueError(f"invalid mapper config {asdict(self)}")
+
+    @property
+    def out_dim(self) -> int:
+        return TARGETS[self.target]["out_dim"]
+
+    @property
+    def pooled_dim(self) -> int:
+        return TARGETS[self.target]["pooled_dim"]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MapperConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown mapper config fields {sorted(unknown)}")
+        return cls(**d)
+
+
+def _mlp(in_dim, hidden_dim, out_dim, depth, activation):
+    widths = [in_dim] + [hidden_dim] * (depth - 1) + [out_dim]
+    layers = []
+    for i in range(depth):
+        layers.append(nn.Linear(widths[i], widths[i + 1]))
+        if i < depth - 1:
+            layers.append(ACTIVATIONS[activation]())
+    return nn.Sequential(*layers)
+
+
+class BeyondCLIPMapper(nn.Module):
+    def __init__(self, config: MapperConfig):
+        super().__init__()
+        self.config = config
+        self.tokens = _mlp(config.in_dim, config.hidden_dim, config.out_dim, config.depth, config.activation)
+        self.pooled = (_mlp(config.in_dim, config.hidden_dim, config.pooled_dim, 2, config.activation)
+                       if config.pooled_dim else None)
+
+    def forward(self, hidden: torch.Tensor, last_token: int):
+        """hidden: (B, N, in_dim); last_token: index of the prompt's last real token.
+        Returns (tokens (B, N, out_dim), pooled (B, pooled_dim) or None)."""
+        tokens = self.tokens(hidden)
+        pooled = self.pooled(hidden[:, last_token]) if self.pooled is not None else None
+        return tokens, pooled

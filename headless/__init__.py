@@ -1,0 +1,1 @@
+"""Running workflows without a browser: a real ComfyUI in-process, small built-in models, a workflow runner."""

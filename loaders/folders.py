@@ -1,0 +1,69 @@
+"""Where the pack's model files live, through ComfyUI's folder registry (so extra_model_paths.yaml works)."""
+import os
+from pathlib import Path
+
+import folder_paths
+
+from .errors import LoadError
+
+LLM = "LLM"  # Hugging Face model folders (config.json, weights, tokenizer files), the convention of LLM packs
+BRIDGES = "bridges"  # the pack's own small weights: mappers, adapters, routers
+BRIDGE_EXTENSIONS = {".safetensors", ".json"}
+
+
+def register_model_folders():
+    """Add models/LLM and models/bridges unless ComfyUI or another pack already registered them."""
+    for name, extensions in ((LLM, {".safetensors", ".bin"}), (BRIDGES, BRIDGE_EXTENSIONS)):
+        if name not in folder_paths.folder_names_and_paths:
+            folder_paths.folder_names_and_paths[name] = ([os.path.join(folder_paths.models_dir, name)], set(extensions))
+        else:  # another pack registered it with its own extensions: make sure ours are listed too
+            paths, extensions_there = folder_paths.folder_names_and_paths[name]
+            folder_paths.folder_names_and_paths[name] = (paths, set(extensions_there) | set(extensions))
+
+
+def _search_paths(folder_name):
+    try:
+        return [Path(p) for p in folder_paths.get_folder_paths(folder_name)]
+    except KeyError:
+        return []
+
+
+def list_model_dirs(folder_name=LLM, marker="config.json", depth=2):
+    """Sub-folders (up to `depth` levels, e.g. 'org/model') that hold `marker`, as posix names."""
+    found = set()
+    for base in _search_paths(folder_name):
+        if not base.is_dir():
+            continue
+        for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
+            rel = Path(dirpath).relative_to(base)
+            if marker in filenames and rel != Path("."):
+                found.add(rel.as_posix())
+            if len(rel.parts) >= depth:
+                dirnames.clear()
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+    return sorted(found)
+
+
+def resolve_model_dir(name, folder_name=LLM) -> Path:
+    searched = _search_paths(folder_name)
+    for base in searched:
+        path = base / name
+        if path.is_dir():
+            return path
+    where = ", ".join(str(p) for p in searched) or f"models/{folder_name}"
+    raise LoadError(f"model folder '{name}' was not found in {where}. Put the Hugging Face model folder "
+                    f"(config.json, weight files, tokenizer files) there, or add its parent to "
+                    f"extra_model_paths.yaml under '{folder_name}', then refresh.")
+
+
+def list_bridge_files(extension=".safetensors"):
+    return sorted(f for f in folder_paths.get_filename_list(BRIDGES) if f.endswith(extension))
+
+
+def resolve_bridge_file(name) -> Path:
+    path = folder_paths.get_full_path(BRIDGES, name)
+    if path is None or not os.path.isfile(path):
+        where = ", ".join(str(p) for p in _search_paths(BRIDGES))
+        raise LoadError(f"bridge file '{name}' was not found in {where}. Put it in models/{BRIDGES}/ "
+                        f"(or train one) and refresh the node list.")
+    return Path(path)

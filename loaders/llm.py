@@ -1,0 +1,132 @@
+"""Hugging Face causal-LM folders from models/LLM, loaded offline, under ComfyUI's memory manager."""
+import gc
+import json
+import logging
+import weakref
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import comfy.model_management as mm
+import torch
+
+from . import patcher as patching
+from .errors import LoadError
+
+DTYPES = ("auto", "fp32", "fp16", "bf16")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tokenizer_config.json")
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedLLM:
+    """What the LLM socket carries between nodes. `base` is the same LLM without adapters (for chat)."""
+    patcher: object
+    tokenizer: object
+    name: str
+    path: Path
+    dtype: torch.dtype
+    hidden_size: int
+    adapter: object = None  # an AttachedAdapter when one is applied
+    base: "LoadedLLM" = field(default=None, repr=False)
+
+    def with_adapter(self, patcher, adapter) -> "LoadedLLM":
+        return replace(self, patcher=patcher, adapter=adapter, base=self.base or self)
+
+    def describe(self) -> str:
+        extra = f" + {self.adapter.describe()}" if self.adapter else ""
+        return f"LLM '{self.name}'{extra}"
+
+
+# One live instance per (folder, dtype, weights' mtime): a second loader node, or a re-run after the
+# executor dropped its cache, gets the same model while anything still holds it.
+_LIVE = {}
+
+
+def _fingerprint(path: Path):
+    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
+    return tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in files)
+
+
+def choose_dtype(choice: str, device) -> torch.dtype:
+    if choice not in DTYPES:
+        raise LoadError(f"unknown dtype {choice!r}; choose one of {DTYPES}")
+    if choice == "fp32" or mm.is_device_cpu(device) and choice == "auto":
+        return torch.float32  # CPUs run half precision slowly or not at all
+    bf16_ok = mm.should_use_bf16(device, prioritize_performance=False)
+    fp16_ok = mm.should_use_fp16(device, prioritize_performance=False)
+    if choice == "auto":
+        return torch.bfloat16 if bf16_ok else torch.float16 if fp16_ok else torch.float32
+    wanted = torch.bfloat16 if choice == "bf16" else torch.float16
+    if (wanted == torch.bfloat16 and not bf16_ok or wanted == torch.float16 and not fp16_ok) and not mm.is_device_cpu(device):
+        log.warning("%s is not supported on %s; loading the LLM in fp32", choice, device)
+        return torch.float32
+    return wanted
+
+
+def check_folder(path: Path):
+    if not (path / "config.json").is_file():
+        raise LoadError(f"{path} has no config.json: it is not a Hugging Face model folder. Copy the whole model "
+                        f"folder (config.json, *.safetensors, tokenizer files) into models/LLM/.")
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise LoadError(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}...). Copy them from "
+                        f"the model's original release into this folder; nothing is downloaded at run time.")
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except ValueError as e:
+        raise LoadError(f"{path / 'config.json'} is not valid JSON ({e}); copy it again.") from None
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise LoadError(f"{path} has no weight files (*.safetensors or *.bin); copy them into the folder.")
+    return config
+
+
+def _from_pretrained(cls, path, dtype):
+    import transformers
+    from packaging.version import Version
+    kwargs = {"local_files_only": True, "trust_remote_code": False}
+    dtype_arg = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+    kwargs[dtype_arg] = dtype
+    return cls.from_pretrained(str(path), **kwargs)
+
+
+def load_llm(name: str, path: Path, dtype_choice: str = "auto", progress=None) -> LoadedLLM:
+    """progress(step) is called after each of the 4 steps; it may raise to stop (interruption)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = check_folder(path)
+    device = mm.text_encoder_device()
+    dtype = choose_dtype(dtype_choice, device)
+    key = (str(path.resolve()), dtype, _fingerprint(path))
+    live = _LIVE.get(key)
+    if live is not None and live() is not None:
+        return live()
+    progress and progress(1)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except Exception as e:  # transformers raises many kinds here (OSError, ValueError, TypeError)
+        raise LoadError(f"the tokenizer in {path} could not be loaded ({type(e).__name__}: {e}). Copy the "
+                        f"tokenizer files of this exact model into the folder.") from None
+    progress and progress(2)
+    model = None
+    try:
+        model = _from_pretrained(AutoModelForCausalLM, path, dtype)
+    except ValueError as e:
+        if "Unrecognized configuration class" in str(e) or "model type" in str(e):
+            raise LoadError(f"{path} holds a '{config.get('model_type')}' model, which is not a causal language "
+                            f"model this loader reads (Llama, OPT, Mistral, ... any AutoModelForCausalLM). "
+                            f"Choose another folder.") from None
+        raise LoadError(f"the weights in {path} could not be loaded ({e}).") from None
+    except (OSError, RuntimeError) as e:
+        raise LoadError(f"the weights in {path} could not be loaded: {type(e).__name__}: {e}. A weight file is "
+                        f"truncated, corrupt or does not belong to this config; copy the folder again.") from None
+    finally:
+        if model is None:
+            gc.collect()  # nothing half-loaded stays in memory
+    model.eval().requires_grad_(False)
+    progress and progress(3)
+    hosted = patching.wrap(model)
+    llm = LoadedLLM(patcher=hosted, tokenizer=tokenizer, name=name, path=path, dtype=dtype,
+              hidden_size=int(model.config.hidden_size if hasattr(model.config, "hidden_size")
+                              else model.get_input_embeddings().weight.shape[1]))
+    progress and progress(4)
+    _LIVE[key] = weakref.ref(llm)
+    return llm

@@ -1,0 +1,54 @@
+"""Hand pack models to ComfyUI's memory manager, across the 2024 and 2025 hosts.
+
+Transformers modules are not built from comfy.ops, so they are always loaded whole (no partial loading);
+ComfyUI can then offload them when the UNet needs the memory, like its own CLIP vision tower.
+"""
+import inspect
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import torch
+
+
+class HostedModule(torch.nn.Module):
+    """A plain container: ModelPatcher sets attributes such as `device` on the model it manages, which a
+    transformers model exposes as a read-only property. State-dict keys are `inner.<original key>`."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.device = next(inner.parameters()).device
+
+
+PREFIX = "inner."
+
+
+def wrap(module: torch.nn.Module, load_device=None, offload_device=None):
+    load_device = load_device or mm.text_encoder_device()
+    offload_device = offload_device or mm.text_encoder_offload_device()
+    hosted = HostedModule(module.to(offload_device))
+    return comfy.model_patcher.ModelPatcher(hosted, load_device=load_device, offload_device=offload_device)
+
+
+def load_to_device(patcher) -> torch.nn.Module:
+    """Ask ComfyUI to place the whole model (with its weight patches applied) on its load device, freeing
+    memory from other models first. Returns the inner module, ready to run."""
+    if "force_full_load" in inspect.signature(mm.load_models_gpu).parameters:
+        mm.load_models_gpu([patcher], force_full_load=True)
+    else:
+        mm.load_models_gpu([patcher])
+    return patcher.model.inner
+
+
+def lowrank_patch(up: torch.Tensor, down: torch.Tensor):
+    """A weight patch W += up @ down in the form this host's ModelPatcher understands."""
+    try:  # 2025 hosts: weight adapters
+        from comfy.weight_adapter.lora import LoRAAdapter
+        return LoRAAdapter(set(), (up, down, None, None, None, None))
+    except ImportError:  # 2024 hosts: typed tuples
+        return ("lora", (up, down, None, None, None, None))
+
+
+def diff_patch(diff: torch.Tensor):
+    """A weight patch W += diff (both host generations read a 1-tuple as a diff)."""
+    return (diff,)

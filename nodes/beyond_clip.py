@@ -1,0 +1,198 @@
+"""Beyond CLIP nodes: an LLM as the text encoder of SD1.x / SDXL, RepAdapter, and the chat/draw router."""
+import logging
+
+import torch
+
+from ..bridges import llm_text
+from ..loaders import folders
+from ..loaders.errors import LoadError
+from ..loaders.llm import DTYPES, load_llm
+from ..loaders.mappers import load_mapper
+from ..loaders.patcher import load_to_device
+from .common import (CATEGORY, LLM_TYPE, MAPPER_TYPE, ROUTER_TYPE, Progress, check_width_against_model,
+                     conditioning, zero_conditioning_like)
+
+log = logging.getLogger(__name__)
+NEGATIVE_MODES = ("encode negative text", "zeros")
+
+
+def _missing_file_message(kind, name, choices, folder):
+    listed = ", ".join(choices[:5]) if choices else "none"
+    return (f"{kind} '{name}' is not in models/{folder} (found: {listed}). Put it there, or pick one that is "
+            f"present, then refresh the page.")
+
+
+class LLMLoader:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "llm_name": (folders.list_model_dirs(folders.LLM), {"tooltip": "A Hugging Face causal-LM folder in models/LLM"}),
+            "dtype": (DTYPES, {"default": "auto", "tooltip": "auto: bf16/fp16 where the device runs them, else fp32"}),
+        }}
+
+    RETURN_TYPES = (LLM_TYPE,)
+    RETURN_NAMES = ("llm",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Loads an LLM and its tokenizer from models/LLM, offline, under ComfyUI's memory manager."
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, llm_name):
+        choices = folders.list_model_dirs(folders.LLM)
+        if llm_name not in choices:
+            return _missing_file_message("LLM folder", llm_name, choices, folders.LLM)
+        return True
+
+    def load(self, llm_name, dtype):
+        progress = Progress(4)
+        path = folders.resolve_model_dir(llm_name, folders.LLM)
+        return (load_llm(llm_name, path, dtype, progress=progress.step),)
+
+
+class MapperLoader:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"mapper_name": (folders.list_bridge_files(), {"tooltip": "A Beyond CLIP mapper in models/bridges"})}}
+
+    RETURN_TYPES = (MAPPER_TYPE,)
+    RETURN_NAMES = ("mapper",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Loads a Beyond CLIP mapper (LLM hidden states -> SD1.x or SDXL text space) from models/bridges."
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, mapper_name):
+        choices = folders.list_bridge_files()
+        if mapper_name not in choices:
+            return _missing_file_message("mapper file", mapper_name, choices, folders.BRIDGES)
+        return True
+
+    def load(self, mapper_name):
+        return (load_mapper(folders.resolve_bridge_file(mapper_name)),)
+
+
+def _check_mapper_fits(llm, mapper):
+    cfg = mapper.config
+    if cfg.in_dim != llm.hidden_size:
+        raise LoadError(f"mapper {getattr(mapper, 'source', '')} reads {cfg.in_dim}-wide hidden states, but "
+                        f"{llm.describe()} produces {llm.hidden_size}. Use a mapper trained for this LLM.")
+
+
+def encode_text(llm, mapper, text, *, hidden_layer, template, allow_empty=False):
+    """LLM + mapper -> CONDITIONING for one text."""
+    model = load_to_device(llm.patcher)
+    adapter = llm.adapter.attach(model) if llm.adapter is not None else _nothing()
+    with torch.no_grad(), adapter:
+        enc = llm_text.encode(model, llm.tokenizer, text, hidden_layer=hidden_layer,
+                              num_tokens=mapper.config.num_tokens, template=template, allow_empty=allow_empty)
+    if enc.truncated_to:
+        log.warning("Beyond CLIP: the prompt has %d tokens; only the first %d are used (%s). Prompt start: %r",
+                    enc.prompt_tokens, enc.truncated_to,
+                    "the mapper's token count" if enc.truncated_to == mapper.config.num_tokens else "the LLM's context",
+                    text[:60])
+    mapper_device = enc.hidden.device
+    with torch.no_grad():
+        tokens, pooled = mapper.to(mapper_device)(enc.hidden, enc.last_token)
+    return conditioning(tokens, pooled)
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+class TextEncode:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "llm": (LLM_TYPE,),
+                "mapper": (MAPPER_TYPE,),
+                "prompt": ("STRING", {"multiline": True, "default": ""}),
+                "negative_prompt": ("STRING", {"multiline": True, "default": ""}),
+                "negative": (NEGATIVE_MODES, {"default": NEGATIVE_MODES[0],
+                                              "tooltip": "encode the negative text through the LLM and mapper "
+                                                         "(empty text = the LLM's encoding of nothing), or "
+                                                         "output zeros"}),
+                "hidden_layer": ("INT", {"default": -1, "min": -128, "max": 128,
+                                         "tooltip": "-1 = last layer; 0 = embeddings"}),
+                "template": (llm_text.TEMPLATES, {"default": "none"}),
+            },
+            "optional": {
+                "model": ("MODEL", {"tooltip": "Connect the MODEL you sample with to check the mapper fits it "
+                                               "before sampling starts"}),
+            },
+        }
+
+    RETURN_TYPES = ("CONDITIONING", "CONDITIONING")
+    RETURN_NAMES = ("positive", "negative")
+    FUNCTION = "encode"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Encodes a prompt with the LLM and maps it into the UNet's text space (Beyond CLIP)."
+
+    def encode(self, llm, mapper, prompt, negative_prompt, negative, hidden_layer, template, model=None):
+        _check_mapper_fits(llm, mapper)
+        if model is not None:
+            check_width_against_model(model, mapper.config.out_dim, bool(mapper.config.pooled_dim),
+                                      f"mapper {getattr(mapper, 'source', '')}")
+        if hidden_layer != mapper.config.hidden_layer:
+            log.warning("Beyond CLIP: the mapper was trained on hidden layer %d, encoding with layer %d",
+                        mapper.config.hidden_layer, hidden_layer)
+        progress = Progress(2)
+        positive = encode_text(llm, mapper, prompt, hidden_layer=hidden_layer, template=template)
+        progress.step()
+        if negative == "zeros":
+            neg = zero_conditioning_like(positive)
+        else:
+            neg = encode_text(llm, mapper, negative_prompt, hidden_layer=hidden_layer, template=template,
+                              allow_empty=True)
+        progress.step()
+        return (positive, neg)
+
+
+def chat_reply(llm, prompt, max_new_tokens, template):
+    """The plain LLM (no adapter) answers, greedily."""
+    base = llm.base or llm
+    model = load_to_device(base.patcher)
+    progress = Progress(max_new_tokens)
+    return llm_text.chat(model, base.tokenizer, prompt, max_new_tokens=max_new_tokens, template=template,
+                         on_token=progress.step)
+
+
+class Chat:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "llm": (LLM_TYPE,),
+            "prompt": ("STRING", {"multiline": True, "default": ""}),
+            "max_new_tokens": ("INT", {"default": 128, "min": 1, "max": 4096}),
+            "template": (llm_text.TEMPLATES, {"default": "none"}),
+        }}
+
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("answer",)
+    FUNCTION = "chat"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "The LLM answers in text (greedy), without any adapter applied."
+
+    def chat(self, llm, prompt, max_new_tokens, template):
+        if not prompt.strip():
+            raise ValueError("the chat prompt is empty: write a question or instruction")
+        return (chat_reply(llm, prompt, max_new_tokens, template),)
+
+
+NODE_CLASS_MAPPINGS = {
+    "BeyondCLIP_LLMLoader": LLMLoader,
+    "BeyondCLIP_MapperLoader": MapperLoader,
+    "BeyondCLIP_TextEncode": TextEncode,
+    "BeyondCLIP_Chat": Chat,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "BeyondCLIP_LLMLoader": "Load LLM (Beyond CLIP)",
+    "BeyondCLIP_MapperLoader": "Load Mapper (Beyond CLIP)",
+    "BeyondCLIP_TextEncode": "LLM Text Encode (Beyond CLIP)",
+    "BeyondCLIP_Chat": "LLM Chat (Beyond CLIP)",
+}
