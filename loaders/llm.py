@@ -109,15 +109,13 @@ def load_llm(name: str, path: Path, dtype_choice: str = "auto", progress=None) -
     model = None
     try:
         model = _from_pretrained(AutoModelForCausalLM, path, dtype)
-    except ValueError as e:
-        if "Unrecognized configuration class" in str(e) or "model type" in str(e):
+    except Exception as e:  # transformers and safetensors raise many kinds here
+        if "Unrecognized configuration class" in str(e):
             raise LoadError(f"{path} holds a '{config.get('model_type')}' model, which is not a causal language "
                             f"model this loader reads (Llama, OPT, Mistral, ... any AutoModelForCausalLM). "
                             f"Choose another folder.") from None
-        raise LoadError(f"the weights in {path} could not be loaded ({e}).") from None
-    except (OSError, RuntimeError) as e:
-        raise LoadError(f"the weights in {path} could not be loaded: {type(e).__name__}: {e}. A weight file is "
-                        f"truncated, corrupt or does not belong to this config; copy the folder again.") from None
+        raise LoadError(f"the weights in {path} could not be loaded ({type(e).__name__}: {e}). A weight file is "
+                        f"truncated, corrupt or does not belong to this config.json; copy the folder again.") from None
     finally:
         if model is None:
             gc.collect()  # nothing half-loaded stays in memory

@@ -40,6 +40,13 @@ def load_to_device(patcher) -> torch.nn.Module:
     return patcher.model.inner
 
 
+def refresh_keys(patcher):
+    """After adding parameters to a hosted model: 2024 hosts cache its state-dict keys at wrap time and
+    accept patches only for keys in that cache."""
+    if hasattr(patcher, "model_keys"):
+        patcher.model_keys = set(patcher.model.state_dict().keys())
+
+
 def lowrank_patch(up: torch.Tensor, down: torch.Tensor):
     """A weight patch W += up @ down in the form this host's ModelPatcher understands."""
     try:  # 2025 hosts: weight adapters

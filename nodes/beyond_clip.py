@@ -1,5 +1,6 @@
 """Beyond CLIP nodes: an LLM as the text encoder of SD1.x / SDXL, RepAdapter, and the chat/draw router."""
 import logging
+from contextlib import nullcontext
 
 import torch
 
@@ -7,9 +8,11 @@ from ..bridges import llm_text
 from ..loaders import folders
 from ..loaders.errors import LoadError
 from ..loaders.llm import DTYPES, load_llm
+from ..loaders import routers
 from ..loaders.mappers import load_mapper
 from ..loaders.patcher import load_to_device
-from .common import (CATEGORY, LLM_TYPE, MAPPER_TYPE, ROUTER_TYPE, Progress, check_width_against_model,
+from ..loaders.repadapters import MODES, apply_repadapter, load_repadapter
+from .common import (CATEGORY, LLM_TYPE, MAPPER_TYPE, REPADAPTER_TYPE, Progress, check_width_against_model,
                      conditioning, zero_conditioning_like)
 
 log = logging.getLogger(__name__)
@@ -81,7 +84,7 @@ def _check_mapper_fits(llm, mapper):
 def encode_text(llm, mapper, text, *, hidden_layer, template, allow_empty=False):
     """LLM + mapper -> CONDITIONING for one text."""
     model = load_to_device(llm.patcher)
-    adapter = llm.adapter.attach(model) if llm.adapter is not None else _nothing()
+    adapter = llm.adapter.attach(model) if llm.adapter is not None else nullcontext()
     with torch.no_grad(), adapter:
         enc = llm_text.encode(model, llm.tokenizer, text, hidden_layer=hidden_layer,
                               num_tokens=mapper.config.num_tokens, template=template, allow_empty=allow_empty)
@@ -94,14 +97,6 @@ def encode_text(llm, mapper, text, *, hidden_layer, template, allow_empty=False)
     with torch.no_grad():
         tokens, pooled = mapper.to(mapper_device)(enc.hidden, enc.last_token)
     return conditioning(tokens, pooled)
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 class TextEncode:
@@ -174,6 +169,7 @@ class Chat:
 
     RETURN_TYPES = ("STRING",)
     RETURN_NAMES = ("answer",)
+    OUTPUT_NODE = True  # shows the answer on the node
     FUNCTION = "chat"
     CATEGORY = CATEGORY
     DESCRIPTION = "The LLM answers in text (greedy), without any adapter applied."
@@ -181,7 +177,121 @@ class Chat:
     def chat(self, llm, prompt, max_new_tokens, template):
         if not prompt.strip():
             raise ValueError("the chat prompt is empty: write a question or instruction")
-        return (chat_reply(llm, prompt, max_new_tokens, template),)
+        answer = chat_reply(llm, prompt, max_new_tokens, template)
+        return {"ui": {"text": [answer]}, "result": (answer,)}
+
+
+class RepAdapterLoader:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"adapter_name": (folders.list_bridge_files(), {"tooltip": "A RepAdapter file in models/bridges"})}}
+
+    RETURN_TYPES = (REPADAPTER_TYPE,)
+    RETURN_NAMES = ("repadapter",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Loads RepAdapter weights (one adapter per LLM linear layer) from models/bridges."
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, adapter_name):
+        choices = folders.list_bridge_files()
+        if adapter_name not in choices:
+            return _missing_file_message("RepAdapter file", adapter_name, choices, folders.BRIDGES)
+        return True
+
+    def load(self, adapter_name):
+        return (load_repadapter(folders.resolve_bridge_file(adapter_name)),)
+
+
+class ApplyRepAdapter:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "llm": (LLM_TYPE,),
+            "repadapter": (REPADAPTER_TYPE,),
+            "mode": (MODES, {"default": "merged", "tooltip": "merged: folded into the weights, no extra cost; "
+                                                             "unmerged: run beside the layers (as in training)"}),
+        }}
+
+    RETURN_TYPES = (LLM_TYPE,)
+    RETURN_NAMES = ("llm",)
+    FUNCTION = "apply"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("Applies RepAdapter to the LLM for encoding. Chat nodes still use the plain LLM. Merged adapters "
+                   "share the LLM's weights through ComfyUI's weight patches.")
+
+    def apply(self, llm, repadapter, mode):
+        return (apply_repadapter(llm, repadapter, mode),)
+
+
+def _router_choices():
+    return [routers.BUILTIN] + folders.list_bridge_files(routers.EXTENSION)
+
+
+def _load_router(name):
+    if name == routers.BUILTIN:
+        return routers.builtin_router()
+    return routers.load_router(folders.resolve_bridge_file(name))
+
+
+class Assistant:
+    """The Beyond CLIP router in front of the two paths: chat (plain LLM answers) or draw (conditioning)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "llm": (LLM_TYPE, {"tooltip": "The LLM for drawing (with its adapter, if any); chat uses it plain"}),
+                "mapper": (MAPPER_TYPE,),
+                "router": (_router_choices(),),
+                "prompt": ("STRING", {"multiline": True, "default": ""}),
+                "max_new_tokens": ("INT", {"default": 128, "min": 1, "max": 4096}),
+                "template": (llm_text.TEMPLATES, {"default": "none"}),
+            },
+            "optional": {"model": ("MODEL",)},
+        }
+
+    RETURN_TYPES = ("CONDITIONING", "CONDITIONING", "STRING", "STRING", "FLOAT")
+    RETURN_NAMES = ("positive", "negative", "answer", "route", "p_draw")
+    OUTPUT_NODE = True
+    FUNCTION = "run"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("Routes the prompt: 'draw' encodes it (negative: the encoding of empty text); 'chat' answers it in text and, where "
+                   "ComfyUI supports it, stops the image branch so no sampling time is spent.")
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, router):
+        choices = _router_choices()
+        if router not in choices:
+            return _missing_file_message("router file", router, choices, folders.BRIDGES)
+        return True
+
+    def run(self, llm, mapper, router, prompt, max_new_tokens, template, model=None):
+        if not prompt.strip():
+            raise ValueError("the prompt is empty: write a question or a picture description")
+        route, p = _load_router(router).predict(prompt)
+        p_draw = p if route == "draw" else 1.0 - p
+        if route == "chat":
+            answer = chat_reply(llm, prompt, max_new_tokens, template)
+            blocked = _execution_blocker()
+            if blocked is not None:
+                return {"ui": {"text": [answer]}, "result": (blocked, blocked, answer, route, p_draw)}
+            log.info("Beyond CLIP: routed to chat; this ComfyUI cannot skip the image branch, so it is encoded too")
+        else:
+            answer = ""
+        positive, negative = TextEncode().encode(llm, mapper, prompt, "", NEGATIVE_MODES[0], mapper.config.hidden_layer,
+                                                 template, model)
+        return {"ui": {"text": [answer or f"(route: {route}, p_draw={p_draw:.2f})"]},
+                "result": (positive, negative, answer, route, p_draw)}
+
+
+def _execution_blocker():
+    """ComfyUI (Aug 2024 on) skips every node downstream of an ExecutionBlocker; older hosts have none."""
+    try:
+        from comfy_execution.graph import ExecutionBlocker
+    except ImportError:
+        return None
+    return ExecutionBlocker(None)
 
 
 NODE_CLASS_MAPPINGS = {
@@ -189,10 +299,16 @@ NODE_CLASS_MAPPINGS = {
     "BeyondCLIP_MapperLoader": MapperLoader,
     "BeyondCLIP_TextEncode": TextEncode,
     "BeyondCLIP_Chat": Chat,
+    "BeyondCLIP_RepAdapterLoader": RepAdapterLoader,
+    "BeyondCLIP_ApplyRepAdapter": ApplyRepAdapter,
+    "BeyondCLIP_Assistant": Assistant,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "BeyondCLIP_LLMLoader": "Load LLM (Beyond CLIP)",
     "BeyondCLIP_MapperLoader": "Load Mapper (Beyond CLIP)",
     "BeyondCLIP_TextEncode": "LLM Text Encode (Beyond CLIP)",
     "BeyondCLIP_Chat": "LLM Chat (Beyond CLIP)",
+    "BeyondCLIP_RepAdapterLoader": "Load RepAdapter (Beyond CLIP)",
+    "BeyondCLIP_ApplyRepAdapter": "Apply RepAdapter (Beyond CLIP)",
+    "BeyondCLIP_Assistant": "Chat or Draw Router (Beyond CLIP)",
 }

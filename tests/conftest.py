@@ -23,6 +23,21 @@ host_module = _host_module()
 MODEL_FOLDERS = ("checkpoints", "LLM", "bridges", "loras", "clip_vision")
 
 
+class ConditioningSink:
+    """Test-only output node: lets a test graph end at a CONDITIONING (ComfyUI runs only graphs with outputs)."""
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "take"
+    CATEGORY = "testing"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"conditioning": ("CONDITIONING",)}}
+
+    def take(self, conditioning):
+        return {}
+
+
 @pytest.fixture(scope="session")
 def host(tmp_path_factory):
     base = tmp_path_factory.mktemp("comfy")
@@ -32,6 +47,7 @@ def host(tmp_path_factory):
     pack = h.load_pack(base / "custom_nodes")
     tiny = importlib.import_module(pack.__name__ + ".headless.tiny_models")
     h.register_nodes(tiny.NODE_CLASS_MAPPINGS, tiny.NODE_DISPLAY_NAME_MAPPINGS)
+    h.register_nodes({"TestConditioningSink": ConditioningSink})
     print(f"\nComfyUI host: {h.version} at {h.root}")
     return h
 

@@ -1,0 +1,103 @@
+"""RepAdapter files (models/bridges/*.safetensors, kind 'repadapter') and applying them to a loaded LLM.
+
+Merged mode hands the exact merge to ComfyUI as weight patches on a clone of the LLM's ModelPatcher: a rank-r
+patch per weight plus a bias patch, applied when ComfyUI loads the model and undone when it unloads it. The
+plain LLM (for chat) and the adapted one share one copy of the weights.
+"""
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from ..bridges.repadapter import AdapterSet, RepAdapter, attached, merge_factors
+from . import patcher as patching
+from .bridge_files import load_state_into, read_bridge, save_bridge
+from .errors import LoadError
+
+KIND = "repadapter"
+MODES = ("merged", "unmerged")
+
+
+def save_repadapter(path, adapters: AdapterSet, hidden_dim, groups, scale):
+    config = {"hidden_dim": hidden_dim, "groups": groups, "scale": scale, "targets": list(adapters)}
+    save_bridge(path, KIND, config, adapters.state_dict())
+
+
+def load_repadapter(path) -> AdapterSet:
+    config, state_dict = read_bridge(path, KIND)
+    try:
+        targets, hidden_dim, groups = config["targets"], int(config["hidden_dim"]), int(config["groups"])
+        scale = float(config["scale"])
+        adapters = AdapterSet()
+        for target in targets:
+            in_features = state_dict[f"{target}.conv_A.weight"].shape[1]
+            adapters.add(target, RepAdapter(in_features, hidden_dim, groups, scale, dropout=0.0))
+    except (KeyError, TypeError, ValueError) as e:
+        raise LoadError(f"{path}: its RepAdapter config does not match its tensors ({type(e).__name__}: {e}). "
+                        f"Write the file again.") from None
+    load_state_into(adapters, state_dict, path, "RepAdapter set")
+    adapters.source = str(path)
+    return adapters.eval().requires_grad_(False)
+
+
+@dataclass
+class AppliedAdapter:
+    adapters: AdapterSet
+    mode: str
+
+    def attach(self, model):
+        """The context to run the LLM in: hooks for unmerged adapters; nothing for merged ones (the weights
+        already carry them)."""
+        if self.mode == "merged":
+            return nullcontext()
+        device = next(model.parameters()).device
+        return attached(model, self.adapters.to(device))
+
+    def describe(self):
+        return f"RepAdapter {getattr(self.adapters, 'source', '')} ({self.mode})"
+
+
+def _check_fits(llm, adapters):
+    model = llm.patcher.model.inner
+    for target, adapter in adapters.items():
+        try:
+            linear = model.get_submodule(target)
+        except AttributeError:
+            raise LoadError(f"{adapters.source}: adapts layer '{target}', which {llm.describe()} does not have. "
+                            f"Use an adapter trained for this LLM.") from None
+        if not isinstance(linear, torch.nn.Linear) or linear.in_features != adapter.conv_A.in_channels:
+            raise LoadError(f"{adapters.source}: layer '{target}' takes {adapter.conv_A.in_channels} features in "
+                            f"the adapter but {getattr(linear, 'in_features', '?')} in {llm.describe()}. Use an "
+                            f"adapter trained for this LLM.")
+
+
+def apply_repadapter(llm, adapters: AdapterSet, mode: str):
+    """A new LLM handle with the adapters; the given handle is unchanged."""
+    if mode not in MODES:
+        raise ValueError(f"unknown RepAdapter mode {mode!r}; choose one of {MODES}")
+    if llm.adapter is not None:
+        raise ValueError(f"{llm.describe()} already has an adapter; apply one adapter to the plain LLM")
+    _check_fits(llm, adapters)
+    if mode == "unmerged":
+        return llm.with_adapter(llm.patcher, AppliedAdapter(adapters, mode))
+    # Load the plain LLM first so its weights are the originals (ComfyUI undoes other clones' patches).
+    model = patching.load_to_device(llm.patcher)
+    clone = llm.patcher.clone()
+    patches = {}
+    for target, adapter in adapters.items():
+        linear = model.get_submodule(target)
+        if linear.bias is None:
+            # LLaMA's linears have no bias but the merge needs one: a zero bias changes nothing for the
+            # plain LLM and gives ComfyUI a tensor to patch.
+            linear.bias = torch.nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype,
+                                                         device=linear.weight.device), requires_grad=False)
+        up, down, bias_delta = merge_factors(linear.weight, linear.bias, adapter)
+        key = patching.PREFIX + target
+        patches[key + ".weight"] = patching.lowrank_patch(up.cpu(), down.cpu())
+        patches[key + ".bias"] = patching.diff_patch(bias_delta.cpu())
+    patching.refresh_keys(clone)
+    applied = clone.add_patches(patches, 1.0)
+    if len(applied) != len(patches):
+        raise LoadError(f"ComfyUI accepted {len(applied)} of {len(patches)} RepAdapter patches for "
+                        f"{llm.describe()}; the adapter does not fit this model.")
+    return llm.with_adapter(clone, AppliedAdapter(adapters, mode))
