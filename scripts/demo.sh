@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up .venv and run the shipped Beyond CLIP SD1.5 workflow end to end in a real ComfyUI, writing a PNG.
+# Without model files it uses small built-in random models, and says so. Extra arguments go to the runner.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh
+exec .venv/bin/python scripts/run_workflow.py workflows/beyond_clip_sd15.json --output out "$@"
