@@ -8,6 +8,11 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
+
+# The test models are tiny: a second thread buys little, and when another process shares the two cores
+# torch's thread synchronisation can make a step 10-30x slower.
+torch.set_num_threads(1)
 
 PACK_DIR = Path(__file__).resolve().parent.parent
 
@@ -80,3 +85,21 @@ def mapper_files(host, pack):
         save(host.models_dir / "bridges" / name, tiny_llm.random_mapper(64, target, seed=1))
         names[target] = name
     return names
+
+
+@pytest.fixture(scope="session")
+def adapter_file(host, pack, tiny_llama):
+    """A RepAdapter set for the tiny Llama with random (non-identity) weights, in the pack's format."""
+    from transformers import AutoModelForCausalLM
+    ra = pack_module(pack, "bridges.repadapter")
+    model = AutoModelForCausalLM.from_pretrained(str(host.models_dir / "LLM" / tiny_llama))
+    torch.manual_seed(3)
+    adapters = ra.build_adapters(model, ra.find_linear_targets(model), hidden_dim=8, groups=2, scale=0.5)
+    with torch.no_grad():
+        for _, a in adapters.items():
+            a.conv_B.weight.normal_(0, 0.3)
+            a.conv_B.bias.normal_(0, 0.1)
+            a.conv_A.bias.normal_(0, 0.1)
+    name = "tiny-llama-repadapter.safetensors"
+    pack_module(pack, "loaders.repadapters").save_repadapter(host.models_dir / "bridges" / name, adapters, 8, 2, 0.5)
+    return name

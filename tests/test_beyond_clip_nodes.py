@@ -49,24 +49,6 @@ def positive_tokens(host, g):
     return host.node_output("4")[0][0][0]
 
 
-@pytest.fixture(scope="session")
-def adapter_file(host, pack, tiny_llama):
-    """A RepAdapter set for the tiny Llama with random (non-identity) weights, in the pack's format."""
-    from transformers import AutoModelForCausalLM
-    ra = pack_module(pack, "bridges.repadapter")
-    model = AutoModelForCausalLM.from_pretrained(str(host.models_dir / "LLM" / tiny_llama))
-    torch.manual_seed(3)
-    adapters = ra.build_adapters(model, ra.find_linear_targets(model), hidden_dim=8, groups=2, scale=0.5)
-    with torch.no_grad():
-        for _, a in adapters.items():
-            a.conv_B.weight.normal_(0, 0.3)
-            a.conv_B.bias.normal_(0, 0.1)
-            a.conv_A.bias.normal_(0, 0.1)
-    name = "tiny-llama-repadapter.safetensors"
-    pack_module(pack, "loaders.repadapters").save_repadapter(host.models_dir / "bridges" / name, adapters, 8, 2, 0.5)
-    return name
-
-
 def test_repadapter_merged_equals_unmerged_and_leaves_the_plain_llm_intact(host, tiny_llama, mapper_files, adapter_file):
     mapper = mapper_files["sd1"]
     plain = positive_tokens(host, encode_graph(tiny_llama, mapper))

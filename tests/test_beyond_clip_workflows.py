@@ -10,7 +10,7 @@ from conftest import PACK_DIR, pack_module
 WORKFLOWS = PACK_DIR / "workflows"
 
 
-def workflow_prompt(host, pack, name, *, arch, llm, mapper, prompt_text=None, seed=None, prefix=None):
+def workflow_prompt(host, pack, name, *, arch, llm, mapper, adapter=None, prompt_text=None, seed=None, prefix=None):
     """The shipped UI-format workflow as an API prompt, pointed at the small test models."""
     wf = pack_module(pack, "headless.workflow")
     prompt = wf.to_api(wf.load_workflow(WORKFLOWS / name), host.nodes.NODE_CLASS_MAPPINGS)
@@ -22,13 +22,15 @@ def workflow_prompt(host, pack, name, *, arch, llm, mapper, prompt_text=None, se
             inputs["llm_name"] = llm
         elif kind == "BeyondCLIP_MapperLoader":
             inputs["mapper_name"] = mapper
+        elif kind == "BeyondCLIP_RepAdapterLoader":
+            inputs["adapter_name"] = adapter
         elif kind == "EmptyLatentImage":
             inputs.update(width=64, height=64)
         elif kind == "KSampler":
             inputs["steps"] = 10
             if seed is not None:
                 inputs["seed"] = seed
-        elif kind == "BeyondCLIP_TextEncode" and prompt_text is not None:
+        elif kind in ("BeyondCLIP_TextEncode", "BeyondCLIP_Assistant") and prompt_text is not None:
             inputs["prompt"] = prompt_text
         elif kind == "SaveImage" and prefix:
             inputs["filename_prefix"] = prefix
@@ -70,3 +72,28 @@ def test_shipped_workflow_end_to_end(host, pack, tiny_llama, mapper_files, name,
     other = copy.deepcopy(prompt)
     other[encode_id]["inputs"]["prompt"] = "an oil painting of a red fox in the snow"
     assert run_image(host, other) != first, "a different prompt must change the image"
+
+
+def test_router_workflow_draws_a_picture_request_and_answers_a_question(host, pack, tiny_llama, mapper_files,
+                                                                         adapter_file):
+    def run(text):
+        prompt = workflow_prompt(host, pack, "beyond_clip_router_sd15.json", arch="sd15", llm=tiny_llama,
+                                 mapper=mapper_files["sd1"], adapter=adapter_file, prompt_text=text, prefix="router")
+        for node in prompt.values():
+            if node["class_type"] == "BeyondCLIP_Assistant":
+                node["inputs"]["max_new_tokens"] = 6
+        host.reset_cache()
+        ui = host.run(prompt)
+        return prompt, ui, host.node_output(node_of(prompt, "BeyondCLIP_Assistant"))
+
+    prompt, ui, (positive, _, answer, route, p_draw) = run("Draw a cozy cabin in a snowy pine forest at night")
+    assert route == "draw" and p_draw > 0.5 and positive[0][0].shape == (1, 77, 768)
+    assert len(host.saved_images(ui)) == 1
+    # The adapter is merged into the encoder: the conditioning differs from the plain LLM's.
+    apply_id = node_of(prompt, "BeyondCLIP_ApplyRepAdapter")
+    assert host.node_output(apply_id)[0].adapter.mode == "merged"
+
+    prompt, ui, (_, _, answer, route, p_draw) = run("How many moons does Mars have?")
+    assert route == "chat" and p_draw < 0.5 and isinstance(answer, str)
+    assert ui[node_of(prompt, "BeyondCLIP_Assistant")]["text"] == [answer]
+    assert bool(host.saved_images(ui)) != host.supports_execution_blocker()
