@@ -15,11 +15,13 @@ from .errors import LoadError
 FORMAT = "beyond_clip.bridge"
 FORMAT_VERSION = "1"
 
-# kind -> what a person calls it, for messages
-KINDS = {
-    "beyond_clip_mapper": "Beyond CLIP mapper",
-    "repadapter": "RepAdapter",
-}
+# kind -> what a person calls it, for messages. Each family's loader module registers its kinds here.
+KINDS = {}
+
+
+def register_kind(kind: str, label: str) -> str:
+    KINDS[kind] = label
+    return kind
 
 
 def save_bridge(path, kind: str, config: dict, state_dict: dict):

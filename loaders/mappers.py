@@ -1,9 +1,9 @@
 """Beyond CLIP mapper files (models/bridges/*.safetensors, kind 'beyond_clip_mapper')."""
 from ..bridges.mapper import BeyondCLIPMapper, MapperConfig
-from .bridge_files import load_state_into, read_bridge, save_bridge
+from .bridge_files import load_state_into, read_bridge, register_kind, save_bridge
 from .errors import LoadError
 
-KIND = "beyond_clip_mapper"
+KIND = register_kind("beyond_clip_mapper", "Beyond CLIP mapper")
 
 
 def save_mapper(path, mapper: BeyondCLIPMapper):

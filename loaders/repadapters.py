@@ -11,10 +11,10 @@ import torch
 
 from ..bridges.repadapter import AdapterSet, RepAdapter, attached, merge_factors
 from . import patcher as patching
-from .bridge_files import load_state_into, read_bridge, save_bridge
+from .bridge_files import load_state_into, read_bridge, register_kind, save_bridge
 from .errors import LoadError
 
-KIND = "repadapter"
+KIND = register_kind("repadapter", "RepAdapter")
 MODES = ("merged", "unmerged")
 
 
