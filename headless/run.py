@@ -3,7 +3,7 @@ import logging
 from pathlib import Path
 
 from . import tiny_llm
-from .workflow import load_workflow, to_api
+from .workflow import WorkflowError, load_workflow, to_api
 
 log = logging.getLogger(__name__)
 TINY_LLM = "beyond-clip-tiny-llama"
@@ -19,6 +19,7 @@ def use_builtin_models(prompt: dict, arch: str, host, demo_dir: Path):
     """Swap every loader whose file is absent for a small random model of the same layout. Returns what was
     swapped, so the caller can say so plainly."""
     from ..loaders.mappers import save_mapper
+    from ..loaders.repadapters import save_repadapter
 
     fp = host.folder_paths
     swapped = []
@@ -40,6 +41,14 @@ def use_builtin_models(prompt: dict, arch: str, host, demo_dir: Path):
                 save_mapper(bridges_dir / name, tiny_llm.random_mapper(64, "sdxl" if arch == "sdxl" else "sd1"))
             swapped.append(f"mapper {inputs['mapper_name']} -> {name} (random)")
             inputs["mapper_name"] = name
+        elif kind == "BeyondCLIP_RepAdapterLoader" and not _present(fp, "bridges", inputs["adapter_name"]):
+            name = "beyond-clip-tiny-repadapter.safetensors"
+            if not (bridges_dir / name).is_file():
+                if not (llm_dir / TINY_LLM / "config.json").is_file():
+                    tiny_llm.write_llm_folder(llm_dir / TINY_LLM)
+                save_repadapter(bridges_dir / name, tiny_llm.random_repadapters(llm_dir / TINY_LLM), 8, 2, 0.5)
+            swapped.append(f"RepAdapter {inputs['adapter_name']} -> {name} (random, for {TINY_LLM})")
+            inputs["adapter_name"] = name
     if swapped:
         for folder, path in (("LLM", llm_dir), ("bridges", bridges_dir)):
             path.mkdir(parents=True, exist_ok=True)
@@ -51,13 +60,41 @@ def use_builtin_models(prompt: dict, arch: str, host, demo_dir: Path):
     return swapped
 
 
-def prepare(path, host, builtin_models=True):
-    """(API prompt, notes) for a workflow file: UI format converted with the host's node definitions."""
+def missing_models(workflow: dict, folder_paths) -> list:
+    """What the workflow declares it needs (extra.beyond_clip.models: {folder: [names]}) that is not here,
+    each with where to put it. Checked before anything is loaded."""
+    declared = ((workflow.get("extra") or {}).get("beyond_clip") or {}).get("models") or {}
+    missing = []
+    for folder, names in declared.items():
+        for name in names:
+            if not _present(folder_paths, folder, name, directory=(folder == "LLM")):
+                try:
+                    where = folder_paths.get_folder_paths(folder)
+                except KeyError:
+                    where = [f"models/{folder}"]
+                kind = "a Hugging Face model folder" if folder == "LLM" else "a file"
+                missing.append(f"{name} ({kind}) in {folder}: put it in {where[0]}")
+    return missing
+
+
+def apply_overrides(prompt: dict, overrides):
+    for node_id, name, value in overrides:
+        if node_id not in prompt:
+            raise WorkflowError(f"--set {node_id}.{name}: the workflow has no node {node_id} "
+                                f"(its nodes: {', '.join(sorted(prompt, key=str))})")
+        prompt[node_id]["inputs"][name] = value
+
+
+def prepare(path, host, overrides=(), builtin_models=True):
+    """(API prompt, missing files, swapped models) for a workflow file, the UI format converted with the
+    host's node definitions."""
     workflow = load_workflow(path)
     prompt = to_api(workflow, host.nodes.NODE_CLASS_MAPPINGS)
-    notes = []
-    if builtin_models:
+    apply_overrides(prompt, overrides)
+    missing = missing_models(workflow, host.folder_paths)
+    swapped = []
+    if missing and builtin_models:
         about = (workflow.get("extra") or {}).get("beyond_clip", {})
         demo_dir = Path(host.folder_paths.get_temp_directory()) / "beyond_clip_builtin_models"
-        notes = use_builtin_models(prompt, about.get("arch", "sd15"), host, demo_dir)
-    return prompt, notes
+        swapped = use_builtin_models(prompt, about.get("arch", "sd15"), host, demo_dir)
+    return prompt, missing, swapped

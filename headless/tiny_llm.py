@@ -70,3 +70,20 @@ def random_mapper(in_dim: int, target: str = "sd1", seed: int = 0, **config):
     torch.manual_seed(seed)
     mapper = BeyondCLIPMapper(MapperConfig(in_dim=in_dim, target=target, **config))
     return mapper.eval()
+
+
+def random_repadapters(llm_folder, seed: int = 0, scale: float = 0.5):
+    """RepAdapters for every linear of the LLM in `llm_folder`, randomised so they are not the identity."""
+    from transformers import AutoModelForCausalLM
+
+    from ..bridges.repadapter import build_adapters, find_linear_targets
+
+    model = AutoModelForCausalLM.from_pretrained(str(llm_folder), local_files_only=True)
+    torch.manual_seed(seed)
+    adapters = build_adapters(model, find_linear_targets(model), hidden_dim=8, groups=2, scale=scale)
+    with torch.no_grad():
+        for _, adapter in adapters.items():
+            adapter.conv_B.weight.normal_(0, 0.3)
+            adapter.conv_B.bias.normal_(0, 0.1)
+            adapter.conv_A.bias.normal_(0, 0.1)
+    return adapters.eval()

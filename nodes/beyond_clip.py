@@ -281,7 +281,8 @@ class Assistant:
             answer = ""
         positive, negative = TextEncode().encode(llm, mapper, prompt, "", NEGATIVE_MODES[0], mapper.config.hidden_layer,
                                                  template, model)
-        return {"ui": {"text": [answer or f"(route: {route}, p_draw={p_draw:.2f})"]},
+        shown = answer if route == "chat" else f"(route: draw, p_draw={p_draw:.2f})"
+        return {"ui": {"text": [shown]},
                 "result": (positive, negative, answer, route, p_draw)}
 
 

@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-exec .venv/bin/python scripts/run_workflow.py workflows/beyond_clip_sd15.json --output out "$@"
+exec .venv/bin/python -m headless run workflows/beyond_clip_sd15.json --output out "$@"

@@ -1,0 +1,105 @@
+"""Run a workflow file end to end in a real ComfyUI, headless, on the CPU, and write its images.
+
+From the pack's folder:
+    python -m headless run workflows/beyond_clip_sd15.json [--set 4.prompt="a red fox"] [--comfyui DIR]
+                                                         [--models DIR] [--output DIR] [--no-builtin-models]
+
+ComfyUI: --comfyui, else $COMFYUI_PATH, else the ComfyUI this pack is installed in, else a registry copy.
+Workflows: the UI format users share, or the API format. Missing model files are listed before anything
+heavy is loaded; unless --no-builtin-models, small random models of the same layout stand in, and the run
+says so.
+"""
+import argparse
+import importlib
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .host import Host, HostError
+
+
+def parse_override(text):
+    """'12.text=a fox' -> ('12', 'text', 'a fox'); values that parse as JSON (numbers, true) are typed."""
+    target, sep, raw = text.partition("=")
+    node_id, dot, name = target.partition(".")
+    if not sep or not dot or not node_id or not name:
+        raise argparse.ArgumentTypeError(f"--set wants NODE_ID.INPUT=VALUE, got {text!r}")
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw
+    return node_id, name, value
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="python -m headless", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a workflow file and write its images")
+    run.add_argument("workflow", type=Path)
+    run.add_argument("--set", dest="overrides", action="append", type=parse_override, default=[],
+                     metavar="NODE.INPUT=VALUE", help="override a node input (repeatable)")
+    run.add_argument("--comfyui", help="the ComfyUI folder to run in")
+    run.add_argument("--models", type=Path, help="an extra models folder (laid out like ComfyUI/models)")
+    run.add_argument("--output", type=Path, help="folder for the images (default: the host's output folder)")
+    run.add_argument("--no-builtin-models", action="store_true",
+                     help="stop with the list of missing files instead of using small random models")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    with tempfile.TemporaryDirectory(prefix="beyond-clip-run-") as scratch:
+        return run_workflow(args, Path(scratch))
+
+
+def run_workflow(args, scratch: Path):
+    try:
+        host = Host(args.comfyui, output_dir=args.output, temp_dir=scratch / "temp")
+    except HostError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"ComfyUI {host.version} at {host.root}")
+    if args.models:
+        host.add_models_dir(args.models, [p.name for p in args.models.iterdir() if p.is_dir()])
+    pack = host.load_pack(scratch / "custom_nodes")
+    run = importlib.import_module(pack.__name__ + ".headless.run")
+    tiny = importlib.import_module(pack.__name__ + ".headless.tiny_models")
+    host.register_nodes(tiny.NODE_CLASS_MAPPINGS, tiny.NODE_DISPLAY_NAME_MAPPINGS)
+    try:
+        prompt, missing, swapped = run.prepare(args.workflow, host, args.overrides,
+                                               builtin_models=not args.no_builtin_models)
+    except (run.WorkflowError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if missing and not swapped:
+        print("error: the workflow needs model files that are not here:", file=sys.stderr)
+        for line in missing:
+            print("  - " + line, file=sys.stderr)
+        return 2
+    if swapped:
+        print("NOTE: model files are missing, so this run uses SMALL BUILT-IN RANDOM MODELS instead. The code path "
+              "is the real one; the picture will not look like the prompt:")
+        for line in swapped:
+            print("  - " + line)
+    start = time.perf_counter()
+    try:
+        ui = host.run(prompt)
+    except HostError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    images = host.saved_images(ui)
+    print(f"ran {args.workflow} in {time.perf_counter() - start:.1f} s; wrote:")
+    for path in images:
+        print(f"  {path}")
+    for node_id, out in ui.items():
+        for text in (out or {}).get("text", []):
+            print(f"node {node_id} says: {text}")
+    return 0 if images or ui else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
