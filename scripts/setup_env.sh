@@ -17,8 +17,16 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${PIP[@]}" $TORCH_PACKAGES
 "${PIP[@]}" -r requirements.txt ".[test]"
 if [ -n "${COMFYUI_PATH:-}" ]; then
-  # The host's own requirements, less the torch family (installed above) and the browser frontend.
-  grep -vE '^\s*(#|$)|^(torch|torchvision|torchaudio|comfyui-)' "$COMFYUI_PATH/requirements.txt" > .venv/comfyui-requirements.txt
+  # The host's own requirements (its frontend included), less the torch family installed above.
+  grep -vE '^\s*(#|$)|^(torch|torchvision|torchaudio)\b' "$COMFYUI_PATH/requirements.txt" > .venv/comfyui-requirements.txt
   "${PIP[@]}" -r .venv/comfyui-requirements.txt
+fi
+# The frontend test drives Debian's Chromium.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+  else
+    echo "note: install chromium and chromium-driver (Debian packages) for the frontend test" >&2
+  fi
 fi
 .venv/bin/python -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
