@@ -10,6 +10,7 @@ import comfy.model_management as mm
 import torch
 
 from . import patcher as patching
+from .encode_cache import file_identity
 from .errors import LoadError
 
 DTYPES = ("auto", "fp32", "fp16", "bf16")
@@ -26,25 +27,22 @@ class LoadedLLM:
     path: Path
     dtype: torch.dtype
     hidden_size: int
-    adapter: object = None  # an AttachedAdapter when one is applied
+    identity: str = ""  # changes with the folder's files, the dtype and the adapter: keys encoding caches
+    adapter: object = None  # an AppliedAdapter when one is applied
     base: "LoadedLLM" = field(default=None, repr=False)
 
     def with_adapter(self, patcher, adapter) -> "LoadedLLM":
-        return replace(self, patcher=patcher, adapter=adapter, base=self.base or self)
+        return replace(self, patcher=patcher, adapter=adapter, base=self.base or self,
+                       identity=f"{self.identity}+{adapter.identity}")
 
     def describe(self) -> str:
         extra = f" + {self.adapter.describe()}" if self.adapter else ""
         return f"LLM '{self.name}'{extra}"
 
 
-# One live instance per (folder, dtype, weights' mtime): a second loader node, or a re-run after the
+# One live instance per (folder, dtype, files' identity): a second loader node, or a re-run after the
 # executor dropped its cache, gets the same model while anything still holds it.
 _LIVE = {}
-
-
-def _fingerprint(path: Path):
-    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
-    return tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in files)
 
 
 def choose_dtype(choice: str, device) -> torch.dtype:
@@ -95,7 +93,7 @@ def load_llm(name: str, path: Path, dtype_choice: str = "auto", progress=None) -
     config = check_folder(path)
     device = mm.text_encoder_device()
     dtype = choose_dtype(dtype_choice, device)
-    key = (str(path.resolve()), dtype, _fingerprint(path))
+    key = (str(path.resolve()), dtype, file_identity(path))
     live = _LIVE.get(key)
     if live is not None and live() is not None:
         return live()
@@ -123,6 +121,7 @@ def load_llm(name: str, path: Path, dtype_choice: str = "auto", progress=None) -
     progress and progress(3)
     hosted = patching.wrap(model)
     llm = LoadedLLM(patcher=hosted, tokenizer=tokenizer, name=name, path=path, dtype=dtype,
+                    identity=f"{file_identity(path)}:{dtype}",
               hidden_size=int(model.config.hidden_size if hasattr(model.config, "hidden_size")
                               else model.get_input_embeddings().weight.shape[1]))
     progress and progress(4)

@@ -1,6 +1,7 @@
 """Beyond CLIP mapper files (models/bridges/*.safetensors, kind 'beyond_clip_mapper')."""
 from ..bridges.mapper import BeyondCLIPMapper, MapperConfig
 from .bridge_files import load_state_into, read_bridge, register_kind, save_bridge
+from .encode_cache import file_identity
 from .errors import LoadError
 
 KIND = register_kind("beyond_clip_mapper", "Beyond CLIP mapper")
@@ -18,4 +19,5 @@ def load_mapper(path) -> BeyondCLIPMapper:
         raise LoadError(f"{path}: its mapper config is not valid ({e}). Write the file again.") from None
     load_state_into(mapper, state_dict, path, "Beyond CLIP mapper")
     mapper.source = str(path)
+    mapper.identity = file_identity(path)
     return mapper.eval().requires_grad_(False)

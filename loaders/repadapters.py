@@ -12,6 +12,7 @@ import torch
 from ..bridges.repadapter import AdapterSet, RepAdapter, attached, merge_factors
 from . import patcher as patching
 from .bridge_files import load_state_into, read_bridge, register_kind, save_bridge
+from .encode_cache import file_identity
 from .errors import LoadError
 
 KIND = register_kind("repadapter", "RepAdapter")
@@ -37,6 +38,7 @@ def load_repadapter(path) -> AdapterSet:
                         f"Write the file again.") from None
     load_state_into(adapters, state_dict, path, "RepAdapter set")
     adapters.source = str(path)
+    adapters.identity = file_identity(path)
     return adapters.eval().requires_grad_(False)
 
 
@@ -55,6 +57,10 @@ class AppliedAdapter:
 
     def describe(self):
         return f"RepAdapter {getattr(self.adapters, 'source', '')} ({self.mode})"
+
+    @property
+    def identity(self):
+        return f"repadapter:{getattr(self.adapters, 'identity', id(self.adapters))}:{self.mode}"
 
 
 def _check_fits(llm, adapters):

@@ -2,10 +2,12 @@
 import logging
 from contextlib import nullcontext
 
+import comfy.model_management as mm
+import folder_paths
 import torch
 
 from ..bridges import llm_text
-from ..loaders import folders
+from ..loaders import encode_cache, folders
 from ..loaders.errors import LoadError
 from ..loaders.llm import DTYPES, load_llm
 from ..loaders import routers
@@ -84,8 +86,25 @@ def _check_mapper_fits(llm, mapper):
                         f"{llm.describe()} produces {llm.hidden_size}. Use a mapper trained for this LLM.")
 
 
-def encode_text(llm, mapper, text, *, hidden_layer, template, allow_empty=False):
-    """LLM + mapper -> CONDITIONING for one text."""
+def encode_text(llm, mapper, text, *, hidden_layer, template, allow_empty=False, disk_cache=False):
+    """LLM + mapper -> CONDITIONING for one text; identical requests from any graph are served from the caches."""
+    key = encode_cache.cache_key("beyond_clip", llm.identity, mapper.identity, text, hidden_layer, template)
+    cond = encode_cache.MEMORY.get(key)
+    disk_file = encode_cache.disk_path(folder_paths.get_output_directory(), key) if disk_cache else None
+    if cond is None and disk_file is not None:
+        cond = encode_cache.load_conditioning(disk_file, mm.intermediate_device())
+    if cond is None:
+        cond = _encode_uncached(llm, mapper, text, hidden_layer=hidden_layer, template=template,
+                                allow_empty=allow_empty)
+        if disk_file is not None:
+            encode_cache.save_conditioning(disk_file, cond, {"llm": llm.describe(), "mapper": mapper.source,
+                                                             "text": text, "hidden_layer": hidden_layer,
+                                                             "template": template})
+    encode_cache.MEMORY.put(key, cond)
+    return cond
+
+
+def _encode_uncached(llm, mapper, text, *, hidden_layer, template, allow_empty):
     model = load_to_device(llm.patcher)
     adapter = llm.adapter.attach(model) if llm.adapter is not None else nullcontext()
     with torch.no_grad(), adapter:
@@ -96,9 +115,8 @@ def encode_text(llm, mapper, text, *, hidden_layer, template, allow_empty=False)
                     enc.prompt_tokens, enc.truncated_to,
                     "the mapper's token count" if enc.truncated_to == mapper.config.num_tokens else "the LLM's context",
                     text[:60])
-    mapper_device = enc.hidden.device
     with torch.no_grad():
-        tokens, pooled = mapper.to(mapper_device)(enc.hidden, enc.last_token)
+        tokens, pooled = mapper.to(enc.hidden.device)(enc.hidden, enc.last_token)
     return conditioning(tokens, pooled)
 
 
@@ -118,6 +136,9 @@ class TextEncode:
                 "hidden_layer": ("INT", {"default": -1, "min": -128, "max": 128,
                                          "tooltip": "-1 = last layer; 0 = embeddings"}),
                 "template": (llm_text.TEMPLATES, {"default": "none"}),
+                "cache_to_disk": ("BOOLEAN", {"default": False,
+                                              "tooltip": "also keep the encodings in output/beyond_clip_encodings "
+                                                         "so they survive a restart"}),
             },
             "optional": {
                 "model": ("MODEL", {"tooltip": "Connect the MODEL you sample with to check the mapper fits it "
@@ -134,7 +155,8 @@ class TextEncode:
                    "family refused before sampling. Prompts longer than the mapper's tokens or the LLM's context "
                    "are cut, with a warning.")
 
-    def encode(self, llm, mapper, prompt, negative_prompt, negative, hidden_layer, template, model=None):
+    def encode(self, llm, mapper, prompt, negative_prompt, negative, hidden_layer, template, cache_to_disk=False,
+               model=None):
         _check_mapper_fits(llm, mapper)
         if model is not None:
             check_width_against_model(model, mapper.config.out_dim, bool(mapper.config.pooled_dim),
@@ -143,13 +165,14 @@ class TextEncode:
             log.warning("Beyond CLIP: the mapper was trained on hidden layer %d, encoding with layer %d",
                         mapper.config.hidden_layer, hidden_layer)
         progress = Progress(2)
-        positive = encode_text(llm, mapper, prompt, hidden_layer=hidden_layer, template=template)
+        positive = encode_text(llm, mapper, prompt, hidden_layer=hidden_layer, template=template,
+                               disk_cache=cache_to_disk)
         progress.step()
         if negative == "zeros":
             neg = zero_conditioning_like(positive)
         else:
             neg = encode_text(llm, mapper, negative_prompt, hidden_layer=hidden_layer, template=template,
-                              allow_empty=True)
+                              allow_empty=True, disk_cache=cache_to_disk)
         progress.step()
         return (positive, neg)
 
@@ -286,7 +309,7 @@ class Assistant:
         else:
             answer = ""
         positive, negative = TextEncode().encode(llm, mapper, prompt, "", NEGATIVE_MODES[0], mapper.config.hidden_layer,
-                                                 template, model)
+                                                 template, model=model)
         shown = answer if route == "chat" else f"(route: draw, p_draw={p_draw:.2f})"
         return {"ui": {"text": [shown]},
                 "result": (positive, negative, answer, route, p_draw)}

@@ -67,6 +67,12 @@ def pack_module(pack, name):
     return importlib.import_module(f"{pack.__name__}.{name}")
 
 
+def forget_everything(host):
+    """As after a restart: no cached node outputs, no cached encodings, so every node really runs."""
+    host.reset_cache()
+    pack_module(host.pack, "loaders.encode_cache").MEMORY.items.clear()
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(host, pack):
     """models/LLM/tiny-llama: a small random Llama folder in the real layout, with a locally built tokenizer."""

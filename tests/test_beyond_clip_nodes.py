@@ -1,11 +1,12 @@
 """Beyond CLIP nodes in the real host: adapters, router, caching, progress, interruption, stock nodes, bad input."""
 import logging
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import host_module, pack_module
+from conftest import forget_everything, host_module, pack_module
 
 ENCODE = "BeyondCLIP_TextEncode"
 
@@ -18,7 +19,7 @@ def encode_graph(llm, mapper, prompt="a red fox in the snow", *, adapter=None, m
         "2": {"class_type": "BeyondCLIP_MapperLoader", "inputs": {"mapper_name": mapper}},
         "4": {"class_type": ENCODE, "inputs": {"llm": ["1", 0], "mapper": ["2", 0], "prompt": prompt,
                                                "negative_prompt": "", "negative": negative, "hidden_layer": -1,
-                                               "template": "none"}},
+                                               "template": "none", "cache_to_disk": False}},
         "99": {"class_type": "TestConditioningSink", "inputs": {"conditioning": ["4", 0]}},
     }
     if adapter:
@@ -57,7 +58,7 @@ def test_repadapter_merged_equals_unmerged_and_leaves_the_plain_llm_intact(host,
     assert torch.allclose(merged, unmerged, atol=1e-5, rtol=1e-4), (merged - unmerged).abs().max()
     assert (merged - plain).abs().max() > 1e-2, "the adapter must change the encoding"
     # The merge is a patch on a clone: the plain LLM, used after it, still gives its own encoding.
-    host.reset_cache()
+    forget_everything(host)
     assert torch.equal(positive_tokens(host, encode_graph(tiny_llama, mapper)), plain)
 
 
@@ -143,7 +144,7 @@ def test_router_answers_chat_and_draws_draw(host, tiny_llama, mapper_files):
         "llm": ["1", 0], "mapper": ["2", 0], "router": "builtin (trained on the pack's instructions)",
         "prompt": "What is the capital of France? Explain briefly.", "max_new_tokens": 8, "template": "none"}}
     add_sampler(g, "sd15")
-    host.reset_cache()
+    forget_everything(host)
     ui = host.run(g)
     answer, route = host.node_output("4")[2:4]
     assert route == "chat" and isinstance(answer, str)
@@ -164,7 +165,7 @@ def test_router_answers_chat_and_draws_draw(host, tiny_llama, mapper_files):
 # ---- bad input: each fails with a message that names the file or input and says what to do ----
 
 def run_error(host, g):
-    host.reset_cache()
+    forget_everything(host)
     with pytest.raises(host_module.HostError) as info:
         host.run(g)
     return str(info.value)
@@ -272,3 +273,42 @@ def test_half_precision_loads_and_emits_float32(host, tiny_llama, mapper_files):
     llm = host.node_output("1")[0]
     assert llm.dtype == torch.bfloat16 and next(llm.patcher.model.parameters()).dtype == torch.bfloat16
     assert host.node_output("4")[0][0][0].dtype == torch.float32
+
+
+def test_identical_requests_from_another_graph_reuse_the_encoding(host, pack, tiny_llama, mapper_files, monkeypatch):
+    nodes_module = pack_module(pack, "nodes.beyond_clip")
+    calls = []
+    real = nodes_module._encode_uncached
+    monkeypatch.setattr(nodes_module, "_encode_uncached", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    forget_everything(host)
+    g = encode_graph(tiny_llama, mapper_files["sd1"], prompt="a heron in the reeds")
+    host.run(g)
+    assert calls == ["a heron in the reeds"]
+    other = {f"x{k}": v for k, v in g.items()}  # another graph: other node ids, same requests
+    for node in other.values():
+        node["inputs"] = {k: [f"x{v[0]}", v[1]] if isinstance(v, list) else v for k, v in node["inputs"].items()}
+    host.reset_cache()
+    host.run(other)
+    assert calls == ["a heron in the reeds"], "the second graph must not encode again"
+    assert torch.equal(host.node_output("x4")[0][0][0], host.node_output("x4")[0][0][0])
+
+
+def test_disk_cache_survives_a_restart_and_ignores_damaged_files(host, pack, tiny_llama, mapper_files, monkeypatch):
+    nodes_module = pack_module(pack, "nodes.beyond_clip")
+    calls = []
+    real = nodes_module._encode_uncached
+    monkeypatch.setattr(nodes_module, "_encode_uncached", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    g = encode_graph(tiny_llama, mapper_files["sdxl"], prompt="a kingfisher on a branch")
+    g["4"]["inputs"]["cache_to_disk"] = True
+    forget_everything(host)
+    first = positive_tokens(host, g)
+    cache_dir = Path(host.folder_paths.get_output_directory()) / "beyond_clip_encodings"
+    files = sorted(cache_dir.glob("*.safetensors"))
+    assert len(files) == 1 and len(calls) == 1  # negative = zeros: one text encoded
+    forget_everything(host)  # a restart: memory caches are gone, the file is not
+    again = positive_tokens(host, g)
+    assert len(calls) == 1 and torch.equal(again, first)
+    assert host.node_output("4")[0][0][1]["pooled_output"].shape == (1, 1280)
+    files[0].write_bytes(b"not a safetensors file")
+    forget_everything(host)
+    assert torch.equal(positive_tokens(host, g), first) and len(calls) == 2  # recomputed, and written again

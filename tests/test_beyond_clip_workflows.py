@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import PACK_DIR, pack_module
+from conftest import PACK_DIR, forget_everything, pack_module
 
 WORKFLOWS = PACK_DIR / "workflows"
 
@@ -42,7 +42,7 @@ def node_of(prompt, class_type):
 
 
 def run_image(host, prompt):
-    host.reset_cache()  # a fresh executor: every node really runs
+    forget_everything(host)  # every node really runs
     images = host.saved_images(host.run(prompt))
     assert len(images) == 1
     return images[0].read_bytes()
