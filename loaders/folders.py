@@ -21,7 +21,7 @@ def register_model_folders():
             folder_paths.folder_names_and_paths[name] = (paths, set(extensions_there) | set(extensions))
 
 
-def _search_paths(folder_name):
+def search_paths(folder_name):
     try:
         return [Path(p) for p in folder_paths.get_folder_paths(folder_name)]
     except KeyError:
@@ -31,7 +31,7 @@ def _search_paths(folder_name):
 def list_model_dirs(folder_name=LLM, marker="config.json", depth=2):
     """Sub-folders (up to `depth` levels, e.g. 'org/model') that hold `marker`, as posix names."""
     found = set()
-    for base in _search_paths(folder_name):
+    for base in search_paths(folder_name):
         if not base.is_dir():
             continue
         for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
@@ -45,7 +45,7 @@ def list_model_dirs(folder_name=LLM, marker="config.json", depth=2):
 
 
 def resolve_model_dir(name, folder_name=LLM) -> Path:
-    searched = _search_paths(folder_name)
+    searched = search_paths(folder_name)
     for base in searched:
         path = base / name
         if path.is_dir():
@@ -63,7 +63,7 @@ def list_bridge_files(extension=".safetensors"):
 def resolve_bridge_file(name) -> Path:
     path = folder_paths.get_full_path(BRIDGES, name)
     if path is None or not os.path.isfile(path):
-        where = ", ".join(str(p) for p in _search_paths(BRIDGES))
+        where = ", ".join(str(p) for p in search_paths(BRIDGES))
         raise LoadError(f"bridge file '{name}' was not found in {where}. Put it in models/{BRIDGES}/ "
                         f"(or train one) and refresh the node list.")
     return Path(path)
