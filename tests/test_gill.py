@@ -1,0 +1,661 @@
+"""GILL: official-layout loading, parity with the reference TextFcLayer, images in the prompt, retrieval, the
+lazy generate-or-retrieve switch, and the shipped workflows end to end in the real host with small models."""
+import copy
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from conftest import PACK_DIR, pack_module
+
+WORKFLOWS = PACK_DIR / "workflows"
+LLM_DIM = 64  # the small OPT's width
+VISION_DIM = 64  # the small CLIP tower's width
+
+
+# ---- a faithful transcription of the reference (kohjingyu/gill, gill/layers.py) ---------------------------
+
+class TextFcLayer(nn.Module):
+    """Layers used in mapping text embeddings to visual outputs."""
+
+    def __init__(self, in_dim: int, out_dim: int, num_input_tokens: int = 1, num_output_tokens: int = 1, mode: str = 'linear'):
+        super().__init__()
+
+        self.num_input_tokens = num_input_tokens
+        self.num_output_tokens = num_output_tokens
+        self.mode = mode
+
+        if mode == 'linear':
+            self.model = nn.Linear(in_dim, out_dim)
+        elif mode == 'gill_mapper':  # TODO(jykoh): Rename to GILLMapper
+            hidden_dim = 512
+            self.fc = nn.Linear(in_dim, hidden_dim)
+            self.tfm = nn.Transformer(batch_first=True, norm_first=True,
+                                      d_model=hidden_dim, num_encoder_layers=4, num_decoder_layers=4,
+                                      dim_feedforward=hidden_dim * 4, dropout=0.0, nhead=4)
+            self.model = nn.Linear(hidden_dim, out_dim)
+            self.query_embs = nn.Parameter(torch.randn(1, num_output_tokens, hidden_dim))
+        else:
+            raise NotImplementedError(mode)
+
+    def forward(self, x: torch.Tensor, input_embs: torch.Tensor) -> torch.Tensor:
+        outputs = None
+
+        if self.mode == 'gill_mapper':
+            x = x + input_embs
+
+        if isinstance(self.model, nn.ModuleList):
+            assert len(self.model) == x.shape[1] == self.num_input_tokens, (len(self.model), x.shape, self.num_input_tokens)
+            outputs = []
+            for i in range(self.num_input_tokens):
+                outputs.append(self.model[i](x[:, i, :]))  # (N, D)
+            outputs = torch.stack(outputs, dim=1)  # (N, T, D)
+        else:
+            if self.mode == 'gill_mapper':
+                x = self.fc(x)
+                x = self.tfm(x, self.query_embs.repeat(x.shape[0], 1, 1))
+            outputs = self.model(x)
+
+            if outputs.shape[1] != self.num_output_tokens and self.mode == 'linear':
+                if self.mode == 'linear':
+                    outputs = outputs[:, :self.num_output_tokens, :]
+                else:
+                    raise NotImplementedError
+
+        assert outputs.shape[1] == 1 or (outputs.shape[1] * outputs.shape[2] == self.num_output_tokens * 768), (outputs.shape, self.num_output_tokens)
+        return outputs  # (N, T, D)
+
+
+class Reference(nn.Module):
+    """The trained parts of the reference GILLModel, with its attribute names (so state-dict keys are official)."""
+
+    def __init__(self, llm_dim, vision_dim, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.input_embeddings = nn.Embedding(8, llm_dim)
+        self.ret_text_hidden_fcs = nn.ModuleList([TextFcLayer(llm_dim, 256, 8, 1, mode='linear')])
+        self.gen_text_hidden_fcs = nn.ModuleList([TextFcLayer(llm_dim, 768, 8, 77, mode='gill_mapper')])
+        self.visual_embeddings = nn.Linear(vision_dim, llm_dim * 4)
+        self.visual_fc = nn.Linear(vision_dim, 256)
+        self.logit_scale = nn.Parameter(torch.ones([]) * np.log(1 / 0.07))
+        self.decision_model = nn.Sequential(nn.Dropout(0.5), nn.Linear(llm_dim, 2))
+        self.eval()
+
+
+def write_release(folder: Path, ref: Reference, **args_override) -> Path:
+    """The jykoh/gill release layout: pretrained_ckpt.pth.tar, decision_model.pth.tar, model_args.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = {f"model.{k}": v.clone() for k, v in ref.state_dict().items() if not k.startswith("decision_model.")}
+    torch.save({"state_dict": sd}, folder / "pretrained_ckpt.pth.tar")
+    torch.save({"state_dict": {k: v.clone() for k, v in ref.decision_model.state_dict().items()}},
+               folder / "decision_model.pth.tar")
+    args = {"opt_version": "facebook/opt-6.7b", "visual_encoder": "openai/clip-vit-large-patch14",
+            "n_visual_tokens": 4, "ret_emb_dim": 256, "gen_emb_dim": 768, "text_emb_layers": [-1],
+            "text_fc_mode": "gill_mapper", "ret_text_fc_mode": "linear", "num_gen_tokens": 8, "num_ret_tokens": 8,
+            "num_clip_tokens": 77, "share_ret_gen": True}
+    args.update(args_override)
+    (folder / "model_args.json").write_text(json.dumps(args, indent=4))
+    return folder
+
+
+# ---- a small CLIP vision tower, as ComfyUI's CLIP_VISION and as transformers' CLIPVisionModel ---------------
+
+_TOWERS = {}
+
+
+def hf_tower(seed):
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    torch.manual_seed(100 + seed)
+    config = CLIPVisionConfig(hidden_size=VISION_DIM, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=4, image_size=224, patch_size=32, projection_dim=32,
+                              hidden_act="quick_gelu")
+    model = CLIPVisionModelWithProjection(config).eval()
+    with torch.no_grad():  # values exact in fp16, so ComfyUI's half-precision copy holds the very same weights
+        for p in model.parameters():
+            p.copy_(p.half().float())
+    return model
+
+
+def comfy_tower(seed, tmp_dir):
+    if seed not in _TOWERS:
+        import comfy.clip_vision
+        hf = hf_tower(seed)
+        config = {"hidden_size": VISION_DIM, "intermediate_size": 128, "num_hidden_layers": 2,
+                  "num_attention_heads": 4, "image_size": 224, "patch_size": 32, "projection_dim": 32,
+                  "hidden_act": "quick_gelu", "num_channels": 3, "model_type": "clip_vision_model",
+                  "layer_norm_eps": 1e-5}
+        path = Path(tmp_dir) / f"tiny_clip_vision_{seed}.json"
+        path.write_text(json.dumps(config))
+        tower = comfy.clip_vision.ClipVisionModel(str(path))
+        missing, _ = tower.load_sd({k: v for k, v in hf.state_dict().items() if "position_ids" not in k})
+        assert not missing
+        _TOWERS[seed] = tower
+    return _TOWERS[seed]
+
+
+class TinyCLIPVision:
+    """Test node standing in for 'Load CLIP Vision' (the stock loader knows only full-size towers)."""
+    RETURN_TYPES = ("CLIP_VISION",)
+    FUNCTION = "load"
+    CATEGORY = "testing"
+    tmp_dir = None
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 10})}}
+
+    def load(self, seed):
+        return (comfy_tower(seed, self.tmp_dir),)
+
+
+# ---- fixtures ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def gill(pack):
+    return pack_module(pack, "loaders.gill")
+
+
+@pytest.fixture(scope="module")
+def gill_nodes(pack):
+    return pack_module(pack, "nodes.gill")
+
+
+@pytest.fixture(scope="module")
+def tiny_opt(host, pack):
+    pack_module(pack, "headless.tiny_llm").write_llm_folder(host.models_dir / "LLM" / "tiny-opt", arch="opt")
+    return "tiny-opt"
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return Reference(LLM_DIM, VISION_DIM, seed=0)
+
+
+@pytest.fixture(scope="module")
+def release(host, reference):
+    """models/bridges/gill-tiny/: random weights in the official layout, for the small OPT and CLIP tower."""
+    return write_release(host.models_dir / "bridges" / "gill-tiny", reference)
+
+
+@pytest.fixture(scope="module")
+def towers(host, tmp_path_factory):
+    TinyCLIPVision.tmp_dir = tmp_path_factory.mktemp("towers")
+    host.register_nodes({"TestTinyCLIPVision": TinyCLIPVision})
+    return lambda seed=0: comfy_tower(seed, TinyCLIPVision.tmp_dir)
+
+
+@pytest.fixture(scope="module")
+def loaded(gill, release):
+    return gill.load_gill(release, "gill-tiny")
+
+
+@pytest.fixture(scope="module")
+def llm(pack, host, tiny_opt):
+    return pack_module(pack, "loaders.llm").load_llm(tiny_opt, host.models_dir / "LLM" / tiny_opt, "fp32")
+
+
+def picture(seed, size=(96, 80)):
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, size=(4, 4, 3), dtype=np.uint8)
+    return Image.fromarray(base).resize(size, Image.BILINEAR)
+
+
+def as_image_tensor(img):
+    return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0)[None]
+
+
+# ---- parity with the reference ----------------------------------------------------------------------------
+
+def test_mapper_is_the_reference_textfclayer(loaded, reference):
+    """Same weights (written in the official layout, read back by the loader): same outputs, fp32."""
+    torch.manual_seed(5)
+    hidden = torch.randn(3, 8, LLM_DIM)
+    embs = reference.input_embeddings.weight[None].expand(3, -1, -1)
+    with torch.no_grad():
+        want = reference.gen_text_hidden_fcs[0](hidden, embs)
+        tokens, pooled = loaded.module.generation_embedding(hidden)
+        ret_want = reference.ret_text_hidden_fcs[0](hidden, None)[:, 0, :]
+        ret_want = ret_want / ret_want.norm(dim=-1, keepdim=True)
+        ret = loaded.module.text_retrieval_embedding(hidden)
+    assert tokens.shape == (3, 77, 768) and pooled is None
+    err = (tokens - want).abs().max().item()
+    print(f"GILLMapper vs reference TextFcLayer: max abs error {err:.2e}")
+    assert err <= 1e-5
+    assert (ret - ret_want).abs().max().item() <= 1e-6
+    cfg = loaded.config
+    assert (cfg.out_tokens, cfg.out_dim, cfg.visual_tokens, cfg.decision_in) == (77, 768, 4, LLM_DIM)
+
+
+def reference_img_states(llm_model, tokenizer, reference, parts):
+    """The reference's interleaved input (generate_for_images_and_texts): BOS once, each string tokenized on its
+    own, images as visual_embeddings(pooler_output) -> 4 tokens, then the [IMG] embeddings appended."""
+    embed = llm_model.get_input_embeddings()
+    pieces, add_bos = [], True
+    for p in parts:
+        if isinstance(p, str):
+            ids = tokenizer(p, add_special_tokens=add_bos, return_tensors="pt").input_ids
+            add_bos = False
+            pieces.append(embed(ids))
+        else:
+            pieces.append(reference.visual_embeddings(p).reshape(1, 4, -1))
+    pieces.append(reference.input_embeddings.weight[None])
+    out = llm_model(inputs_embeds=torch.cat(pieces, dim=1), use_cache=False, output_hidden_states=True)
+    return out.hidden_states[-1][:, -8:, :]
+
+
+@pytest.mark.parametrize("prompt,texts", [
+    ("Q: what is on the table?\nA: a bowl of fruit. <image> Q: and on the wall?\nA: a painting",
+     ["Q: what is on the table?\nA: a bowl of fruit.", None, "Q: and on the wall?\nA: a painting"]),
+    ("<image> a red fox in the snow", [None, "a red fox in the snow"]),  # BOS after the image, as the reference
+])
+def test_encode_matches_the_reference_pipeline(gill_nodes, loaded, llm, reference, towers, prompt, texts):
+    model = llm.patcher.model.inner
+    img = as_image_tensor(picture(1, (224, 224)))
+    tower = towers(0)
+    with torch.no_grad():
+        conditioning, states = gill_nodes.GILLEncode().encode(llm, loaded, prompt, images=img, clip_vision=tower)
+        # the reference's CLIP path: transformers' CLIPVisionModel pooler_output on CLIP-normalized pixels
+        mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+        std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+        pixels = ((img.movedim(-1, 1) * 255).round() / 255 - mean) / std
+        hf = hf_tower(0)(pixel_values=pixels)
+        pooled = hf_tower(0).vision_model(pixel_values=pixels).pooler_output
+        raw = reference_img_states(model, llm.tokenizer, reference, [pooled if t is None else t for t in texts])
+        want = reference.gen_text_hidden_fcs[0](raw, reference.input_embeddings.weight[None])
+    assert hf.image_embeds.shape == (1, 32)  # the projected output ComfyUI exposes: not what GILL reads
+    tokens, extra = conditioning[0]
+    assert tokens.shape == (1, 77, 768) and tokens.dtype == torch.float32 and extra == {}
+    state_err = (states - raw).abs().max().item()
+    err = (tokens - want).abs().max().item()
+    print(f"[IMG] states vs reference: {state_err:.2e}; conditioning vs reference: {err:.2e}")
+    assert state_err <= 1e-5 and err <= 1e-5
+
+
+def test_clip_vision_pooler_output_from_comfy(gill, towers):
+    """ComfyUI's CLIP_VISION exposes last_hidden_state (pre-layernorm) and the projected image_embeds; the
+    pooled output GILL needs is its post_layernorm of the class token, equal to transformers' pooler_output."""
+    img = as_image_tensor(picture(2, (224, 224)))
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        want = hf_tower(0).vision_model(pixel_values=((img.movedim(-1, 1) * 255).round() / 255 - mean) / std).pooler_output
+        got = gill.clip_pooled(towers(0), img)
+        projected = towers(0).encode_image(img)["image_embeds"]
+    assert got.shape == (1, VISION_DIM) and projected.shape == (1, 32)
+    err = (got - want).abs().max().item()
+    print(f"pooler_output from ComfyUI's CLIP_VISION vs transformers: {err:.2e} (tower stored as {towers(0).dtype})")
+    assert err <= 1e-5
+
+
+def test_prompt_longer_than_the_context_keeps_the_latest_story(pack, llm, loaded):
+    bridge = pack_module(pack, "bridges.gill")
+    model = llm.patcher.model.inner
+    parts = bridge.split_prompt("one two three " * 60 + "<image> the end")
+    image_embeds = torch.randn(1, 4, LLM_DIM)
+    img = loaded.module.img_embeddings()
+    inputs = bridge.build_inputs(model.get_input_embeddings(), llm.tokenizer, parts, image_embeds, img, 128)
+    assert inputs.tokens == 128 and inputs.dropped > 0 and inputs.images_used == 1
+    bos = model.get_input_embeddings()(torch.tensor([llm.tokenizer.bos_token_id]))
+    assert torch.equal(inputs.embeds[0, 0], bos[0])  # BOS stays in front
+    assert torch.equal(inputs.embeds[0, -8:], img)  # [IMG0]..[IMG7] last
+    with pytest.raises(ValueError, match="more <image> placeholders than images"):
+        bridge.build_inputs(model.get_input_embeddings(), llm.tokenizer, bridge.split_prompt("a <image> b <image>"),
+                            image_embeds, img, 128)
+
+
+# ---- loading, conversion, bad files -----------------------------------------------------------------------
+
+def test_convert_to_safetensors_round_trip(gill, loaded, release, host, gill_nodes):
+    out = Path(gill_nodes.GILLConvert().convert("gill-tiny", "gill-tiny-converted", True)["result"][0])
+    assert out == host.models_dir / "bridges" / "gill-tiny-converted.safetensors" and gill.is_gill_file(out)
+    with pytest.raises(ValueError, match="exists"):
+        gill_nodes.GILLConvert().convert("gill-tiny", "gill-tiny-converted", False)
+    again = gill.load_gill(out)
+    for (k, a), (k2, b) in zip(loaded.module.state_dict().items(), again.module.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+    assert again.config == loaded.config
+    choices = gill_nodes.GILLLoader.INPUT_TYPES()["required"]["gill_name"][0]
+    assert "gill-tiny" in choices and "gill-tiny-converted.safetensors" in choices
+
+
+def test_bad_checkpoints_are_refused_by_name(gill, reference, tmp_path):
+    good = {f"model.{k}": v for k, v in reference.state_dict().items() if not k.startswith("decision_model.")}
+
+    def release_with(sd, name, decision=None):
+        folder = tmp_path / name
+        folder.mkdir()
+        torch.save({"state_dict": sd}, folder / "pretrained_ckpt.pth.tar")
+        if decision is not None:
+            torch.save(decision, folder / "decision_model.pth.tar")
+        return folder
+
+    # another model's checkpoint (FROMAGe has GILL's retrieval parts but no GILLMapper)
+    fromage = {k: v for k, v in good.items() if "gen_text_hidden_fcs" not in k}
+    with pytest.raises(Exception, match="not a GILL checkpoint.*gen_text_hidden_fcs"):
+        gill.load_gill(release_with(fromage, "fromage"))
+    with pytest.raises(Exception, match="not a GILL checkpoint"):
+        gill.load_gill(release_with({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}, "sd"))
+    # partial: one tensor missing, one unexpected -> refused, both named
+    partial = dict(good)
+    del partial["model.gen_text_hidden_fcs.0.tfm.decoder.layers.3.norm3.weight"]
+    partial["model.extra_head.weight"] = torch.zeros(2)
+    with pytest.raises(Exception, match=r"missing 1 tensor.*decoder\.layers\.3\.norm3\.weight.*unexpected.*extra_head"):
+        gill.load_gill(release_with(partial, "partial"))
+    # a decision file of another model
+    with pytest.raises(Exception, match="not GILL's decision model"):
+        gill.load_gill(release_with(good, "bad-decision", {"state_dict": {"0.weight": torch.zeros(2, 2)}}))
+    # a pickle with Python objects: weights_only refuses it, and the message names the file
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    with open(folder / "pretrained_ckpt.pth.tar", "wb") as f:
+        pickle.dump({"state_dict": Path("x")}, f)
+    with pytest.raises(Exception, match=r"evil/pretrained_ckpt\.pth\.tar could not be read as a weights-only"):
+        gill.load_gill(folder)
+    # model_args.json from another model
+    folder = write_release(tmp_path / "args", Reference(LLM_DIM, VISION_DIM, 1), n_visual_tokens=1)
+    with pytest.raises(Exception, match="n_visual_tokens=1 but .* holds 4"):
+        gill.load_gill(folder)
+
+
+def test_decision_file_saved_on_cuda_is_read_on_cpu(gill, reference, tmp_path):
+    """The official decision file was saved from a CUDA device; map_location='cpu' reads it anywhere."""
+    folder = write_release(tmp_path / "cuda", reference)
+    data = (folder / "decision_model.pth.tar").read_bytes()
+    # torch.save records each storage's device as a string inside the archive; rewrite it to 'cuda'
+    import io
+    import zipfile
+    src, dst = zipfile.ZipFile(io.BytesIO(data)), io.BytesIO()
+    with zipfile.ZipFile(dst, "w") as out:
+        for item in src.infolist():
+            payload = src.read(item)
+            if item.filename.endswith("data.pkl"):
+                assert b"cpu" in payload
+                payload = payload.replace(b"\x58\x03\x00\x00\x00cpu", b"\x58\x04\x00\x00\x00cuda")
+            out.writestr(item, payload)
+    (folder / "decision_model.pth.tar").write_bytes(dst.getvalue())
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(folder / "decision_model.pth.tar", weights_only=True)  # what the upstream loader does
+    g = gill.load_gill(folder)
+    assert torch.equal(g.module.decision_model[1].weight, reference.decision_model[1].weight)
+
+
+# ---- images in the prompt, retrieval ----------------------------------------------------------------------
+
+def test_placeholders_and_images_must_match(gill_nodes, llm, loaded, towers):
+    encode = gill_nodes.GILLEncode().encode
+    two = torch.cat([as_image_tensor(picture(i, (64, 64))) for i in range(2)])
+    with pytest.raises(ValueError, match="3 <image> placeholders but 2 image"):
+        encode(llm, loaded, "a <image> b <image> c <image>", images=two, clip_vision=towers(0))
+    with pytest.raises(ValueError, match="2 image.* but the prompt has 1 <image>"):
+        encode(llm, loaded, "a <image> b", images=two, clip_vision=towers(0))
+    with pytest.raises(ValueError, match="no clip_vision"):
+        encode(llm, loaded, "a <image> b <image>", images=two)
+
+
+def write_photos(folder: Path, n, start=0):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(start, start + n):
+        picture(10 + i, (64 + 8 * i, 48)).save(folder / f"photo_{i}.png")
+
+
+def test_index_build_update_corrupt_files_and_towers(gill, gill_nodes, loaded, towers, host, tmp_path):
+    root = Path(host.folder_paths.get_input_directory()) / "gill_index_test"
+    write_photos(root, 3)
+    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (root / "sub").mkdir()
+    write_photos(root / "sub", 1, start=3)
+    index_dir = tmp_path / "indexes"
+    index, report = gill.build_index(loaded, towers(0), root, index_dir, "t")
+    assert report["added"] == 4 and report["kept"] == 0 and len(index) == 4
+    assert len(report["skipped"]) == 1 and report["skipped"][0].startswith("broken.jpg")
+    assert (index_dir / "t.safetensors").is_file() and (index_dir / "t.json").is_file()
+    assert torch.allclose(index.embeddings.norm(dim=1), torch.ones(4), atol=1e-5)
+    # each row is visual_fc(pooler_output) of its image, normalized
+    with torch.no_grad():
+        pooled = gill.clip_pooled(towers(0), as_image_tensor(Image.open(root / "photo_1.png")))
+        row = loaded.module.image_retrieval_embedding(pooled)[0]
+    assert torch.allclose(index.embeddings[index.paths.index("photo_1.png")], row, atol=1e-5)
+    rows, scores = index.search(row, 2)
+    assert index.paths[rows[0]] == "photo_1.png" and abs(scores[0] - 1) < 1e-5
+
+    # incremental: only the new file is embedded; a removed file leaves the index
+    write_photos(root, 1, start=7)
+    (root / "photo_0.png").unlink()
+    index2, report = gill.build_index(loaded, towers(0), root, index_dir, "t")
+    assert (report["added"], report["kept"], report["removed"], len(index2)) == (1, 3, 1, 4)
+    assert torch.equal(index2.embeddings[index2.paths.index("photo_1.png")],
+                       index.embeddings[index.paths.index("photo_1.png")])
+    assert gill.read_index(index_dir, "t").paths == index2.paths
+
+    # another vision tower: refused in update mode, rebuilt on request
+    with pytest.raises(Exception, match="built with another CLIP vision tower.*rebuild"):
+        gill.build_index(loaded, towers(1), root, index_dir, "t")
+    _, report = gill.build_index(loaded, towers(1), root, index_dir, "t", rebuild=True)
+    assert report["added"] == 4 and report["kept"] == 0
+
+    # an index built with another GILL (another retrieval head) is not searched with this one
+    other = gill.load_gill(write_release(tmp_path / "other-gill", Reference(LLM_DIM, VISION_DIM, seed=7)))
+    with pytest.raises(Exception, match="another GILL model"):
+        gill.check_index(other, index2)
+
+    # a folder with nothing readable, and an empty index
+    bad = tmp_path / "only-broken"
+    bad.mkdir()
+    (bad / "a.png").write_bytes(b"nope")
+    with pytest.raises(Exception, match="no readable images.*a.png"):
+        gill.build_index(loaded, towers(0), bad, index_dir, "bad")
+    empty = copy.copy(index2)
+    empty.paths, empty.stamps, empty.embeddings = [], [], index2.embeddings[:0]
+    with pytest.raises(Exception, match="is empty"):
+        gill.check_index(loaded, empty)
+
+
+def test_retrieve_ranks_by_the_img0_embedding(gill_nodes, gill, loaded, llm, towers, host, tmp_path):
+    root = tmp_path / "photos"
+    write_photos(root, 5)
+    index, _ = gill.build_index(loaded, towers(0), root, tmp_path / "idx", "p")
+    _, states = gill_nodes.GILLEncode().encode(llm, loaded, "a red fox in the snow")
+    out = gill_nodes.GILLRetrieve().retrieve(loaded, index, states, 3)["result"]
+    images, scores, best = out
+    query = loaded.module.text_retrieval_embedding(states)[0]
+    expected = sorted(((float(index.embeddings[i] @ query), p) for i, p in enumerate(index.paths)), reverse=True)[:3]
+    got = [(float(line.split()[0]), line.split()[1]) for line in scores.splitlines()]
+    assert [p for _, p in got] == [p for _, p in expected]
+    assert all(abs(a - b[0]) < 1e-4 for (a, _), b in zip(got, expected)) and abs(best - expected[0][0]) < 1e-4
+    top = as_image_tensor(Image.open(root / expected[0][1]))
+    assert images.shape == (3,) + tuple(top.shape[1:]) and torch.equal(images[:1], top)
+
+
+def test_decision_threshold(gill_nodes, loaded, llm, reference):
+    _, states = gill_nodes.GILLEncode().encode(llm, loaded, "a red fox in the snow")
+    with torch.no_grad():
+        want = reference.decision_model(states[:, 0]).softmax(-1)[0, 1].item()
+    decision, p = gill_nodes.decide(loaded, states, 0.5)
+    assert abs(p - want) < 1e-6 and decision == ("retrieve" if want >= 0.5 else "generate")
+    assert gill_nodes.decide(loaded, states, 0.0)[0] == "retrieve"
+    assert gill_nodes.decide(loaded, states, 1.0)[0] == "generate"
+
+
+def test_decision_model_that_reads_the_retrieval_score(pack, gill, gill_nodes, loaded, llm, towers, tmp_path):
+    """The repository's other decision model: Linear(4097, 2) on [IMG0] + logit_scale.exp() * best cosine."""
+    bridge = pack_module(pack, "bridges.gill")
+    sd = dict(loaded.module.state_dict())
+    torch.manual_seed(4)
+    sd["decision_model.1.weight"] = torch.randn(2, LLM_DIM + 1) * 0.3
+    cfg = bridge.GILLConfig.from_state_dict(sd)
+    assert cfg.decision_in == LLM_DIM + 1
+    path = tmp_path / "gill-4097.safetensors"
+    pack_module(pack, "loaders.bridge_files").save_bridge(path, gill.KIND, cfg.to_dict(), sd)
+    g = gill.load_gill(path)
+    root = tmp_path / "photos"
+    write_photos(root, 3)
+    index, _ = gill.build_index(g, towers(0), root, tmp_path / "idx", "p")
+    _, states = gill_nodes.GILLEncode().encode(llm, g, "a red fox in the snow")
+    with pytest.raises(ValueError, match="connect the image index"):
+        gill_nodes.decide(g, states, 0.5)
+    query = g.module.text_retrieval_embedding(states)[0]
+    best = float((index.embeddings @ query).max())
+    x = torch.cat([states[:, 0], (sd["logit_scale"].exp() * best).reshape(1, 1)], dim=-1)
+    want = (x @ sd["decision_model.1.weight"].T + sd["decision_model.1.bias"]).softmax(-1)[0, 1].item()
+    assert abs(gill_nodes.decide(g, states, 0.5, index)[1] - want) < 1e-5
+
+
+# ---- SDXL mappers ------------------------------------------------------------------------------------------
+
+def test_sdxl_mapper_plugs_into_the_same_nodes(pack, gill, gill_nodes, loaded, llm, host, tiny_opt):
+    bridge = pack_module(pack, "bridges.gill")
+    cfg = bridge.GILLConfig.from_dict(dict(loaded.config.to_dict(), out_dim=2048, pooled_dim=1280))
+    torch.manual_seed(3)
+    model = bridge.GILLModel(cfg)
+    with torch.no_grad():
+        model.gen_text_hidden_fcs[0].query_embs.normal_()
+    name = "gill-tiny-sdxl.safetensors"
+    pack_module(pack, "loaders.bridge_files").save_bridge(host.models_dir / "bridges" / name, gill.KIND,
+                                                          cfg.to_dict(), model.state_dict())
+    prompt = {
+        "1": {"class_type": "BeyondCLIP_TinyCheckpoint", "inputs": {"arch": "sdxl"}},
+        "2": {"class_type": "BeyondCLIP_LLMLoader", "inputs": {"llm_name": tiny_opt, "dtype": "fp32"}},
+        "3": {"class_type": "BeyondCLIP_GILLLoader", "inputs": {"gill_name": name}},
+        "4": {"class_type": "BeyondCLIP_GILLEncode", "inputs": {"llm": ["2", 0], "gill": ["3", 0], "model": ["1", 0],
+                                                               "prompt": "a lighthouse at dusk"}},
+        "5": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["4", 0]}},
+        "6": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "7": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["4", 0], "negative": ["5", 0],
+                                                   "latent_image": ["6", 0], "seed": 1, "steps": 3, "cfg": 5.0,
+                                                   "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["1", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "gill_sdxl"}},
+    }
+    host.reset_cache()
+    assert len(host.saved_images(host.run(prompt))) == 1
+    tokens, extra = host.node_output("4")[0][0]
+    assert tokens.shape == (1, 77, 2048) and extra["pooled_output"].shape == (1, 1280)
+    # the official SD1.5 mapper on an SDXL model is refused before sampling
+    sd15 = copy.deepcopy(prompt)
+    sd15["3"]["inputs"]["gill_name"] = "gill-tiny"
+    with pytest.raises(host_error(host), match="768-wide tokens .*SD1.x.* MODEL expects 2048"):
+        host.run(sd15)
+
+
+def host_error(host):
+    import conftest
+    return conftest.host_module.HostError
+
+
+# ---- the shipped workflows, end to end ---------------------------------------------------------------------
+
+def workflow_prompt(host, pack, name, *, llm, seed=None, prompt_text=None, threshold=None, prefix="gill"):
+    wf = pack_module(pack, "headless.workflow")
+    prompt = wf.to_api(wf.load_workflow(WORKFLOWS / name), host.nodes.NODE_CLASS_MAPPINGS)
+    for node_id, node in prompt.items():
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind == "CheckpointLoaderSimple":
+            prompt[node_id] = {"class_type": "BeyondCLIP_TinyCheckpoint", "inputs": {"arch": "sd15"}}
+        elif kind == "CLIPVisionLoader":
+            prompt[node_id] = {"class_type": "TestTinyCLIPVision", "inputs": {"seed": 0}}
+        elif kind == "BeyondCLIP_LLMLoader":
+            inputs.update(llm_name=llm, dtype="fp32")
+        elif kind == "BeyondCLIP_GILLLoader":
+            inputs["gill_name"] = "gill-tiny"
+        elif kind == "EmptyLatentImage":
+            inputs.update(width=64, height=64)
+        elif kind == "KSampler":
+            inputs["steps"] = 6
+            if seed is not None:
+                inputs["seed"] = seed
+        elif kind == "BeyondCLIP_GILLEncode" and prompt_text is not None:
+            inputs["prompt"] = prompt_text
+        elif kind == "BeyondCLIP_GILLGenerateOrRetrieve" and threshold is not None:
+            inputs["threshold"] = threshold
+        elif kind == "SaveImage":
+            inputs["filename_prefix"] = prefix
+    return prompt
+
+
+def node_of(prompt, class_type):
+    return next(i for i, n in prompt.items() if n["class_type"] == class_type)
+
+
+def run_image(host, prompt):
+    host.reset_cache()
+    images = host.saved_images(host.run(prompt))
+    assert len(images) == 1
+    return images[0]
+
+
+def test_workflow_generate_sd15(host, pack, tiny_opt, release, towers):
+    prompt = workflow_prompt(host, pack, "gill_generate_sd15.json", llm=tiny_opt, prefix="gill_gen")
+    first = run_image(host, prompt).read_bytes()
+    tokens, extra = host.node_output(node_of(prompt, "BeyondCLIP_GILLEncode"))[0][0]
+    assert tokens.shape == (1, 77, 768) and tokens.dtype == torch.float32 and torch.isfinite(tokens).all()
+    assert run_image(host, prompt).read_bytes() == first, "same seed and prompt: byte-identical image"
+    other = workflow_prompt(host, pack, "gill_generate_sd15.json", llm=tiny_opt, prefix="gill_gen",
+                            prompt_text="an oil painting of a red fox in the snow")
+    assert run_image(host, other).read_bytes() != first, "another prompt must change the image"
+
+
+def test_workflow_multimodal_story(host, pack, tiny_opt, release, towers):
+    wf = json.loads((WORKFLOWS / "gill_multimodal_story.json").read_text())
+    input_dir = Path(host.folder_paths.get_input_directory())
+    names = wf["extra"]["beyond_clip"]["inputs"]
+    for i, name in enumerate(names):
+        picture(20 + i, (80 + 16 * i, 64)).save(input_dir / name)
+    prompt = workflow_prompt(host, pack, "gill_multimodal_story.json", llm=tiny_opt, prefix="gill_story")
+    encode_id = node_of(prompt, "BeyondCLIP_GILLEncode")
+    assert prompt[encode_id]["inputs"]["prompt"].count("<image>") == 4 == len(names)
+    first = run_image(host, prompt).read_bytes()
+    tokens = host.node_output(encode_id)[0][0][0]
+    assert tokens.shape == (1, 77, 768)
+    assert run_image(host, prompt).read_bytes() == first
+    # the images are read: another third picture changes the conditioning and the picture
+    picture(99, (64, 64)).save(input_dir / names[2])
+    second = run_image(host, prompt).read_bytes()
+    assert not torch.equal(host.node_output(encode_id)[0][0][0], tokens) and second != first
+    # more placeholders than images
+    bad = copy.deepcopy(prompt)
+    bad[encode_id]["inputs"]["prompt"] += " <image>"
+    with pytest.raises(host_error(host), match="5 <image> placeholders but 4 image"):
+        host.run(bad)
+
+
+def test_workflow_retrieve_or_generate(host, pack, tiny_opt, release, towers):
+    photos = Path(host.folder_paths.get_input_directory()) / "gill_photos"
+    write_photos(photos, 4)
+    (photos / "corrupt.png").write_bytes(b"\x89PNG broken")
+    # threshold 0: always retrieve
+    prompt = workflow_prompt(host, pack, "gill_retrieve_or_generate.json", llm=tiny_opt, threshold=0.0,
+                             prefix="gill_ret")
+    sampler, switch, build = (node_of(prompt, k) for k in ("KSampler", "BeyondCLIP_GILLGenerateOrRetrieve",
+                                                           "BeyondCLIP_GILLBuildIndex"))
+    path = run_image(host, prompt)
+    image, decision, p = host.node_output(switch)
+    assert decision == "retrieve" and 0.0 <= p <= 1.0
+    retrieved, scores, _ = host.node_output(node_of(prompt, "BeyondCLIP_GILLRetrieve"))
+    best = scores.splitlines()[0].split()[1]
+    assert torch.equal(image, retrieved) and torch.equal(image, as_image_tensor(Image.open(photos / best)))
+    saved = np.asarray(Image.open(path), dtype=np.int16)
+    assert np.abs(saved - np.asarray(Image.open(photos / best).convert("RGB"), dtype=np.int16)).max() <= 1
+    index, report = host.node_output(build)
+    assert "4 images (4 embedded" in report and "corrupt.png" in report and len(index) == 4
+    # the sampler branch never ran where the host has lazy inputs; older hosts run it and discard it
+    assert (host.node_output(sampler) is None) == host.supports_execution_blocker()
+    # the index is kept on disk and updated incrementally: the next run embeds nothing new
+    run_image(host, prompt)
+    assert "4 images (0 embedded, 4 kept" in host.node_output(build)[1]
+    assert (Path(host.folder_paths.get_output_directory()) / "gill_index" / "gill_photos.safetensors").is_file()
+    # threshold 1: generate; the retrieval branch is not needed
+    prompt = workflow_prompt(host, pack, "gill_retrieve_or_generate.json", llm=tiny_opt, threshold=1.0,
+                             prefix="gill_ret")
+    first = run_image(host, prompt).read_bytes()
+    image, decision, _ = host.node_output(switch)
+    assert decision == "generate" and image.shape == (1, 64, 64, 3)
+    assert torch.equal(image, host.node_output(node_of(prompt, "VAEDecode"))[0])
+    retrieve_ran = host.node_output(node_of(prompt, "BeyondCLIP_GILLRetrieve")) is not None
+    assert retrieve_ran != host.supports_execution_blocker()
+    assert run_image(host, prompt).read_bytes() == first
