@@ -68,9 +68,11 @@ def main(argv=None):
 def screenshots(args):
     from . import frontend
     out = PACK_DIR / "docs" / "images"
-    with frontend.comfyui_server(args.comfyui) as (url, _), frontend.browser() as driver:
+    workflows = sorted((PACK_DIR / "workflows").glob("*.json"))
+    inputs = sorted({name for w in workflows for name in frontend.input_images_of(json.loads(w.read_text()))})
+    with frontend.comfyui_server(args.comfyui, inputs) as (url, _), frontend.browser() as driver:
         frontend.open_app(driver, url)
-        for workflow in sorted((PACK_DIR / "workflows").glob("*.json")):
+        for workflow in workflows:
             result = frontend.load_in_page(driver, workflow, screenshot=out / f"{workflow.stem}.png")
             print(f"{workflow.name}: {result}")
     return 0

@@ -46,12 +46,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def input_images_of(workflow: dict):
+    """The files a workflow's stock LoadImage nodes read from ComfyUI's input folder."""
+    return sorted({n["widgets_values"][0] for n in workflow.get("nodes", [])
+                   if n.get("type") in ("LoadImage", "LoadImageMask") and n.get("widgets_values")})
+
+
 @contextmanager
-def comfyui_server(comfyui=None, timeout=300):
-    """The real server (main.py) on loopback with the pack in its custom_nodes; yields its URL."""
+def comfyui_server(comfyui=None, input_images=(), timeout=300):
+    """The real server (main.py) on loopback with the pack in its custom_nodes; yields its URL. Each name in
+    input_images is put in its input folder as a small picture, as a user has their own pictures there."""
+    from PIL import Image
+
     root = find_comfyui(comfyui)
     with tempfile.TemporaryDirectory(prefix="beyond-clip-server-") as scratch:
         scratch = Path(scratch)
+        (scratch / "input").mkdir()
+        for name in input_images:
+            Image.new("RGB", (64, 64), (90, 140, 200)).save(scratch / "input" / name)
         port = _free_port()
         cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
                "--disable-auto-launch", "--output-directory", str(scratch / "output"),

@@ -29,7 +29,8 @@ def page(pack):
             pytest.fail(f"CI must run the frontend test; missing: {missing} (scripts/setup_env.sh installs them)")
         pytest.skip(f"needs {missing}: apt-get install chromium chromium-driver; pip install selenium")
     frontend = pack_module(pack, "headless.frontend")
-    with frontend.comfyui_server() as (url, log), frontend.browser() as driver:
+    inputs = sorted({name for w in WORKFLOWS for name in frontend.input_images_of(json.loads(w.read_text()))})
+    with frontend.comfyui_server(input_images=inputs) as (url, log), frontend.browser() as driver:
         frontend.open_app(driver, url)
         yield frontend, driver, log
 
