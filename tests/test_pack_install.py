@@ -73,3 +73,31 @@ def test_workflow_with_unknown_nodes_names_them(host, pack):
         assert "SomeoneElsesLoader" in str(e)
     else:
         raise AssertionError("an unknown node type must be reported")
+
+
+def test_conversion_follows_reroutes_primitives_and_bypassed_nodes(host, pack):
+    """Frontend-only nodes vanish in the API format: reroutes and bypassed nodes pass their input through, a
+    primitive's value already sits in its target's widgets, muted nodes are dropped."""
+    wf = pack_module(pack, "headless.workflow")
+    workflow = {
+        "nodes": [
+            {"id": 1, "type": "EmptyLatentImage", "mode": 0, "inputs": [], "widgets_values": [64, 64, 1]},
+            {"id": 2, "type": "Reroute", "mode": 0, "inputs": [{"name": "", "type": "*", "link": 1}]},
+            {"id": 3, "type": "LatentUpscaleBy", "mode": 4, "widgets_values": ["nearest-exact", 2.0],
+             "inputs": [{"name": "samples", "type": "LATENT", "link": 2}]},
+            {"id": 4, "type": "PrimitiveNode", "mode": 0, "inputs": [], "widgets_values": [7, "fixed"]},
+            {"id": 5, "type": "KSampler", "mode": 0,
+             "inputs": [{"name": "latent_image", "type": "LATENT", "link": 3},
+                        {"name": "seed", "type": "INT", "link": 4, "widget": {"name": "seed"}}],
+             "widgets_values": [7, "fixed", 3, 5.0, "euler", "normal", 1.0]},
+            {"id": 6, "type": "Note", "mode": 0, "inputs": [], "widgets_values": ["a note"]},
+            {"id": 7, "type": "SaveImage", "mode": 2, "inputs": [], "widgets_values": ["muted"]},
+        ],
+        "links": [[1, 1, 0, 2, 0, "LATENT"], [2, 2, 0, 3, 0, "LATENT"], [3, 3, 0, 5, 0, "LATENT"],
+                  [4, 4, 0, 5, 1, "INT"]],
+    }
+    prompt = wf.to_api(workflow, host.nodes.NODE_CLASS_MAPPINGS)
+    assert set(prompt) == {"1", "5"}
+    sampler = prompt["5"]["inputs"]
+    assert sampler["latent_image"] == ["1", 0]
+    assert sampler["seed"] == 7 and sampler["steps"] == 3 and sampler["cfg"] == 5.0 and sampler["denoise"] == 1.0
