@@ -1,0 +1,403 @@
+"""MUMU files.
+
+- Idefics2: a Hugging Face folder in models/LLM (config.json with model_type 'idefics2', weights, tokenizer and
+  processor files), loaded offline as transformers' Idefics2Model (no LM head) with the perceiver dropped.
+- Connector: models/bridges/*.safetensors in the pack's format, kind 'mumu_connector' (config = depth, width,
+  heads, the Idefics2 width it reads and the hidden layer it was trained on).
+- Idefics2 LoRA: a peft folder (adapter_config.json + adapter_model.safetensors) in models/LLM, read without
+  peft; merged as ComfyUI weight patches or run beside the layers.
+- SDXL UNet LoRA: written in kohya's SDXL key format (lora_unet_<ldm path>.lora_down/lora_up/alpha), which
+  ComfyUI's stock LoraLoader / LoraLoaderModelOnly read on every host, so it stacks on any SDXL fine-tune.
+"""
+import gc
+import json
+import logging
+import re
+import weakref
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import comfy.model_management as mm
+import torch
+
+from ..bridges import mumu as bridge
+from . import patcher as patching
+from .bridge_files import load_state_into, read_bridge, register_kind, save_bridge
+from .errors import LoadError
+from .encode_cache import file_identity
+from .llm import check_folder, choose_dtype
+
+KIND = register_kind("mumu_connector", "MUMU connector")
+LORA_MODES = ("merged", "unmerged")
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------------ Idefics2
+
+@dataclass
+class LoadedIdefics2:
+    """What the MUMU VLM socket carries. `lora` is an AppliedLoRA when one is applied."""
+    patcher: object
+    tokenizer: object
+    name: str
+    path: Path
+    dtype: torch.dtype
+    hidden_size: int  # text model width: what the connector reads
+    patch_size: int
+    max_resolution: int  # the vision tower's native image size; larger inputs would reuse positions
+    context: int
+    image_mean: tuple
+    image_std: tuple
+    lora: object = None
+    base: "LoadedIdefics2" = field(default=None, repr=False)
+
+    def with_lora(self, patcher, lora) -> "LoadedIdefics2":
+        return replace(self, patcher=patcher, lora=lora, base=self.base or self)
+
+    def attach(self, model):
+        return self.lora.attach(model) if self.lora is not None else nullcontext()
+
+    def describe(self) -> str:
+        extra = f" + {self.lora.describe()}" if self.lora else ""
+        return f"Idefics2 '{self.name}'{extra}"
+
+
+_LIVE = {}
+
+
+def _check_processor(path: Path, processor, config: dict):
+    tokenizer = getattr(processor, "tokenizer", None)
+    image_processor = getattr(processor, "image_processor", None)
+    if tokenizer is None or image_processor is None:
+        raise LoadError(f"{path}: its processor has no tokenizer or image processor. Copy the processor files "
+                        f"(preprocessor_config.json / processor_config.json, tokenizer files) of the Idefics2 release.")
+    for token in (bridge.IMAGE_TOKEN, bridge.FAKE_TOKEN):
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if tid is None or tid == tokenizer.unk_token_id:
+            raise LoadError(f"{path}: the tokenizer has no {token} token, so it is not Idefics2's tokenizer. Copy "
+                            f"the tokenizer files of this exact model.")
+    image_id = tokenizer.convert_tokens_to_ids(bridge.IMAGE_TOKEN)
+    if config.get("image_token_id", image_id) != image_id:
+        raise LoadError(f"{path}: config.json says the image token is id {config.get('image_token_id')} but the "
+                        f"tokenizer gives {bridge.IMAGE_TOKEN} id {image_id}; the tokenizer and the weights do "
+                        f"not belong together.")
+    mean, std = getattr(image_processor, "image_mean", None), getattr(image_processor, "image_std", None)
+    if mean is None or std is None or len(mean) != 3 or len(std) != 3:
+        raise LoadError(f"{path}: the image processor has no 3-channel image_mean/image_std; copy its "
+                        f"preprocessor_config.json from the Idefics2 release.")
+    return tokenizer, tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+def _load_weights(cls, path, dtype):
+    """(model, loading info) offline; the info names missing weights, which loaders.llm's helper does not return."""
+    import transformers
+    from packaging.version import Version
+    dtype_arg = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+    return cls.from_pretrained(str(path), local_files_only=True, trust_remote_code=False, output_loading_info=True,
+                               **{dtype_arg: dtype})
+
+
+def load_idefics2(name: str, path: Path, dtype_choice: str = "auto", progress=None) -> LoadedIdefics2:
+    """Idefics2Model + tokenizer + image normalisation, offline; the perceiver is removed (MUMU does not use
+    it). progress(step) after each of 4 steps."""
+    from transformers import AutoProcessor, Idefics2Model
+
+    config = check_folder(path)
+    if config.get("model_type") != "idefics2":
+        kind = config.get("model_type", "unknown")
+        raise LoadError(f"{path} holds a '{kind}' model, not Idefics2 (model_type 'idefics2', e.g. "
+                        f"HuggingFaceM4/idefics2-8b). MUMU reads Idefics2's vision tower and projection without "
+                        f"the perceiver; other VLMs (Idefics3, LLaVA, ...) differ. Choose an Idefics2 folder.")
+    device = mm.text_encoder_device()
+    dtype = choose_dtype(dtype_choice, device)
+    key = (str(path.resolve()), dtype, file_identity(path))
+    live = _LIVE.get(key)
+    if live is not None and live() is not None:
+        return live()
+    progress and progress(1)
+    try:
+        processor = AutoProcessor.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except Exception as e:  # transformers raises many kinds here
+        raise LoadError(f"the Idefics2 processor in {path} could not be loaded ({type(e).__name__}: {e}). Copy "
+                        f"the processor and tokenizer files of the release into the folder.") from None
+    tokenizer, mean, std = _check_processor(path, processor, config)
+    progress and progress(2)
+    model = None
+    # transformers warns about the LM head we do not load (a table in v5); missing weights are checked below.
+    quiet = [logging.getLogger(n) for n in ("transformers.modeling_utils", "transformers.utils.loading_report")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.ERROR)
+    try:
+        model, info = _load_weights(Idefics2Model, path, dtype)
+    except Exception as e:  # transformers and safetensors raise many kinds here
+        raise LoadError(f"the weights in {path} could not be loaded ({type(e).__name__}: {e}). A weight file is "
+                        f"truncated, corrupt or does not belong to this config.json; copy the folder again.") from None
+    finally:
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
+        if model is None:
+            gc.collect()
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        del model
+        gc.collect()  # nothing half-loaded stays in memory
+        raise LoadError(f"{path}: the weight files lack {len(missing)} tensor(s) of the Idefics2 model, e.g. "
+                        f"{missing[:3]}. The folder is incomplete; copy every weight shard.")
+    model.connector.perceiver_resampler = None  # MUMU's change: one token per patch, no resampling
+    model.eval().requires_grad_(False)
+    progress and progress(3)
+    text, vision = model.config.text_config, model.config.vision_config
+    vlm = LoadedIdefics2(patcher=patching.wrap(model), tokenizer=tokenizer, name=name, path=path, dtype=dtype,
+                         hidden_size=int(text.hidden_size), patch_size=int(vision.patch_size),
+                         max_resolution=int(vision.image_size), context=int(text.max_position_embeddings),
+                         image_mean=mean, image_std=std)
+    progress and progress(4)
+    _LIVE[key] = weakref.ref(vlm)
+    return vlm
+
+
+def grid_for(vlm: LoadedIdefics2, resolution: int):
+    """(grid, resolution actually used): the image is resized to grid*patch pixels, grid^2 tokens."""
+    grid = resolution // vlm.patch_size
+    if grid < 1:
+        raise ValueError(f"image_resolution {resolution} is smaller than one {vlm.patch_size}-pixel patch of "
+                         f"{vlm.describe()}; use at least {vlm.patch_size}")
+    if grid * vlm.patch_size > vlm.max_resolution:
+        raise ValueError(f"image_resolution {resolution} is above the {vlm.max_resolution} pixels {vlm.describe()}'s "
+                         f"vision tower was made for; use at most {vlm.max_resolution}")
+    if grid * vlm.patch_size != resolution:
+        log.info("MUMU: image_resolution %d is not a multiple of the %d-pixel patch; using %d (%d tokens per image)",
+                 resolution, vlm.patch_size, grid * vlm.patch_size, grid * grid)
+    return grid, grid * vlm.patch_size
+
+
+# ----------------------------------------------------------------------------------------------- connector
+
+def save_connector(path, connector: bridge.MUMUConnector):
+    save_bridge(path, KIND, connector.config.to_dict(), connector.state_dict())
+
+
+def load_connector(path) -> bridge.MUMUConnector:
+    config, state_dict = read_bridge(path, KIND)
+    try:
+        connector = bridge.MUMUConnector(bridge.ConnectorConfig.from_dict(config))
+    except (TypeError, ValueError) as e:
+        raise LoadError(f"{path}: its MUMU connector config is not valid ({e}). Write the file again.") from None
+    load_state_into(connector, state_dict, path, "MUMU connector")
+    connector.source = str(path)
+    return connector.eval().requires_grad_(False)
+
+
+def check_connector_fits(vlm: LoadedIdefics2, connector: bridge.MUMUConnector):
+    if connector.config.in_dim != vlm.hidden_size:
+        raise LoadError(f"MUMU connector {getattr(connector, 'source', '')} reads {connector.config.in_dim}-wide "
+                        f"Idefics2 hidden states, but {vlm.describe()} produces {vlm.hidden_size}. Use a connector "
+                        f"trained for this Idefics2.")
+
+
+@dataclass
+class HostedConnector:
+    """A connector under ComfyUI's memory manager (16 layers of width 1024 is ~0.2 B parameters)."""
+    patcher: object
+    config: bridge.ConnectorConfig
+    source: str
+
+    def module(self) -> bridge.MUMUConnector:
+        return patching.load_to_device(self.patcher)
+
+
+def host_connector(connector: bridge.MUMUConnector) -> HostedConnector:
+    return HostedConnector(patching.wrap(connector), connector.config, getattr(connector, "source", ""))
+
+
+# ---------------------------------------------------------------------------------- Idefics2 LoRA (peft)
+
+_PEFT_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight$")
+
+
+@dataclass
+class IdefLoRA:
+    factors: dict  # module path in Idefics2Model -> bridge.LoRAFactor
+    source: str
+    rank: int
+
+
+def read_peft_lora(folder: Path) -> tuple:
+    """(adapter config, {peft module path: (A, B)}) of a peft LoRA folder, refusing what is not plain LoRA."""
+    cfg_path = folder / PEFT_CONFIG
+    try:
+        config = json.loads(cfg_path.read_text())
+    except FileNotFoundError:
+        raise LoadError(f"{folder} has no {PEFT_CONFIG}: it is not a peft LoRA folder. Save the LoRA with "
+                        f"peft's save_pretrained (or this pack's trainer) into models/LLM/<name>/.") from None
+    except ValueError as e:
+        raise LoadError(f"{cfg_path} is not valid JSON ({e}); copy it again.") from None
+    problems = []
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":
+        problems.append(f"peft_type {config.get('peft_type')!r} (only LORA is read)")
+    if config.get("use_dora"):
+        problems.append("use_dora (DoRA)")
+    if config.get("bias", "none") != "none" or config.get("lora_bias"):
+        problems.append(f"trained biases (bias={config.get('bias')!r})")
+    if config.get("fan_in_fan_out"):
+        problems.append("fan_in_fan_out (GPT-2 style Conv1D layers)")
+    if config.get("modules_to_save"):
+        problems.append(f"modules_to_save {config.get('modules_to_save')} (fully trained copies of layers)")
+    if problems:
+        raise LoadError(f"{folder}: this peft adapter uses {', '.join(problems)}, which the MUMU loader does not "
+                        f"apply. Use a plain LoRA (peft LoraConfig with default options).")
+    weights = next((folder / w for w in PEFT_WEIGHTS if (folder / w).is_file()), None)
+    if weights is None:
+        raise LoadError(f"{folder} has no {' or '.join(PEFT_WEIGHTS)}; copy the adapter weights into the folder.")
+    try:
+        if weights.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(str(weights), device="cpu")
+        else:
+            state = torch.load(str(weights), weights_only=True, map_location="cpu")
+    except Exception as e:  # safetensors / pickle errors of many kinds
+        raise LoadError(f"{weights} could not be read ({type(e).__name__}: {e}); it is truncated or corrupt.") from None
+    pairs, other = {}, []
+    for key, tensor in state.items():
+        m = _PEFT_KEY.match(key)
+        if m is None:
+            other.append(key)
+            continue
+        pairs.setdefault(m.group("path"), {})[m.group("ab")] = tensor
+    if other:
+        raise LoadError(f"{weights} holds {len(other)} tensor(s) that are not LoRA A/B matrices of linear layers, "
+                        f"e.g. {other[:3]} (embedding LoRA or DoRA magnitudes are not read).")
+    half = sorted(p for p, ab in pairs.items() if len(ab) != 2)
+    if half:
+        raise LoadError(f"{weights}: layer(s) {half[:3]} have only one of lora_A / lora_B; the file is damaged.")
+    if not pairs:
+        raise LoadError(f"{weights} holds no LoRA tensors.")
+    return config, {p: (ab["A"], ab["B"]) for p, ab in pairs.items()}
+
+
+def _alpha_for(config: dict, path: str) -> float:
+    for pattern, alpha in (config.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", path):  # peft's own matching of pattern keys
+            return float(alpha)
+    return float(config.get("lora_alpha", 8))
+
+
+def load_idefics2_lora(folder: Path, vlm: LoadedIdefics2) -> IdefLoRA:
+    """Resolve a peft LoRA's layers in `vlm` (saved from Idefics2ForConditionalGeneration ('model.' prefix) or
+    Idefics2Model) and check every shape before anything is applied."""
+    config, pairs = read_peft_lora(folder)
+    model = vlm.patcher.model.inner
+    factors, unknown, wrong, unused = {}, [], [], 0
+    for path, (a, b) in sorted(pairs.items()):
+        if ".perceiver_resampler." in f".{path}":
+            unused += 1  # MUMU runs without the perceiver; a LoRA made with broad targets may still adapt it
+            continue
+        candidates = [path] + ([path[len("model."):]] if path.startswith("model.") else [])
+        target = None
+        for c in candidates:
+            try:
+                target = (c, model.get_submodule(c))
+                break
+            except AttributeError:
+                continue
+        if target is None or not isinstance(target[1], torch.nn.Linear):
+            unknown.append(path)
+            continue
+        name, linear = target
+        if a.shape[1] != linear.in_features or b.shape[0] != linear.out_features or a.shape[0] != b.shape[1]:
+            wrong.append(f"{path}: A {tuple(a.shape)}, B {tuple(b.shape)} vs layer {linear.in_features}->"
+                         f"{linear.out_features}")
+            continue
+        r = a.shape[0]
+        alpha = _alpha_for(config, path)
+        scale = alpha / (r ** 0.5) if config.get("use_rslora") else alpha / r
+        factors[name] = bridge.LoRAFactor(down=a, up=b, scale=scale)
+    if unknown or wrong:
+        parts = ([f"{len(unknown)} layer(s) this Idefics2 does not have (linear), e.g. {unknown[:3]}"] if unknown else []) + \
+                ([f"wrong shapes: {wrong[:3]}"] if wrong else [])
+        raise LoadError(f"{folder}: the LoRA does not fit {vlm.describe()}: " + "; ".join(parts) +
+                        ". Use a LoRA trained for this Idefics2.")
+    if unused:
+        log.info("MUMU: %s adapts %d perceiver layer(s), which MUMU does not run; they are skipped", folder, unused)
+    if not factors:
+        raise LoadError(f"{folder}: the LoRA adapts only the perceiver, which MUMU does not use; nothing to apply.")
+    rank = max(f.down.shape[0] for f in factors.values())
+    return IdefLoRA(factors=factors, source=str(folder), rank=rank)
+
+
+@dataclass
+class AppliedLoRA:
+    lora: IdefLoRA
+    strength: float
+    mode: str
+
+    def attach(self, model):
+        if self.mode == "merged":
+            return nullcontext()  # the weights already carry it
+        return bridge.lora_attached(model, self.lora.factors, self.strength)
+
+    def describe(self):
+        return f"LoRA {Path(self.lora.source).name} (rank {self.lora.rank}, {self.mode}, strength {self.strength:g})"
+
+
+def apply_idefics2_lora(vlm: LoadedIdefics2, lora: IdefLoRA, strength: float, mode: str) -> LoadedIdefics2:
+    """A new handle with the LoRA; the given one is unchanged. Merged: ComfyUI weight patches on a clone of the
+    patcher (W + s B A, applied at load, undone at unload; the plain model shares the weights)."""
+    if mode not in LORA_MODES:
+        raise ValueError(f"unknown LoRA mode {mode!r}; choose one of {LORA_MODES}")
+    if vlm.lora is not None:
+        raise ValueError(f"{vlm.describe()} already has a LoRA; apply one LoRA to the plain Idefics2")
+    if mode == "unmerged":
+        return vlm.with_lora(vlm.patcher, AppliedLoRA(lora, strength, mode))
+    clone = vlm.patcher.clone()
+    patches = {}
+    for path, factor in lora.factors.items():
+        up, down = bridge.lora_delta(factor)
+        patches[f"{patching.PREFIX}{path}.weight"] = patching.lowrank_patch(up, down)
+    applied = clone.add_patches(patches, strength)
+    if len(applied) != len(patches):
+        raise LoadError(f"ComfyUI accepted {len(applied)} of {len(patches)} LoRA patches for {vlm.describe()}; "
+                        f"the LoRA does not fit this model.")
+    return vlm.with_lora(clone, AppliedLoRA(lora, strength, mode))
+
+
+# ----------------------------------------------------------------------------------------- SDXL UNet LoRA
+
+# The layers MUMU's rank-8 UNet LoRA adapts: the attention projections of every transformer block (the paper
+# gives only the rank; these are the usual SDXL LoRA targets).
+UNET_LORA_TARGETS = re.compile(r"^diffusion_model\..*transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)\.weight$")
+
+
+def unet_lora_name(model_key: str) -> str:
+    """'diffusion_model.<path>.weight' -> kohya's SDXL name 'lora_unet_<path with _>' (ComfyUI maps it back)."""
+    if not (model_key.startswith("diffusion_model.") and model_key.endswith(".weight")):
+        raise ValueError(f"{model_key!r} is not a UNet weight key (diffusion_model.*.weight)")
+    return "lora_unet_" + model_key[len("diffusion_model."):-len(".weight")].replace(".", "_")
+
+
+def unet_lora_targets(model_state_keys) -> list:
+    return sorted(k for k in model_state_keys if UNET_LORA_TARGETS.match(k))
+
+
+def save_unet_lora(path, factors: dict, alpha: float, metadata: dict = None):
+    """factors: UNet weight key (as in ComfyUI's model state dict) -> (down (r, in), up (out, r)).
+    Effective update: W += (alpha / r) * up @ down, ComfyUI's and kohya's convention."""
+    from safetensors.torch import save_file
+    tensors = {}
+    ranks = set()
+    for key, (down, up) in factors.items():
+        name = unet_lora_name(key)
+        tensors[f"{name}.lora_down.weight"] = down.detach().contiguous().cpu()
+        tensors[f"{name}.lora_up.weight"] = up.detach().contiguous().cpu()
+        tensors[f"{name}.alpha"] = torch.tensor(float(alpha))
+        ranks.add(int(down.shape[0]))
+    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(max(ranks, default=0)),
+            "ss_network_alpha": str(float(alpha)), "ss_base_model_version": "sdxl_base_v1-0",
+            "beyond_clip_kind": "mumu_unet_lora"}
+    meta.update({k: str(v) for k, v in (metadata or {}).items()})
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=meta)

@@ -1,0 +1,244 @@
+"""MUMU nodes: prompts that interleave words and reference images, read by Idefics2 (no perceiver), mapped by
+the MUMU connector into SDXL conditioning. The MUMU UNet LoRA goes through ComfyUI's stock LoraLoaderModelOnly."""
+import logging
+
+import torch
+
+from ..bridges import mumu as bridge
+from ..loaders import folders
+from ..loaders import mumu as files
+from ..loaders.llm import DTYPES
+from ..loaders.patcher import load_to_device
+from .common import (CATEGORY, Progress, check_width_against_model, conditioning, missing_file_message,
+                     zero_conditioning_like)
+
+log = logging.getLogger(__name__)
+VLM_TYPE = "BEYOND_CLIP_MUMU_VLM"
+CONNECTOR_TYPE = "BEYOND_CLIP_MUMU_CONNECTOR"
+IMAGES_TYPE = "BEYOND_CLIP_MUMU_IMAGES"
+NEGATIVE_MODES = ("encode negative text", "zeros")
+TRAINED_MAX_IMAGES = 4  # MUMU inserted at most 4 images per prompt in training
+SIZE_KEYS = ("width", "height", "target_width", "target_height")
+
+
+def _lora_dirs():
+    return folders.list_model_dirs(folders.LLM, marker=files.PEFT_CONFIG)
+
+
+class LoadIdefics2:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "idefics2_name": (folders.list_model_dirs(folders.LLM),
+                              {"tooltip": "An Idefics2 folder (e.g. idefics2-8b) in models/LLM, with its processor files"}),
+            "dtype": (DTYPES, {"default": "auto"}),
+        }}
+
+    RETURN_TYPES = (VLM_TYPE,)
+    RETURN_NAMES = ("idefics2",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY + "/MUMU"
+    DESCRIPTION = "Loads Idefics2 offline without its perceiver (one token per image patch), as MUMU uses it."
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, idefics2_name):
+        choices = folders.list_model_dirs(folders.LLM)
+        if idefics2_name not in choices:
+            return missing_file_message("Idefics2 folder", idefics2_name, choices, folders.LLM)
+        return True
+
+    def load(self, idefics2_name, dtype):
+        progress = Progress(4)
+        path = folders.resolve_model_dir(idefics2_name, folders.LLM)
+        return (files.load_idefics2(idefics2_name, path, dtype, progress=progress.step),)
+
+
+class Idefics2LoRA:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "idefics2": (VLM_TYPE,),
+            "lora_name": (_lora_dirs(), {"tooltip": "A peft LoRA folder (adapter_config.json + adapter_model."
+                                                    "safetensors) in models/LLM"}),
+            "strength": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05}),
+            "mode": (files.LORA_MODES, {"default": "merged",
+                                        "tooltip": "merged: folded into the weights as ComfyUI patches (no extra "
+                                                   "cost); unmerged: runs beside the layers, as in training"}),
+        }}
+
+    RETURN_TYPES = (VLM_TYPE,)
+    RETURN_NAMES = ("idefics2",)
+    FUNCTION = "apply"
+    CATEGORY = CATEGORY + "/MUMU"
+    DESCRIPTION = "Applies MUMU's Idefics2 LoRA (peft format). The plain Idefics2 stays usable beside it."
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, lora_name):
+        choices = _lora_dirs()
+        if lora_name not in choices:
+            return missing_file_message("Idefics2 LoRA folder", lora_name, choices, folders.LLM)
+        return True
+
+    def apply(self, idefics2, lora_name, strength, mode):
+        lora = files.load_idefics2_lora(folders.resolve_model_dir(lora_name, folders.LLM), idefics2)
+        return (files.apply_idefics2_lora(idefics2, lora, strength, mode),)
+
+
+class LoadConnector:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"connector_name": (folders.list_bridge_files(),
+                                                {"tooltip": "A MUMU connector file in models/bridges"})}}
+
+    RETURN_TYPES = (CONNECTOR_TYPE,)
+    RETURN_NAMES = ("connector",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY + "/MUMU"
+    DESCRIPTION = "Loads a MUMU connector (Idefics2 hidden states -> SDXL tokens + pooled vector)."
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, connector_name):
+        choices = folders.list_bridge_files()
+        if connector_name not in choices:
+            return missing_file_message("connector file", connector_name, choices, folders.BRIDGES)
+        return True
+
+    def load(self, connector_name):
+        return (files.host_connector(files.load_connector(folders.resolve_bridge_file(connector_name))),)
+
+
+class ReferenceImage:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "image": ("IMAGE",),
+                "name": ("STRING", {"default": "", "tooltip": "Bind to <name> in the prompt; leave empty to bind "
+                                                              "to the next <image> in order"}),
+            },
+            "optional": {"images": (IMAGES_TYPE, {"tooltip": "Images added before this one (chain any number)"})},
+        }
+
+    RETURN_TYPES = (IMAGES_TYPE,)
+    RETURN_NAMES = ("images",)
+    FUNCTION = "add"
+    CATEGORY = CATEGORY + "/MUMU"
+    DESCRIPTION = "Adds a reference image for the MUMU prompt, by name (<man>) or by position (<image>)."
+
+    def add(self, image, name, images=None):
+        name = bridge.check_image_name(name)
+        label = f"'{name}'" if name else f"#{len(images or []) + 1} (unnamed)"
+        if image.ndim != 4 or image.shape[0] != 1:
+            raise ValueError(f"reference image {label} holds a batch of {image.shape[0] if image.ndim == 4 else '?'} "
+                             f"images; each placeholder stands for one image. Split the batch (e.g. ImageFromBatch) "
+                             f"and add each image with its own node.")
+        return (list(images or []) + [(name, image[0])],)
+
+
+def _encode(vlm, connector, text, images, grid, resolution, budget):
+    """-> (tokens (1, N, 2048), pooled (1, 1280), summary)."""
+    segments = bridge.bind_placeholders(text, [n for n, _ in images])
+    seq = bridge.build_sequence(vlm.tokenizer, segments, grid, context=vlm.context)
+    pixels = (torch.stack([bridge.prepare_image(img, resolution, vlm.image_mean, vlm.image_std) for _, img in images])
+              if images else None)
+    model = load_to_device(vlm.patcher)
+    with torch.no_grad(), vlm.attach(model):
+        hidden = bridge.encode(model, seq, pixels, connector.config.hidden_layer)
+    module = connector.module()
+    device = next(module.parameters()).device
+    with torch.no_grad():
+        tokens, pooled = module(hidden.to(device))
+    tokens, pooled_grid = bridge.fit_token_budget(tokens, seq, budget)
+    summary = (f"{len(seq.spans)} image(s) x {grid * grid} tokens + {seq.text_tokens} text tokens = "
+               f"{seq.input_ids.shape[1]}")
+    if pooled_grid:
+        summary += f", pooled to {pooled_grid * pooled_grid} per image = {tokens.shape[1]} (token_budget {budget})"
+    return tokens, pooled, summary
+
+
+class Encode:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "idefics2": (VLM_TYPE,),
+                "connector": (CONNECTOR_TYPE,),
+                "prompt": ("STRING", {"multiline": True, "default": "a <image> man and his <image> dog"}),
+                "negative_prompt": ("STRING", {"multiline": True, "default": ""}),
+                "negative": (NEGATIVE_MODES, {"default": NEGATIVE_MODES[0],
+                                              "tooltip": "encode the negative text (empty = MUMU's 'no negative "
+                                                         "prompt'), or zeros"}),
+                "image_resolution": ("INT", {"default": 252, "min": 1, "max": 4096, "step": 1,
+                                             "tooltip": "Pixels per side each image is resized to (padded square). "
+                                                        "Tokens per image = (resolution / patch)^2: with idefics2-8b "
+                                                        "(14 px patches) 112 -> 64, 252 -> 324 (MUMU stage 1), "
+                                                        "504 -> 1296 (stage 2)"}),
+                "token_budget": ("INT", {"default": 0, "min": 0, "max": 65536,
+                                         "tooltip": "0 = keep every token. Otherwise image tokens are average-pooled "
+                                                    "(smaller patch grid) until the conditioning fits: every UNet "
+                                                    "step attends to every token"}),
+                "width": ("INT", {"default": 1024, "min": 0, "max": 16384, "step": 8,
+                                  "tooltip": "SDXL size conditioning (original size); 0 = the latent's size"}),
+                "height": ("INT", {"default": 1024, "min": 0, "max": 16384, "step": 8}),
+                "target_width": ("INT", {"default": 1024, "min": 0, "max": 16384, "step": 8}),
+                "target_height": ("INT", {"default": 1024, "min": 0, "max": 16384, "step": 8}),
+            },
+            "optional": {
+                "images": (IMAGES_TYPE,),
+                "model": ("MODEL", {"tooltip": "Connect the MODEL you sample with to check it is SDXL before sampling"}),
+            },
+        }
+
+    RETURN_TYPES = ("CONDITIONING", "CONDITIONING")
+    RETURN_NAMES = ("positive", "negative")
+    FUNCTION = "encode"
+    CATEGORY = CATEGORY + "/MUMU"
+    DESCRIPTION = ("Encodes a prompt with words and reference images (Idefics2 without perceiver -> MUMU connector) "
+                   "into SDXL conditioning.")
+
+    def encode(self, idefics2, connector, prompt, negative_prompt, negative, image_resolution, token_budget,
+               width, height, target_width, target_height, images=None, model=None):
+        files.check_connector_fits(idefics2, connector)
+        if model is not None:
+            check_width_against_model(model, connector.config.out_dim, bool(connector.config.pooled_dim),
+                                      f"MUMU connector {connector.source}")
+        if not prompt.strip():
+            raise ValueError("the MUMU prompt is empty: write words, with <image> or <name> where each image goes")
+        images = list(images or [])
+        if len(images) > TRAINED_MAX_IMAGES:
+            log.warning("MUMU: %d reference images; MUMU was trained with at most %d per prompt",
+                        len(images), TRAINED_MAX_IMAGES)
+        grid, resolution = files.grid_for(idefics2, image_resolution)
+        progress = Progress(2)
+        tokens, pooled, summary = _encode(idefics2, connector, prompt, images, grid, resolution, token_budget)
+        log.info("MUMU: %s", summary)
+        positive = conditioning(tokens, pooled)
+        progress.step()
+        if negative == "zeros":
+            neg = zero_conditioning_like(positive)
+        else:
+            tokens, pooled, _ = _encode(idefics2, connector, negative_prompt, [], grid, resolution, 0)
+            neg = conditioning(tokens, pooled)
+        progress.step()
+        size = dict(zip(SIZE_KEYS, (width, height, target_width, target_height)))
+        if all(size.values()):  # else ComfyUI uses the latent's size
+            size.update(crop_w=0, crop_h=0)  # MUMU pads to square and never crops
+            for cond in (positive, neg):
+                cond[0][1].update(size)
+        return (positive, neg)
+
+
+NODE_CLASS_MAPPINGS = {
+    "BeyondCLIP_MUMULoadIdefics2": LoadIdefics2,
+    "BeyondCLIP_MUMUIdefics2LoRA": Idefics2LoRA,
+    "BeyondCLIP_MUMULoadConnector": LoadConnector,
+    "BeyondCLIP_MUMUReferenceImage": ReferenceImage,
+    "BeyondCLIP_MUMUEncode": Encode,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "BeyondCLIP_MUMULoadIdefics2": "Load Idefics2 (MUMU)",
+    "BeyondCLIP_MUMUIdefics2LoRA": "Apply Idefics2 LoRA (MUMU)",
+    "BeyondCLIP_MUMULoadConnector": "Load Connector (MUMU)",
+    "BeyondCLIP_MUMUReferenceImage": "Reference Image (MUMU)",
+    "BeyondCLIP_MUMUEncode": "Multimodal Prompt Encode (MUMU)",
+}
