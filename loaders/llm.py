@@ -1,5 +1,6 @@
 """Hugging Face causal-LM folders from models/LLM, loaded offline, under ComfyUI's memory manager."""
 import gc
+import importlib.util
 import json
 import logging
 import weakref
@@ -14,6 +15,10 @@ from .encode_cache import file_identity
 from .errors import LoadError
 
 DTYPES = ("auto", "fp32", "fp16", "bf16")
+# bitsandbytes keeps quantized weights on the GPU: such an LLM stays there (no offload) and cannot take merged
+# weight patches.
+QUANTIZED = ("int8 (bitsandbytes)", "nf4 (bitsandbytes)")
+LLM_DTYPES = DTYPES + QUANTIZED
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tokenizer_config.json")
 log = logging.getLogger(__name__)
 
@@ -28,6 +33,7 @@ class LoadedLLM:
     dtype: torch.dtype
     hidden_size: int
     identity: str = ""  # changes with the folder's files, the dtype and the adapter: keys encoding caches
+    quantized: str = ""  # one of QUANTIZED, or "" 
     adapter: object = None  # an AppliedAdapter when one is applied
     base: "LoadedLLM" = field(default=None, repr=False)
 
@@ -77,10 +83,25 @@ def check_folder(path: Path):
     return config
 
 
-def _from_pretrained(cls, path, dtype):
+def quantization(choice: str, device):
+    """transformers' BitsAndBytesConfig for an int8/nf4 choice, or a LoadError saying what is missing."""
+    if mm.is_device_cpu(device) or not torch.cuda.is_available():
+        raise LoadError(f"'{choice}' needs an NVIDIA GPU with CUDA, and this ComfyUI runs the LLM on {device}. "
+                        f"Choose auto, fp16, bf16 or fp32.")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise LoadError(f"'{choice}' needs the bitsandbytes package: install it into ComfyUI's Python "
+                        f"(pip install bitsandbytes) and restart ComfyUI, or choose auto/fp16/bf16.")
+    from transformers import BitsAndBytesConfig
+    compute = torch.bfloat16 if mm.should_use_bf16(device, prioritize_performance=False) else torch.float16
+    if choice.startswith("int8"):
+        return BitsAndBytesConfig(load_in_8bit=True), compute
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute), compute
+
+
+def _from_pretrained(cls, path, dtype, **extra):
     import transformers
     from packaging.version import Version
-    kwargs = {"local_files_only": True, "trust_remote_code": False}
+    kwargs = {"local_files_only": True, "trust_remote_code": False, **extra}
     dtype_arg = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
     kwargs[dtype_arg] = dtype
     return cls.from_pretrained(str(path), **kwargs)
@@ -92,8 +113,14 @@ def load_llm(name: str, path: Path, dtype_choice: str = "auto", progress=None) -
 
     config = check_folder(path)
     device = mm.text_encoder_device()
-    dtype = choose_dtype(dtype_choice, device)
-    key = (str(path.resolve()), dtype, file_identity(path))
+    extra, quantized = {}, ""
+    if dtype_choice in QUANTIZED:
+        quantized = dtype_choice
+        qconfig, dtype = quantization(dtype_choice, device)
+        extra = {"quantization_config": qconfig, "device_map": {"": device}}
+    else:
+        dtype = choose_dtype(dtype_choice, device)
+    key = (str(path.resolve()), dtype, quantized, file_identity(path))
     live = _LIVE.get(key)
     if live is not None and live() is not None:
         return live()
@@ -106,7 +133,7 @@ def load_llm(name: str, path: Path, dtype_choice: str = "auto", progress=None) -
     progress and progress(2)
     model = None
     try:
-        model = _from_pretrained(AutoModelForCausalLM, path, dtype)
+        model = _from_pretrained(AutoModelForCausalLM, path, dtype, **extra)
     except Exception as e:  # transformers and safetensors raise many kinds here
         if "Unrecognized configuration class" in str(e):
             raise LoadError(f"{path} holds a '{config.get('model_type')}' model, which is not a causal language "
@@ -119,9 +146,10 @@ def load_llm(name: str, path: Path, dtype_choice: str = "auto", progress=None) -
             gc.collect()  # nothing half-loaded stays in memory
     model.eval().requires_grad_(False)
     progress and progress(3)
-    hosted = patching.wrap(model)
-    llm = LoadedLLM(patcher=hosted, tokenizer=tokenizer, name=name, path=path, dtype=dtype,
-                    identity=f"{file_identity(path)}:{dtype}",
+    # The patcher's size is the state dict's bytes: for a quantized model, its packed weights.
+    hosted = patching.wrap(model, device, device) if quantized else patching.wrap(model)
+    llm = LoadedLLM(patcher=hosted, tokenizer=tokenizer, name=name, path=path, dtype=dtype, quantized=quantized,
+                    identity=f"{file_identity(path)}:{dtype}:{quantized}",
               hidden_size=int(model.config.hidden_size if hasattr(model.config, "hidden_size")
                               else model.get_input_embeddings().weight.shape[1]))
     progress and progress(4)

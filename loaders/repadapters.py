@@ -84,6 +84,9 @@ def apply_repadapter(llm, adapters: AdapterSet, mode: str):
     if llm.adapter is not None:
         raise ValueError(f"{llm.describe()} already has an adapter; apply one adapter to the plain LLM")
     _check_fits(llm, adapters)
+    if mode == "merged" and llm.quantized:
+        raise LoadError(f"{llm.describe()} is loaded {llm.quantized}: its weights cannot take a merged adapter. "
+                        f"Use mode 'unmerged', or load the LLM in fp16/bf16.")
     if mode == "unmerged":
         return llm.with_adapter(llm.patcher, AppliedAdapter(adapters, mode))
     # Load the plain LLM first so its weights are the originals (ComfyUI undoes other clones' patches).

@@ -9,22 +9,16 @@ import torch
 from ..bridges import llm_text
 from ..loaders import encode_cache, folders
 from ..loaders.errors import LoadError
-from ..loaders.llm import DTYPES, load_llm
+from ..loaders.llm import LLM_DTYPES, load_llm
 from ..loaders import routers
 from ..loaders.mappers import load_mapper
 from ..loaders.patcher import load_to_device
 from ..loaders.repadapters import MODES, apply_repadapter, load_repadapter
 from .common import (CATEGORY, LLM_TYPE, MAPPER_TYPE, REPADAPTER_TYPE, Progress, check_width_against_model,
-                     conditioning, zero_conditioning_like)
+                     conditioning, missing_file_message, zero_conditioning_like)
 
 log = logging.getLogger(__name__)
 NEGATIVE_MODES = ("encode negative text", "zeros")
-
-
-def _missing_file_message(kind, name, choices, folder):
-    listed = ", ".join(choices[:5]) if choices else "none"
-    return (f"{kind} '{name}' is not in models/{folder} (found: {listed}). Put it there, or pick one that is "
-            f"present, then refresh the page.")
 
 
 class LLMLoader:
@@ -32,7 +26,8 @@ class LLMLoader:
     def INPUT_TYPES(cls):
         return {"required": {
             "llm_name": (folders.list_model_dirs(folders.LLM), {"tooltip": "A Hugging Face causal-LM folder in models/LLM"}),
-            "dtype": (DTYPES, {"default": "auto", "tooltip": "auto: bf16/fp16 where the device runs them, else fp32"}),
+            "dtype": (LLM_DTYPES, {"default": "auto", "tooltip": "auto: bf16/fp16 where the device runs them, else "
+                                                             "fp32; int8/nf4 need CUDA and bitsandbytes"}),
         }}
 
     RETURN_TYPES = (LLM_TYPE,)
@@ -47,7 +42,7 @@ class LLMLoader:
     def VALIDATE_INPUTS(cls, llm_name):
         choices = folders.list_model_dirs(folders.LLM)
         if llm_name not in choices:
-            return _missing_file_message("LLM folder", llm_name, choices, folders.LLM)
+            return missing_file_message("LLM folder", llm_name, choices, folders.LLM)
         return True
 
     def load(self, llm_name, dtype):
@@ -72,7 +67,7 @@ class MapperLoader:
     def VALIDATE_INPUTS(cls, mapper_name):
         choices = folders.list_bridge_files()
         if mapper_name not in choices:
-            return _missing_file_message("mapper file", mapper_name, choices, folders.BRIDGES)
+            return missing_file_message("mapper file", mapper_name, choices, folders.BRIDGES)
         return True
 
     def load(self, mapper_name):
@@ -225,7 +220,7 @@ class RepAdapterLoader:
     def VALIDATE_INPUTS(cls, adapter_name):
         choices = folders.list_bridge_files()
         if adapter_name not in choices:
-            return _missing_file_message("RepAdapter file", adapter_name, choices, folders.BRIDGES)
+            return missing_file_message("RepAdapter file", adapter_name, choices, folders.BRIDGES)
         return True
 
     def load(self, adapter_name):
@@ -292,7 +287,7 @@ class Assistant:
     def VALIDATE_INPUTS(cls, router):
         choices = _router_choices()
         if router not in choices:
-            return _missing_file_message("router file", router, choices, folders.BRIDGES)
+            return missing_file_message("router file", router, choices, folders.BRIDGES)
         return True
 
     def run(self, llm, mapper, router, prompt, max_new_tokens, template, model=None):

@@ -66,3 +66,9 @@ def check_width_against_model(model, width: int, pooled: bool, what: str):
                          f"{family.get(expected, 'this model')}, or the matching checkpoint.")
     raise ValueError(f"{what} has no pooled output, but the MODEL ({family.get(expected, 'this model')}) needs the "
                      f"1280-wide pooled vector. Use a bridge made for SDXL.")
+
+
+def missing_file_message(kind, name, choices, folder):
+    listed = ", ".join(choices[:5]) if choices else "none"
+    return (f"{kind} '{name}' is not in models/{folder} (found: {listed}). Put it there, or pick one that is "
+            f"present, then refresh the page.")

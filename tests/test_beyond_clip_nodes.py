@@ -312,3 +312,34 @@ def test_disk_cache_survives_a_restart_and_ignores_damaged_files(host, pack, tin
     files[0].write_bytes(b"not a safetensors file")
     forget_everything(host)
     assert torch.equal(positive_tokens(host, g), first) and len(calls) == 2  # recomputed, and written again
+
+
+def test_memory_manager_accounts_the_llm_and_can_offload_it(host, pack, tiny_llama, mapper_files):
+    """ComfyUI's memory manager sees the LLM at its real size and can unload it (on a GPU: to make room for the
+    UNet); the next encode loads it back."""
+    import comfy.model_management as mm
+    forget_everything(host)
+    host.run(encode_graph(tiny_llama, mapper_files["sd1"], prompt="a tern over the waves"))
+    llm = host.node_output("1")[0]
+    inner = llm.patcher.model.inner
+    param_bytes = sum(p.numel() * p.element_size() for p in inner.parameters())
+    assert llm.patcher.model_size() == param_bytes
+    loaded = [m.model for m in mm.current_loaded_models]
+    assert llm.patcher in loaded
+    mm.free_memory(1e30, mm.get_torch_device())  # what the UNet's load asks for when memory is short
+    assert llm.patcher not in [m.model for m in mm.current_loaded_models]
+    assert next(inner.parameters()).device == llm.patcher.offload_device
+    forget_everything(host)
+    host.run(encode_graph(tiny_llama, mapper_files["sd1"], prompt="a tern over the waves"))
+    assert host.node_output("1")[0].patcher in [m.model for m in mm.current_loaded_models]
+
+
+@pytest.mark.parametrize("choice", ["int8 (bitsandbytes)", "nf4 (bitsandbytes)"])
+def test_quantized_choices_say_what_they_need(host, tiny_llama, mapper_files, choice):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the refusal path does not apply")
+    g = encode_graph(tiny_llama, mapper_files["sd1"])
+    g["1"]["inputs"]["dtype"] = choice
+    msg = run_error(host, g)
+    assert choice in msg and "CUDA" in msg
