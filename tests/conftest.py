@@ -5,6 +5,7 @@ Which ComfyUI: $COMFYUI_PATH when set, else the March 2024 copy inside the regis
 """
 import importlib
 import importlib.util
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,33 @@ def forget_everything(host):
     """As after a restart: no cached node outputs, no cached encodings, so every node really runs."""
     host.reset_cache()
     pack_module(host.pack, "loaders.encode_cache").MEMORY.items.clear()
+
+
+@dataclass
+class SavedImage:
+    png: bytes  # the file: the same graph and seed must give byte-identical files
+    pixels: bytes  # decoded RGB: what the picture shows (the file also holds the graph's text, so any edit changes it)
+    path: Path
+    ui: dict
+
+
+def run_saved_image(host, prompt) -> SavedImage:
+    """Runs the graph from scratch (forget_everything) and returns the one image SaveImage wrote."""
+    from PIL import Image
+    forget_everything(host)
+    ui = host.run(prompt)
+    paths = host.saved_images(ui)
+    assert len(paths) == 1, f"expected exactly one saved image, got {len(paths)}"
+    with Image.open(paths[0]) as saved:
+        pixels = saved.convert("RGB").tobytes()
+    return SavedImage(png=paths[0].read_bytes(), pixels=pixels, path=paths[0], ui=ui)
+
+
+def pixel_change(a: bytes, b: bytes) -> float:
+    """Mean absolute difference of two decoded images (SavedImage.pixels), in 0-255 levels."""
+    assert len(a) == len(b), f"images of different sizes ({len(a)} and {len(b)} bytes)"
+    x, y = (torch.frombuffer(bytearray(v), dtype=torch.uint8).float() for v in (a, b))
+    return (x - y).abs().mean().item()
 
 
 @pytest.fixture(scope="session")

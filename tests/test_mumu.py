@@ -13,7 +13,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import PACK_DIR, host_module, pack_module
+from conftest import PACK_DIR, host_module, pack_module, pixel_change, run_saved_image
 
 WORKFLOWS = PACK_DIR / "workflows"
 ENCODE = "BeyondCLIP_MUMUEncode"
@@ -206,24 +206,8 @@ def workflow_prompt(host, pack, name, *, idefics2, connector, idefics2_lora, une
     return prompt
 
 
-def pixel_change(a: bytes, b: bytes) -> float:
-    """Mean absolute difference of two images' pixels, in 0-255 levels."""
-    x, y = (torch.frombuffer(bytearray(v), dtype=torch.uint8).float() for v in (a, b))
-    return (x - y).abs().mean().item()
-
-
 def node_of(prompt, class_type):
     return next(i for i, n in prompt.items() if n["class_type"] == class_type)
-
-
-def run_image(host, prompt):
-    """The pixels SaveImage wrote (not the file: its metadata holds the prompt, which differs between graphs)."""
-    from PIL import Image
-    host.reset_cache()
-    images = host.saved_images(host.run(prompt))
-    assert len(images) == 1
-    with Image.open(images[0]) as saved:
-        return saved.tobytes()
 
 
 @pytest.mark.parametrize("name,pictures,named", [
@@ -240,7 +224,7 @@ def test_shipped_workflow_end_to_end(host, pack, tiny_idefics2, mumu_connector_f
                              idefics2_lora=mumu_idefics2_lora, unet_lora=mumu_unet_lora, images=images)
     encode = prompt[node_of(prompt, ENCODE)]["inputs"]
     assert ("<image>" not in encode["prompt"]) == named
-    first = run_image(host, prompt)
+    first = run_saved_image(host, prompt)
     positive, negative = host.node_output(node_of(prompt, ENCODE))
     tokens, extra = positive[0]
     assert tokens.dtype == torch.float32 and tokens.shape[0] == 1 and tokens.shape[2] == 2048
@@ -250,7 +234,8 @@ def test_shipped_workflow_end_to_end(host, pack, tiny_idefics2, mumu_connector_f
     assert (extra["width"], extra["target_height"], extra["crop_w"]) == (1024, 1024, 0)
     assert negative[0][0].shape[2] == 2048 and negative[0][0].shape[1] < tokens.shape[1]
 
-    assert run_image(host, prompt) == first, "same seed, prompt and images must give a byte-identical image"
+    again = run_saved_image(host, prompt)
+    assert again.png == first.png, "same seed, prompt and images must give a byte-identical image"
 
     other = copy.deepcopy(prompt)
     loaders = sorted((i for i, n in other.items() if n["class_type"] == "LoadImage"), key=int)
@@ -259,7 +244,7 @@ def test_shipped_workflow_end_to_end(host, pack, tiny_idefics2, mumu_connector_f
         other[loaders[0]]["inputs"]["image"] = unused[0]
     else:  # every picture is in use: swap the first two
         other[loaders[0]]["inputs"]["image"], other[loaders[1]]["inputs"]["image"] = images[1], images[0]
-    change = pixel_change(run_image(host, other), first)
+    change = pixel_change(run_saved_image(host, other).pixels, first.pixels)
     print(f"\n{name}: another reference image changes the pixels by {change:.2f} levels on average")
     assert change > 0.5, "a different reference image must change the image"
 
@@ -299,13 +284,15 @@ def test_stock_lora_loaders_read_the_mumu_unet_lora(host, pack, files, mumu_unet
                                                      "strength_model": strength}}
         return g
 
-    without = run_image(host, graph("LoraLoaderModelOnly", 0.0))
-    with_model_only = run_image(host, graph("LoraLoaderModelOnly", 1.0))
-    change = pixel_change(with_model_only, without)
+    without = run_saved_image(host, graph("LoraLoaderModelOnly", 0.0))
+    with_model_only = run_saved_image(host, graph("LoraLoaderModelOnly", 1.0))
+    change = pixel_change(with_model_only.pixels, without.pixels)
     print(f"\nMUMU UNet LoRA through LoraLoaderModelOnly changes the pixels by {change:.2f} levels on average")
     assert change > 0.5, "the stock LoraLoaderModelOnly must change the image"
-    assert run_image(host, graph("LoraLoader", 1.0)) == with_model_only, "LoraLoader applies the same UNet patch"
-    assert run_image(host, graph("LoraLoaderModelOnly", 0.0)) == without, "the unpatched model is restored"
+    stock = run_saved_image(host, graph("LoraLoader", 1.0))  # another graph: compare pixels, not files
+    assert stock.pixels == with_model_only.pixels, "LoraLoader applies the same UNet patch"
+    restored = run_saved_image(host, graph("LoraLoaderModelOnly", 0.0))
+    assert restored.png == without.png, "the unpatched model is restored"
 
 
 # ---------------------------------------------------------------------------------------------- nodes, bad input
