@@ -67,7 +67,8 @@ def read_bridge(path, kind: str):
 
 
 def load_state_into(module: torch.nn.Module, state_dict: dict, path, what: str):
-    """Strict load that explains missing, unexpected and wrongly shaped tensors by name."""
+    """Strict load that explains missing, unexpected and wrongly shaped tensors by name. A module built on the
+    meta device takes the file's tensors as its parameters (no second copy in memory)."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
@@ -83,4 +84,5 @@ def load_state_into(module: torch.nn.Module, state_dict: dict, path, what: str):
             parts.append(f"wrong shapes: {wrong[:3]}")
         raise LoadError(f"{path} does not match the {what} its config describes: " + "; ".join(parts) +
                         ". The file is damaged or was edited; write it again.")
-    module.load_state_dict(state_dict, strict=True)
+    on_meta = any(t.is_meta for t in own.values())
+    module.load_state_dict(state_dict, strict=True, assign=on_meta)
