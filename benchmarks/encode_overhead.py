@@ -1,0 +1,62 @@
+"""Encode overhead: the pack's LLM Text Encode node vs a bare transformers forward of the same model and prompt.
+
+Target: <= 1.05x. Both sides run the same padded 77-token prompt through the same loaded model; the node also
+runs the mapper, assembles the conditioning and reports progress (its caches are cleared before each call, so
+it really encodes). Timed side by side, interleaved, median of --repeats.
+
+    python benchmarks/encode_overhead.py [--repeats 30]
+"""
+import argparse
+
+import torch
+
+from common import boot, median_time, module, table
+
+CONFIGS = [("small", 64, 2), ("mid", 512, 8), ("large", 1024, 12)]  # (name, hidden size, layers)
+PROMPT = "a watercolor painting of a lighthouse on a cliff at sunset, seagulls, warm light"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=30)
+    args = parser.parse_args()
+    host, pack, scratch = boot()
+    tiny_llm, llm_mod, nodes, cache, patcher, text = (module(pack, m) for m in (
+        "headless.tiny_llm", "loaders.llm", "nodes.beyond_clip", "loaders.encode_cache", "loaders.patcher",
+        "bridges.llm_text"))
+    from pathlib import Path
+    rows = []
+    for name, width, layers in CONFIGS:
+        folder = tiny_llm.write_llm_folder(Path(scratch) / "models" / "LLM" / name, hidden_size=width, layers=layers,
+                                           context=256)
+        llm = llm_mod.load_llm(name, folder, "fp32")
+        mapper = tiny_llm.random_mapper(width)
+        mapper.source, mapper.identity = "bench", "bench"
+        model = patcher.load_to_device(llm.patcher)
+        ids, _, _ = text.tokenize(llm.tokenizer, PROMPT, 77)
+        ids = torch.cat([ids, torch.full((1, 77 - ids.shape[1]), llm.tokenizer.pad_token_id)], dim=1)
+        encode_node = nodes.TextEncode()
+
+        def bare():
+            with torch.inference_mode():
+                model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True, use_cache=False)
+
+        def node():
+            cache.MEMORY.items.clear()
+            with torch.inference_mode():
+                encode_node.encode(llm, mapper, PROMPT, "", "zeros", -1, "none")
+
+        bare_times, node_times = [], []
+        for _ in range(3):  # interleave blocks so drift hits both sides alike
+            bare_times.append(median_time(bare, args.repeats // 3))
+            node_times.append(median_time(node, args.repeats // 3))
+        b, n = sorted(bare_times)[1], sorted(node_times)[1]
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        rows.append((name, f"{params:.1f}M", f"{b * 1e3:.2f}", f"{n * 1e3:.2f}", f"{n / b:.3f}",
+                     "yes" if n / b <= 1.05 else "NO"))
+    print(f"\nComfyUI {host.version}, torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 CPU\n")
+    table(("LLM", "params", "bare forward ms", "encode node ms", "ratio", "<= 1.05"), rows)
+
+
+if __name__ == "__main__":
+    main()
