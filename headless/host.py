@@ -114,7 +114,8 @@ class Host:
                              (folder_paths.set_temp_directory, temp_dir),
                              (folder_paths.set_input_directory, input_dir)):
             if path is not None:
-                Path(path).mkdir(parents=True, exist_ok=True)
+                path = Path(path).resolve()  # ComfyUI compares these with absolute paths
+                path.mkdir(parents=True, exist_ok=True)
                 setter(str(path))
         self.models_dir = Path(models_dir) if models_dir else None
         self.progress = []  # (value, total) of every ProgressBar update, in order

@@ -13,7 +13,8 @@ def run_cli(*args, timeout=600):
 
 
 def test_runs_the_shipped_workflow_with_builtin_models_and_says_so(tmp_path):
-    proc = run_cli("workflows/beyond_clip_sd15.json", "--output", str(tmp_path), "--set", "6.steps=3",
+    out = os.path.relpath(tmp_path, PACK_DIR)  # a relative --output, as the README's demo passes
+    proc = run_cli("workflows/beyond_clip_sd15.json", "--output", out, "--set", "6.steps=3",
                    "--set", '4.prompt="a lighthouse at dusk"')
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "SMALL BUILT-IN RANDOM MODELS" in proc.stdout
