@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from . import train_cli
 from .host import PACK_DIR, Host, HostError
 
 
@@ -49,6 +50,7 @@ def build_parser():
     shots = sub.add_parser("screenshots", help="load each workflow in the real frontend (headless Chromium) and "
                                                "save a screenshot of its graph into docs/images/")
     shots.add_argument("--comfyui", help="the ComfyUI folder whose server and frontend to use")
+    train_cli.build_parser(sub.add_parser("train", help="train a bridge (mapper, router) from the command line"))
     docs = sub.add_parser("docs", help="regenerate README.md's node table from the node definitions")
     docs.add_argument("--comfyui", help="the ComfyUI folder to load the nodes in")
     return parser
@@ -57,6 +59,8 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    if args.command == "train":
+        return train_cli.run(args)
     if args.command == "screenshots":
         return screenshots(args)
     with tempfile.TemporaryDirectory(prefix="beyond-clip-run-") as scratch:

@@ -1,0 +1,335 @@
+"""Training the bridges on cached tensors: losses, deterministic batches, a resumable trainer, DDP.
+
+Pure torch. Distillation is text only: the student is a mapper on frozen LLM hidden states, the teacher the
+checkpoint's own CLIP text encoder(s); both are computed once per caption (by the loaders) and kept as
+tensors, so a step costs only the mapper's forward and backward.
+
+Determinism and resume: the batch of step s depends only on (seed, s), never on a generator advanced by
+earlier steps, so "N steps" and "N/2 steps, stop, resume, N/2 steps" see the same batches and, with the
+optimizer state restored, end with the same weights. Under DDP each rank takes an equal slice of the same
+global batch and the gradients are averaged, so several processes train what one process would.
+"""
+import hashlib
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LOSSES = ("mse", "gill_l2")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 500
+    batch_size: int = 16  # the global batch: split over the ranks under DDP
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999  # GILL used (0.9, 0.95)
+    warmup: int = 0  # linear warm-up steps, then constant
+    grad_clip: float = 1.0  # 0 = off
+    loss: str = "mse"  # "mse" (Beyond CLIP) or "gill_l2" (GILL's mean per-token L2 norm)
+    pooled_weight: float = 1.0  # weight of the pooled-vector loss (SDXL) beside the token loss
+    seed: int = 0
+    val_fraction: float = 0.1
+    eval_every: int = 50
+
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}; choose one of {LOSSES}")
+        if self.steps < 1 or self.batch_size < 1 or not self.lr > 0 or self.eval_every < 1:
+            raise ValueError(f"invalid training settings {asdict(self)}")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def resume_key(self):
+        """What must match for a checkpoint to be continued (the step count may grow)."""
+        d = self.to_dict()
+        d.pop("steps")
+        d.pop("eval_every")
+        return d
+
+
+# ---- losses -----------------------------------------------------------------------------------------------
+
+def token_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """mse: mean squared error over every element (Beyond CLIP). gill_l2: the L2 norm of each token's error,
+    averaged over tokens and batch (GILL's generation loss; not squared)."""
+    if kind == "mse":
+        return F.mse_loss(pred, target)
+    if kind == "gill_l2":
+        return (pred - target).norm(dim=-1).mean()
+    raise ValueError(f"unknown loss {kind!r}")
+
+
+def distill_loss(pred_tokens, pred_pooled, target_tokens, target_pooled, kind, pooled_weight=1.0):
+    loss = token_loss(pred_tokens, target_tokens, kind)
+    if pred_pooled is not None and target_pooled is not None:
+        loss = loss + pooled_weight * token_loss(pred_pooled, target_pooled, kind)
+    return loss
+
+
+# ---- data -------------------------------------------------------------------------------------------------
+
+@dataclass
+class DistillData:
+    """Per caption: the student's input and the teacher's output."""
+    inputs: torch.Tensor  # (N, T, in_dim): LLM hidden states (Beyond CLIP) or [IMG] states (GILL)
+    last_token: torch.Tensor  # (N,) long: index of each prompt's last real token
+    targets: torch.Tensor  # (N, 77, width): the CLIP encoder's tokens
+    pooled: torch.Tensor = None  # (N, 1280) for SDXL, else None
+
+    def __len__(self):
+        return self.inputs.shape[0]
+
+    def batch(self, idx: torch.Tensor, device=None, dtype=torch.float32):
+        def take(t):
+            return None if t is None else t[idx].to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        return take(self.inputs), take(self.last_token), take(self.targets), take(self.pooled)
+
+
+def split_indices(n: int, val_fraction: float, seed: int):
+    """(train, val) index tensors: a seeded shuffle; at least one of each when n >= 2 and val_fraction > 0."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = min(n - 1, max(1, round(n * val_fraction))) if val_fraction > 0 and n >= 2 else 0
+    return perm[n_val:].sort().values, perm[:n_val].sort().values
+
+
+def _step_seed(seed: int, step: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{step}".encode()).digest()[:8], "little") & (2 ** 63 - 1)
+
+
+def batch_for_step(train_idx: torch.Tensor, step: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+    """The indices this rank trains on at `step`: its slice of a global batch that depends on (seed, step)
+    only. Without replacement inside a batch when the split is large enough."""
+    if batch_size % world:
+        raise ValueError(f"the batch size {batch_size} must be divisible by the number of processes ({world})")
+    g = torch.Generator().manual_seed(_step_seed(seed, step))
+    n = len(train_idx)
+    pick = torch.randperm(n, generator=g)[:batch_size] if batch_size <= n else torch.randint(n, (batch_size,), generator=g)
+    return train_idx[pick[rank::world]]
+
+
+# ---- students ---------------------------------------------------------------------------------------------
+
+class MapperStudent(nn.Module):
+    """A Beyond CLIP mapper over a batch whose prompts end at different tokens (the mapper's own forward
+    takes one last-token index for the whole batch). The forward runs through this module so DDP sees it."""
+
+    def __init__(self, mapper):
+        super().__init__()
+        self.mapper = mapper
+
+    def forward(self, hidden, last_token):
+        m = self.mapper
+        tokens = m.tokens(hidden)
+        pooled = None
+        if m.pooled is not None:
+            pooled = m.pooled(hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token])
+        return tokens, pooled
+
+
+class GILLStudent(nn.Module):
+    """GILLMapper on cached [IMG] hidden states; the [IMG] input embeddings stay fixed (a buffer)."""
+
+    def __init__(self, mapper, img_embs: torch.Tensor):
+        super().__init__()
+        self.mapper = mapper
+        self.register_buffer("img_embs", img_embs.detach().clone().float(), persistent=False)
+
+    def forward(self, hidden, last_token=None):
+        return self.mapper(hidden, self.img_embs[None].expand(hidden.shape[0], -1, -1).to(hidden.dtype))
+
+
+# ---- the trainer ------------------------------------------------------------------------------------------
+
+def seeded_init(seed: int, build):
+    """Build a module from a seeded RNG without disturbing the caller's global RNG state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def parameter_checksum(module: nn.Module) -> str:
+    """Exact hash of every parameter's bytes: equal on two ranks only if their weights are identical."""
+    h = hashlib.sha256()
+    for name, p in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class DistillTrainer:
+    """Trains `student` (a MapperStudent / GILLStudent) on DistillData. Only parameters with requires_grad
+    are optimised. `ddp=True` wraps the student in DistributedDataParallel (torch.distributed must be
+    initialised, e.g. by torchrun); the caller then runs one trainer per rank."""
+
+    def __init__(self, student: nn.Module, data: DistillData, config: TrainConfig, device="cpu", ddp=False):
+        self.config = config
+        self.device = torch.device(device)
+        self.student = student.to(self.device).train()
+        self.data = data
+        self.train_idx, self.val_idx = split_indices(len(data), config.val_fraction, config.seed)
+        if len(self.train_idx) == 0:
+            raise ValueError("no training examples: give at least two captions")
+        self.rank, self.world = 0, 1
+        self.model = self.student
+        if ddp:
+            import torch.distributed as dist
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(self.student, device_ids=device_ids)
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(config.beta1, config.beta2),
+                                           weight_decay=config.weight_decay)
+        self.step = 0
+        self.history = []  # {"step", "train_loss", "val_loss"?}
+        self.initial_val_loss = None
+
+    def _lr(self, step):
+        c = self.config
+        return c.lr * min(1.0, (step + 1) / c.warmup) if c.warmup else c.lr
+
+    def train_step(self) -> float:
+        c = self.config
+        idx = batch_for_step(self.train_idx, self.step, c.batch_size, c.seed, self.rank, self.world)
+        inputs, last, targets, pooled = self.data.batch(idx, self.device)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self._lr(self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        pred_tokens, pred_pooled = self.model(inputs, last)
+        loss = distill_loss(pred_tokens, pred_pooled, targets, pooled, c.loss, c.pooled_weight)
+        loss.backward()
+        if c.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.student.parameters(), c.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        value = loss.detach()
+        if self.world > 1:  # report the global batch's loss, the same on every rank
+            import torch.distributed as dist
+            dist.all_reduce(value)
+            value = value / self.world
+        return float(value)
+
+    @torch.no_grad()
+    def evaluate(self, batch_size: int = 64) -> float:
+        """Mean loss over the held-out split (every rank computes it whole: it is small)."""
+        idx_all = self.val_idx if len(self.val_idx) else self.train_idx
+        was_training = self.student.training
+        self.student.eval()
+        total, count = 0.0, 0
+        for start in range(0, len(idx_all), batch_size):
+            idx = idx_all[start:start + batch_size]
+            inputs, last, targets, pooled = self.data.batch(idx, self.device)
+            pred_tokens, pred_pooled = self.student(inputs, last)
+            loss = distill_loss(pred_tokens, pred_pooled, targets, pooled, self.config.loss, self.config.pooled_weight)
+            total += float(loss) * len(idx)
+            count += len(idx)
+        self.student.train(was_training)
+        return total / count
+
+    def run(self, on_step=None, should_stop=None):
+        """Train up to config.steps. on_step(step, train_loss, val_loss or None) after every step (it may
+        raise to stop: the state stays consistent, the last finished step counts)."""
+        c = self.config
+        if self.initial_val_loss is None:
+            self.initial_val_loss = self.evaluate()
+            self.history.append({"step": self.step, "val_loss": self.initial_val_loss})
+        while self.step < c.steps:
+            train_loss = self.train_step()
+            val = self.evaluate() if self.step % c.eval_every == 0 or self.step == c.steps else None
+            entry = {"step": self.step, "train_loss": train_loss}
+            if val is not None:
+                entry["val_loss"] = val
+            self.history.append(entry)
+            if on_step is not None:
+                on_step(self.step, train_loss, val)
+            if should_stop is not None and should_stop():
+                break
+        return self.history
+
+    def last_val_loss(self):
+        return next((h["val_loss"] for h in reversed(self.history) if "val_loss" in h), None)
+
+    # -- checkpoints: plain containers of tensors and numbers (loadable with weights_only=True) --
+    def state_dict(self) -> dict:
+        return {"step": self.step, "student": {k: v.detach().cpu() for k, v in self.student.state_dict().items()},
+                "optimizer": self.optimizer.state_dict(), "history": list(self.history),
+                "initial_val_loss": self.initial_val_loss, "train_config": self.config.resume_key()}
+
+    def load_state_dict(self, state: dict):
+        self.student.load_state_dict(state["student"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.history = list(state["history"])
+        self.initial_val_loss = state["initial_val_loss"]
+
+
+def resume_mismatch(saved: dict, current: dict, prefix: str = "") -> list:
+    """Names of the settings that differ between a checkpoint and this run, e.g. 'train_config.lr (0.001 vs
+    0.01)', nested dicts followed."""
+    out = []
+    for k in sorted(set(saved) | set(current)):
+        a, b = saved.get(k), current.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += resume_mismatch(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k} ({a!r} then, {b!r} now)")
+    return out
+
+
+def fell_by(history) -> float:
+    """How many times the held-out loss fell from its first to its last measurement."""
+    vals = [h["val_loss"] for h in history if "val_loss" in h]
+    if len(vals) < 2 or vals[-1] <= 0:
+        return math.inf if vals and vals[-1] == 0 else 1.0
+    return vals[0] / vals[-1]
+
+
+# ---- the GILL decision model ------------------------------------------------------------------------------
+
+def train_linear_classifier(features: torch.Tensor, labels: torch.Tensor, classes: int, steps: int = 300,
+                            lr: float = 1e-2, seed: int = 0, weight_decay: float = 1e-4, dropout: float = 0.5):
+    """GILL's decision model, nn.Sequential(Dropout(0.5), Linear(in, classes)), fitted full-batch with AdamW
+    and class-balanced cross-entropy. Returns the module (eval mode)."""
+    model = seeded_init(seed, lambda: nn.Sequential(nn.Dropout(dropout), nn.Linear(features.shape[1], classes)))
+    counts = torch.bincount(labels, minlength=classes).float().clamp(min=1)
+    weight = counts.sum() / (classes * counts)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    # standardised inputs train faster; the scaling is folded back into the Linear at the end
+    mean, std = features.mean(0), features.std(0).clamp(min=1e-6) if len(features) > 1 else torch.ones(features.shape[1])
+    x = (features - mean) / std
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model.train()
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), labels, weight=weight).backward()
+            opt.step()
+    with torch.no_grad():
+        lin = model[1]
+        lin.weight.div_(std)
+        lin.bias.sub_(lin.weight @ mean)
+    return model.eval()
+
+
+def classification_report(predicted, labels, positive: int = 1) -> dict:
+    predicted, labels = torch.as_tensor(predicted), torch.as_tensor(labels)
+    tp = int(((predicted == positive) & (labels == positive)).sum())
+    fp = int(((predicted == positive) & (labels != positive)).sum())
+    fn = int(((predicted != positive) & (labels == positive)).sum())
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"accuracy": float((predicted == labels).float().mean()) if len(labels) else 0.0, "f1": f1,
+            "precision": precision, "recall": recall, "n": len(labels)}

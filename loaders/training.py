@@ -1,0 +1,339 @@
+"""Training files: caption and labelled files from ComfyUI's input folder, target caches and resumable
+checkpoints under output/beyond_clip_training/<run>/, and the trained bridges written into models/bridges.
+
+A run folder holds:
+  cache/<key>.safetensors   student inputs + teacher targets per caption (key: LLM, CLIP, captions, layer)
+  checkpoint.pt             the trainer's state (weights, optimizer, step, losses), read with weights_only=True
+  history.json              losses per step, the held-out loss, where the result was written
+"""
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import folder_paths
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ..bridges.mapper import BeyondCLIPMapper, MapperConfig
+from ..bridges.retrieval import fingerprint
+from ..bridges.training import (DistillData, DistillTrainer, MapperStudent, TrainConfig, parameter_checksum,
+                                resume_mismatch, seeded_init)
+from . import folders
+from .bridge_files import KINDS, FORMAT
+from .errors import LoadError
+from .mappers import KIND as MAPPER_KIND, save_mapper
+
+RUNS_FOLDER = "beyond_clip_training"
+CACHE_FORMAT = "beyond_clip.distill_cache"
+CHECKPOINT = "checkpoint.pt"
+_NAME = re.compile(r"^[\w.\- ]+$")
+TEXT_EXTENSIONS = (".txt",)
+TABLE_EXTENSIONS = (".tsv", ".txt")
+
+
+# ---- inputs -----------------------------------------------------------------------------------------------
+
+def input_files(extensions=TEXT_EXTENSIONS):
+    """Files in ComfyUI's input folder (and one level of sub-folders) with these extensions, posix names."""
+    base = Path(folder_paths.get_input_directory())
+    if not base.is_dir():
+        return []
+    found = []
+    for path in sorted(base.rglob("*")):
+        rel = path.relative_to(base)
+        if path.is_file() and path.suffix.lower() in extensions and len(rel.parts) <= 2 \
+                and not any(p.startswith(".") for p in rel.parts):
+            found.append(rel.as_posix())
+    return found
+
+
+def resolve_input_file(name) -> Path:
+    base = Path(folder_paths.get_input_directory())
+    path = (base / name).resolve()
+    if base.resolve() not in path.parents or not path.is_file():
+        raise LoadError(f"'{name}' is not a file in ComfyUI's input folder ({base}). Put the file there and "
+                        f"refresh the page.")
+    return path
+
+
+def read_captions(path) -> list:
+    """One caption per line; blank lines and lines starting with '#' are skipped."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise LoadError(f"{path} could not be read as UTF-8 text ({e}).") from None
+    captions = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if len(captions) < 2:
+        raise LoadError(f"{path} has {len(captions)} caption(s); write at least two, one per line (more is "
+                        f"better: thousands for a usable bridge).")
+    return captions
+
+
+def check_name(name: str, what: str) -> str:
+    name = name.strip()
+    if name.endswith(".safetensors"):
+        name = name[: -len(".safetensors")]
+    if not name or not _NAME.match(name) or name.startswith("."):
+        raise ValueError(f"{what} {name!r}: use letters, digits, spaces, '.', '-' or '_' only (no folders)")
+    return name
+
+
+def run_dir(run_name: str, output_dir=None) -> Path:
+    base = Path(output_dir or folder_paths.get_output_directory())
+    return base / RUNS_FOLDER / check_name(run_name, "run name")
+
+
+def bridge_path(name: str, kind: str = MAPPER_KIND, extension=".safetensors") -> Path:
+    """models/bridges/<name><extension>; refuses to replace a file that is not a bridge of this kind."""
+    base = Path(folder_paths.get_folder_paths(folders.BRIDGES)[0])
+    path = base / f"{check_name(name, 'output name')}{extension}"
+    if path.exists() and extension == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                meta = f.metadata() or {}
+        except (SafetensorError, OSError):
+            meta = {}
+        if meta.get("format") != FORMAT or meta.get("kind") != kind:
+            raise LoadError(f"{path} exists and is not a {KINDS.get(kind, kind)} written by this pack; choose "
+                            f"another output name (training never replaces other files).")
+    return path
+
+
+# ---- teacher and student encodings ------------------------------------------------------------------------
+
+def clip_teacher(clip):
+    """teacher(text) -> (tokens (1, 77, width), pooled (1, P) or None) from the checkpoint's own CLIP object:
+    the same tokenize / encode_from_tokens path CLIPTextEncode takes."""
+    def teacher(text):
+        tokens = clip.tokenize(text)
+        cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+        return cond[:, :77].float().cpu(), (pooled.float().cpu() if pooled is not None else None)
+    return teacher
+
+
+def clip_identity(clip) -> str:
+    return fingerprint(dict(clip.cond_stage_model.state_dict()))
+
+
+def captions_identity(captions) -> str:
+    return hashlib.sha256("\n".join(captions).encode()).hexdigest()[:16]
+
+
+CACHE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def build_cache(run: Path, captions, student, teacher, identity: dict, cache_dtype="fp32", progress=None):
+    """DistillData for the captions, read from run/cache/ when an identical cache is there, else computed
+    (student(text) -> (hidden (1, T, D), last_token); teacher(text) -> (tokens, pooled)) and written.
+    progress(done, total) after each caption; it may raise to stop (nothing half-written stays)."""
+    key = hashlib.sha256(json.dumps({**identity, "captions": captions_identity(captions), "dtype": cache_dtype},
+                                    sort_keys=True).encode()).hexdigest()[:20]
+    path = run / "cache" / f"{key}.safetensors"
+    if path.is_file():
+        data = read_cache(path)
+        if data is not None and len(data) == len(captions):
+            return data, path
+    dtype = CACHE_DTYPES[cache_dtype]
+    inputs, last, targets, pooled = [], [], [], []
+    for i, text in enumerate(captions):
+        hidden, last_token = student(text)
+        tokens, pool = teacher(text)
+        inputs.append(hidden[0].to(dtype))
+        last.append(last_token)
+        targets.append(tokens[0])
+        if pool is not None:
+            pooled.append(pool[0])
+        if progress is not None:
+            progress(i + 1, len(captions))
+    shapes = {tuple(t.shape) for t in inputs}
+    if len(shapes) != 1:
+        raise LoadError(f"the student gave inputs of different shapes {sorted(shapes)[:3]}; every caption must "
+                        f"give the same number of tokens")
+    tensors = {"inputs": torch.stack(inputs).contiguous(), "last_token": torch.tensor(last, dtype=torch.long),
+               "targets": torch.stack(targets).contiguous()}
+    if pooled:
+        tensors["pooled"] = torch.stack(pooled).contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"format": CACHE_FORMAT, "about": json.dumps(identity),
+                                           "captions": str(len(captions))})
+    os.replace(tmp, path)
+    return read_cache(path), path
+
+
+def read_cache(path):
+    """DistillData from a cache file, or None when it is absent or not a cache (it is then rebuilt).
+    Tensors are cloned: ones read under ComfyUI's inference mode could not take part in autograd."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            if (f.metadata() or {}).get("format") != CACHE_FORMAT:
+                return None
+            t = {k: f.get_tensor(k) for k in f.keys()}
+    except (OSError, SafetensorError):
+        return None
+    with torch.inference_mode(False):
+        t = {k: v.clone() for k, v in t.items()}
+    return DistillData(inputs=t["inputs"], last_token=t["last_token"], targets=t["targets"], pooled=t.get("pooled"))
+
+
+def cache_about(path) -> dict:
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        return json.loads((f.metadata() or {}).get("about", "{}"))
+
+
+def find_cache(run: Path) -> Path:
+    """The newest cache of a run (the command line trains on a cache the node or an earlier run built)."""
+    caches = sorted((run / "cache").glob("*.safetensors"), key=lambda p: p.stat().st_mtime)
+    if not caches:
+        raise LoadError(f"{run} has no target cache (cache/*.safetensors). Build one first: give --llm and "
+                        f"--checkpoint, or run the Train node once with this run name.")
+    return caches[-1]
+
+
+# ---- checkpoints ------------------------------------------------------------------------------------------
+
+def save_checkpoint(run: Path, state: dict):
+    run.mkdir(parents=True, exist_ok=True)
+    tmp = run / (CHECKPOINT + ".tmp")
+    torch.save(state, str(tmp))
+    os.replace(tmp, run / CHECKPOINT)  # a crash mid-write leaves the previous checkpoint intact
+
+
+def load_checkpoint(run: Path):
+    path = run / CHECKPOINT
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(str(path), weights_only=True, map_location="cpu")
+    except Exception as e:  # truncated file, zip errors, refused objects
+        raise LoadError(f"{path} could not be read ({type(e).__name__}: {str(e)[:200]}); delete it to start the "
+                        f"run again, or switch 'resume' off.") from None
+
+
+def write_history(run: Path, info: dict):
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "history.json").write_text(json.dumps(info, indent=1))
+
+
+# ---- the Beyond CLIP mapper -------------------------------------------------------------------------------
+
+def target_of(data: DistillData) -> str:
+    width = data.targets.shape[-1]
+    if width == 768:
+        return "sd1"
+    if width == 2048 and data.pooled is not None and data.pooled.shape[-1] == 1280:
+        return "sdxl"
+    raise LoadError(f"the CLIP gives {width}-wide tokens" + (f" and a {data.pooled.shape[-1]}-wide pooled vector"
+                    if data.pooled is not None else "") + "; mappers are trained for SD1.x (768) or SDXL "
+                    "(2048 + pooled 1280). Connect the CLIP of an SD1.x or SDXL checkpoint.")
+
+
+def train_distill(run: Path, data: DistillData, student, start_info: dict, train_config: TrainConfig, write_result,
+                  resume=True, device="cpu", ddp=False, on_step=None, checkpoint_every=100, is_main=True,
+                  cache_path=None):
+    """Distil `student` on `data`, resuming from run/checkpoint.pt when asked and its settings match
+    `start_info` and the training settings. Checkpoints every `checkpoint_every` steps, at the end, and when
+    on_step raises (interruption): the exception propagates once the checkpoint is safe. The main process
+    then calls write_result() and writes history.json. Returns the trainer."""
+    trainer = DistillTrainer(student, data, train_config, device=device, ddp=ddp)
+    start_info = {**start_info, "train_config": train_config.resume_key(), "examples": len(data)}
+    if resume:
+        saved = load_checkpoint(run)
+        if saved is not None:
+            differ = resume_mismatch({k: saved.get(k) for k in start_info}, start_info)
+            if differ:
+                raise LoadError(f"{run / CHECKPOINT} was made with other settings ({', '.join(differ)} differ); "
+                                f"use the same settings to resume, another run name, or switch 'resume' off.")
+            if int(saved["step"]) > train_config.steps:
+                raise LoadError(f"{run / CHECKPOINT} is at step {saved['step']}, past the {train_config.steps} "
+                                f"steps asked for; ask for more steps or switch 'resume' off.")
+            trainer.load_state_dict(saved)
+
+    def checkpoint():
+        if is_main:
+            save_checkpoint(run, {**trainer.state_dict(), **start_info})
+
+    def step(s, loss, val):
+        if on_step is not None:
+            try:
+                on_step(s, loss, val)
+            except BaseException:
+                checkpoint()
+                raise
+        if checkpoint_every and s % checkpoint_every == 0:
+            checkpoint()
+
+    trainer.run(on_step=step)
+    checkpoint()
+    if is_main:
+        out_path = write_result()
+        write_history(run, {"result": str(out_path), "steps": trainer.step, "history": trainer.history,
+                            "initial_val_loss": trainer.initial_val_loss, "final_val_loss": trainer.last_val_loss(),
+                            "train_examples": len(trainer.train_idx), "val_examples": len(trainer.val_idx),
+                            "cache": str(cache_path) if cache_path else None, **start_info,
+                            "checksum": parameter_checksum(trainer.student)})
+    return trainer
+
+
+def train_mapper(run: Path, data: DistillData, mapper_config: MapperConfig, train_config: TrainConfig, out_path,
+                 **kwargs):
+    """A Beyond CLIP mapper distilled on `data`, written to out_path (see train_distill for the rest).
+    Returns (mapper, trainer)."""
+    if data.inputs.shape[-1] != mapper_config.in_dim:
+        raise LoadError(f"the cache holds {data.inputs.shape[-1]}-wide LLM states but the mapper reads "
+                        f"{mapper_config.in_dim}; the cache belongs to another LLM")
+    if mapper_config.target == "sd1" and data.pooled is not None:
+        data = DistillData(data.inputs, data.last_token, data.targets, None)  # SD1's pooled output is unused
+    mapper = seeded_init(train_config.seed, lambda: BeyondCLIPMapper(mapper_config))
+
+    def write():
+        save_mapper(out_path, mapper.eval())
+        return out_path
+
+    trainer = train_distill(run, data, MapperStudent(mapper), {"mapper_config": mapper_config.to_dict()},
+                            train_config, write, **kwargs)
+    return mapper.eval().requires_grad_(False), trainer
+
+
+# ---- the GILLMapper ---------------------------------------------------------------------------------------
+
+def train_gill_mapper(run: Path, data: DistillData, base, train_config: TrainConfig, out_path, **kwargs):
+    """A fresh GILLMapper distilled on cached [IMG] states of the `base` GILL model (a LoadedGILL: its [IMG]
+    embeddings stay fixed); its widths follow the teacher (SD1.x 768, or SDXL 2048 + pooled 1280). Writes the
+    base model with the new mapper as a GILL file. Returns (state dict written, trainer)."""
+    from ..bridges.gill import GILLConfig, GILLMapper
+    from ..bridges.training import GILLStudent
+    from .gill import KIND as GILL_KIND
+
+    cfg = GILLConfig.from_dict({**base.config.to_dict(), "out_dim": data.targets.shape[-1], "out_tokens":
+                                data.targets.shape[1], "pooled_dim": data.pooled.shape[-1] if data.pooled is not None else 0})
+    if cfg.out_dim == 768:
+        cfg.pooled_dim = 0
+        data = DistillData(data.inputs, data.last_token, data.targets, None)
+
+    def build():
+        m = GILLMapper(cfg.llm_dim, cfg.out_dim, cfg.out_tokens, cfg.mapper_hidden, cfg.mapper_heads,
+                       cfg.encoder_layers, cfg.decoder_layers, cfg.mapper_ffn, cfg.pooled_dim)
+        with torch.no_grad():  # distinct queries from the start (the reference draws them from randn)
+            m.query_embs.normal_()
+        return m
+
+    mapper = seeded_init(train_config.seed, build)
+    img_embs = base.module.img_embeddings().detach().float().cpu()
+    written = {}
+
+    def write():
+        state = {k: v for k, v in base.module.state_dict().items() if not k.startswith("gen_text_hidden_fcs.0.")}
+        state.update({f"gen_text_hidden_fcs.0.{k}": v for k, v in mapper.state_dict().items()})
+        from .bridge_files import save_bridge
+        save_bridge(out_path, GILL_KIND, cfg.to_dict(), state)
+        written.update(state)
+        return out_path
+
+    trainer = train_distill(run, data, GILLStudent(mapper, img_embs), {"gill_config": cfg.to_dict()}, train_config,
+                            write, **kwargs)
+    return written, trainer

@@ -1,0 +1,370 @@
+"""Train nodes: distil a Beyond CLIP mapper from the checkpoint's own CLIP, train the chat/draw router and
+GILL's generate-or-retrieve decision. Results go into models/bridges, where the loader nodes list them."""
+import logging
+from contextlib import contextmanager
+
+import comfy.model_management as mm
+import torch
+
+from ..bridges import llm_text
+from ..bridges.gill import GENERATE, RETRIEVE
+from ..bridges.mapper import ACTIVATIONS, MapperConfig
+from ..bridges.router import NaiveBayesRouter
+from ..bridges.training import (LOSSES, TrainConfig, classification_report, fell_by, split_indices,
+                                train_linear_classifier)
+from ..loaders import gill as gill_files
+from ..loaders import routers, training
+from ..loaders.bridge_files import save_bridge
+from ..loaders.errors import LoadError
+from ..loaders.mappers import load_mapper
+from ..loaders.patcher import load_to_device
+from .common import CATEGORY, LLM_TYPE, MAPPER_TYPE, Progress
+from .gill import GILL_TYPE, encode_img_states
+
+log = logging.getLogger(__name__)
+CACHE_PRECISIONS = tuple(training.CACHE_DTYPES)
+
+
+def _show(unique_id, text):
+    """The loss under the node's progress bar (ComfyUI 2025+); older hosts only log it."""
+    log.info("training: %s", text)
+    try:
+        from server import PromptServer
+        PromptServer.instance.send_progress_text(text, unique_id)
+    except (ImportError, AttributeError):
+        pass
+
+
+def _file_choice(name, choices, what):
+    if name not in choices:
+        listed = ", ".join(choices[:5]) if choices else "none"
+        return f"{what} '{name}' is not in ComfyUI's input folder (found: {listed}). Put it there and refresh."
+    return True
+
+
+def _file_stamp(name):
+    try:
+        st = training.resolve_input_file(name).stat()
+        return f"{st.st_size}:{st.st_mtime_ns}"
+    except LoadError:
+        return name
+
+
+@contextmanager
+def _training_context():
+    """Nodes run under inference mode; training must leave it (and turn grad back on)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+def _llm_student(llm, hidden_layer, num_tokens, template):
+    model = load_to_device(llm.patcher)
+
+    def student(text):
+        with torch.no_grad():
+            enc = llm_text.encode(model, llm.tokenizer, text, hidden_layer=hidden_layer, num_tokens=num_tokens,
+                                  template=template)
+        return enc.hidden.cpu(), enc.last_token
+    return student
+
+
+def _train_settings(steps, batch_size, learning_rate, loss, val_fraction, seed, eval_every):
+    return TrainConfig(steps=steps, batch_size=batch_size, lr=learning_rate, loss=loss, val_fraction=val_fraction,
+                       seed=seed, eval_every=eval_every)
+
+
+def _run_with_progress(unique_id, steps, train):
+    """Progress bar 0..steps showing the loss; the interrupt button stops at the next step (after the
+    checkpoint is written)."""
+    progress = Progress(steps)
+
+    def on_step(step, loss, val):
+        progress.step(step)
+        _show(unique_id, f"step {step}/{steps}  loss {loss:.5f}" + (f"  held-out {val:.5f}" if val is not None else ""))
+
+    with _training_context():
+        return train(on_step)
+
+
+def _summary(trainer, out_name):
+    first, last = trainer.initial_val_loss, trainer.last_val_loss()
+    return (f"wrote models/bridges/{out_name}: {trainer.step} steps, held-out loss {first:.5f} -> {last:.5f} "
+            f"({fell_by(trainer.history):.1f}x lower) on {len(trainer.val_idx)} held-out / "
+            f"{len(trainer.train_idx)} training captions")
+
+
+class TrainMapper:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "llm": (LLM_TYPE, {"tooltip": "The LLM whose hidden states the mapper will read"}),
+                "clip": ("CLIP", {"tooltip": "The teacher: the CLIP of the checkpoint you will sample with"}),
+                "captions": (training.input_files(), {"tooltip": "A .txt file in ComfyUI's input folder, one "
+                                                                 "caption per line"}),
+                "run_name": ("STRING", {"default": "beyond_clip_mapper", "tooltip": "output/beyond_clip_training/"
+                                        "<run_name>/ keeps the target cache and the checkpoint to resume from"}),
+                "output_name": ("STRING", {"default": "my_mapper", "tooltip": "Written as models/bridges/<name>.safetensors"}),
+                "steps": ("INT", {"default": 2000, "min": 1, "max": 10_000_000}),
+                "batch_size": ("INT", {"default": 32, "min": 1, "max": 4096}),
+                "learning_rate": ("FLOAT", {"default": 1e-3, "min": 1e-7, "max": 1.0, "step": 1e-5}),
+                "loss": (LOSSES, {"default": "mse", "tooltip": "mse: Beyond CLIP's caption loss; gill_l2: GILL's "
+                                                               "mean per-token L2 distance"}),
+                "hidden_dim": ("INT", {"default": 512, "min": 8, "max": 16384}),
+                "depth": ("INT", {"default": 2, "min": 1, "max": 16, "tooltip": "Linear layers in the token MLP"}),
+                "activation": (sorted(ACTIVATIONS), {"default": "gelu"}),
+                "hidden_layer": ("INT", {"default": -1, "min": -128, "max": 128, "tooltip": "-1 = last layer"}),
+                "template": (llm_text.TEMPLATES, {"default": "none"}),
+                "val_fraction": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 0.5, "step": 0.01,
+                                           "tooltip": "Captions held out to report the validation loss"}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1}),
+                "resume": ("BOOLEAN", {"default": True, "tooltip": "Continue from the run's last checkpoint"}),
+                "checkpoint_every": ("INT", {"default": 200, "min": 1, "max": 1_000_000}),
+                "eval_every": ("INT", {"default": 100, "min": 1, "max": 1_000_000}),
+                "cache_precision": (CACHE_PRECISIONS, {"default": "fp32", "tooltip": "Precision of the cached LLM "
+                                                       "states (fp16 halves the cache for big caption files)"}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    RETURN_TYPES = (MAPPER_TYPE, "STRING", "FLOAT")
+    RETURN_NAMES = ("mapper", "mapper_name", "val_loss")
+    OUTPUT_NODE = True
+    FUNCTION = "train"
+    CATEGORY = CATEGORY + "/training"
+    DESCRIPTION = ("Beyond CLIP stage 1: trains a mapper so LLM(caption) -> mapper matches the checkpoint's own CLIP "
+                   "encoding of the caption (SD1.x: 77x768; SDXL: 77x2048 + pooled 1280). Targets are cached in the "
+                   "run folder; the held-out loss is reported; interrupt and run again to resume.")
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, captions):
+        return _file_choice(captions, training.input_files(), "caption file")
+
+    @classmethod
+    def IS_CHANGED(cls, captions, **kwargs):
+        return _file_stamp(captions)
+
+    def train(self, llm, clip, captions, run_name, output_name, steps, batch_size, learning_rate, loss, hidden_dim,
+              depth, activation, hidden_layer, template, val_fraction, seed, resume, checkpoint_every, eval_every,
+              cache_precision, unique_id=None):
+        texts = training.read_captions(training.resolve_input_file(captions))
+        run = training.run_dir(run_name)
+        out_path = training.bridge_path(output_name)
+        settings = _train_settings(steps, batch_size, learning_rate, loss, val_fraction, seed, eval_every)
+        caching = Progress(len(texts))
+        identity = {"student": "beyond_clip", "llm": llm.identity, "clip": training.clip_identity(clip),
+                    "hidden_layer": hidden_layer, "template": template, "num_tokens": 77}
+        data, cache_path = training.build_cache(
+            run, texts, _llm_student(llm, hidden_layer, 77, template), training.clip_teacher(clip), identity,
+            cache_precision, progress=lambda done, total: caching.step(done))
+        config = MapperConfig(in_dim=llm.hidden_size, target=training.target_of(data), hidden_dim=hidden_dim,
+                              depth=depth, activation=activation, num_tokens=77, hidden_layer=hidden_layer)
+        _, trainer = _run_with_progress(unique_id, steps, lambda on_step: training.train_mapper(
+            run, data, config, settings, out_path, resume=resume, device=mm.get_torch_device(),
+            on_step=on_step, checkpoint_every=checkpoint_every, cache_path=cache_path))
+        text = _summary(trainer, out_path.name)
+        return {"ui": {"text": [text]}, "result": (load_mapper(out_path), out_path.name, trainer.last_val_loss())}
+
+
+class TrainRouter:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "examples": (training.input_files(training.TABLE_EXTENSIONS), {
+                "tooltip": "A tab-separated file in ComfyUI's input folder with the header 'label<TAB>text' and "
+                           "labels 'chat' or 'draw'"}),
+            "output_name": ("STRING", {"default": "my_router", "tooltip": "Written as models/bridges/<name>.router.json"}),
+            "alpha": ("FLOAT", {"default": 1.0, "min": 0.001, "max": 100.0, "step": 0.01, "tooltip": "Laplace smoothing"}),
+            "bigrams": ("BOOLEAN", {"default": True}),
+            "val_fraction": ("FLOAT", {"default": 0.2, "min": 0.0, "max": 0.5, "step": 0.01}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1}),
+        }}
+
+    RETURN_TYPES = ("STRING", "FLOAT")
+    RETURN_NAMES = ("router_name", "val_accuracy")
+    OUTPUT_NODE = True
+    FUNCTION = "train"
+    CATEGORY = CATEGORY + "/training"
+    DESCRIPTION = ("Trains the Beyond CLIP chat/draw router (naive Bayes) on your labelled instructions, reports the "
+                   "held-out accuracy, then refits on every example and writes it where the Router node lists it.")
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, examples):
+        return _file_choice(examples, training.input_files(training.TABLE_EXTENSIONS), "examples file")
+
+    @classmethod
+    def IS_CHANGED(cls, examples, **kwargs):
+        return _file_stamp(examples)
+
+    def train(self, examples, output_name, alpha, bigrams, val_fraction, seed):
+        texts, labels = routers.read_labelled_tsv(training.resolve_input_file(examples))
+        unknown = sorted(set(labels) - {"chat", "draw"})
+        if unknown or len(set(labels)) < 2:
+            raise LoadError(f"{examples}: labels must be 'chat' and 'draw' (both present); found {sorted(set(labels))}")
+        train_idx, val_idx = split_indices(len(texts), val_fraction, seed)
+        report = ""
+        accuracy = float("nan")
+        if len(val_idx):
+            held = NaiveBayesRouter(alpha, bigrams).fit([texts[i] for i in train_idx], [labels[i] for i in train_idx])
+            predicted = [int(held.predict(texts[i])[0] == "draw") for i in val_idx]
+            stats = classification_report(predicted, [int(labels[i] == "draw") for i in val_idx])
+            accuracy = stats["accuracy"]
+            report = f"held-out accuracy {accuracy:.3f}, F1(draw) {stats['f1']:.3f} on {stats['n']} examples; "
+        router = NaiveBayesRouter(alpha, bigrams).fit(texts, labels)  # the file holds the fit on everything
+        path = training.bridge_path(output_name, extension=routers.EXTENSION)
+        routers.save_router(path, router)
+        text = report + f"wrote models/bridges/{path.name} ({len(texts)} examples)"
+        return {"ui": {"text": [text]}, "result": (path.name, accuracy)}
+
+
+def _decision_labels(labels, source):
+    wanted = {GENERATE: 0, RETRIEVE: 1}
+    bad = sorted(set(labels) - set(wanted))
+    if bad or len(set(labels)) < 2:
+        raise LoadError(f"{source}: labels must be '{GENERATE}' and '{RETRIEVE}' (both present); found {sorted(set(labels))}")
+    return torch.tensor([wanted[label] for label in labels])
+
+
+class TrainGILLDecision:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "llm": (LLM_TYPE, {"tooltip": "The LLM the GILL model was trained on"}),
+            "gill": (GILL_TYPE,),
+            "examples": (training.input_files(training.TABLE_EXTENSIONS), {
+                "tooltip": f"A tab-separated file in ComfyUI's input folder, header 'label<TAB>text', labels "
+                           f"'{GENERATE}' or '{RETRIEVE}'"}),
+            "output_name": ("STRING", {"default": "my_gill", "tooltip": "The GILL model with the new decision model, "
+                                                                       "as models/bridges/<name>.safetensors"}),
+            "steps": ("INT", {"default": 300, "min": 1, "max": 100000}),
+            "learning_rate": ("FLOAT", {"default": 1e-2, "min": 1e-6, "max": 1.0, "step": 1e-4}),
+            "val_fraction": ("FLOAT", {"default": 0.2, "min": 0.0, "max": 0.5, "step": 0.01}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1}),
+        }}
+
+    RETURN_TYPES = (GILL_TYPE, "STRING", "FLOAT")
+    RETURN_NAMES = ("gill", "gill_name", "val_f1")
+    OUTPUT_NODE = True
+    FUNCTION = "train"
+    CATEGORY = CATEGORY + "/training"
+    DESCRIPTION = ("Trains GILL's generate-or-retrieve decision model (Dropout + Linear on the [IMG0] state, as the "
+                   "reference) on your labelled prompts, reports held-out F1 for 'retrieve', and writes the GILL "
+                   "model with it into models/bridges.")
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, examples):
+        return _file_choice(examples, training.input_files(training.TABLE_EXTENSIONS), "examples file")
+
+    @classmethod
+    def IS_CHANGED(cls, examples, **kwargs):
+        return _file_stamp(examples)
+
+    def train(self, llm, gill, examples, output_name, steps, learning_rate, val_fraction, seed):
+        texts, labels = routers.read_labelled_tsv(training.resolve_input_file(examples))
+        y = _decision_labels(labels, examples)
+        out_path = training.bridge_path(output_name, kind=gill_files.KIND)
+        progress = Progress(len(texts) + 1)
+        features = []
+        for text in texts:
+            features.append(encode_img_states(llm, gill, text)[0, 0].float().cpu())
+            progress.step()
+        with _training_context():
+            x, y = torch.stack(features).clone(), y.clone()  # tensors made under inference mode cannot enter autograd
+            train_idx, val_idx = split_indices(len(texts), val_fraction, seed)
+            f1 = float("nan")
+            report = ""
+            if len(val_idx):
+                held = train_linear_classifier(x[train_idx], y[train_idx], 2, steps, learning_rate, seed)
+                with torch.no_grad():
+                    stats = classification_report(held(x[val_idx]).argmax(-1), y[val_idx])
+                f1 = stats["f1"]
+                report = f"held-out F1(retrieve) {f1:.3f}, accuracy {stats['accuracy']:.3f} on {stats['n']}; "
+            model = train_linear_classifier(x, y, 2, steps, learning_rate, seed)
+        progress.step()
+        config = gill.config.to_dict()
+        config["decision_in"] = gill.config.llm_dim
+        state = {k: v for k, v in gill.module.state_dict().items() if not k.startswith("decision_model.")}
+        state.update({f"decision_model.{k}": v for k, v in model.state_dict().items()})
+        save_bridge(out_path, gill_files.KIND, config, state)
+        text = report + f"wrote models/bridges/{out_path.name} ({len(texts)} examples)"
+        return {"ui": {"text": [text]}, "result": (gill_files.load_gill(out_path, out_path.name), out_path.name, f1)}
+
+
+class TrainGILLMapper:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "llm": (LLM_TYPE, {"tooltip": "The LLM the GILL model's [IMG] embeddings belong to"}),
+                "gill": (GILL_TYPE, {"tooltip": "The base GILL model: its [IMG] embeddings, retrieval heads and "
+                                                "decision model are kept; only the GILLMapper is trained"}),
+                "clip": ("CLIP", {"tooltip": "The teacher: the CLIP of the checkpoint you will sample with"}),
+                "captions": (training.input_files(), {"tooltip": "A .txt file in ComfyUI's input folder, one "
+                                                                 "caption per line"}),
+                "run_name": ("STRING", {"default": "gill_mapper"}),
+                "output_name": ("STRING", {"default": "my_gill", "tooltip": "models/bridges/<name>.safetensors"}),
+                "steps": ("INT", {"default": 2000, "min": 1, "max": 10_000_000}),
+                "batch_size": ("INT", {"default": 32, "min": 1, "max": 4096}),
+                "learning_rate": ("FLOAT", {"default": 1e-3, "min": 1e-7, "max": 1.0, "step": 1e-5}),
+                "loss": (LOSSES, {"default": "gill_l2"}),
+                "val_fraction": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 0.5, "step": 0.01}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1}),
+                "resume": ("BOOLEAN", {"default": True}),
+                "checkpoint_every": ("INT", {"default": 200, "min": 1, "max": 1_000_000}),
+                "eval_every": ("INT", {"default": 100, "min": 1, "max": 1_000_000}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    RETURN_TYPES = (GILL_TYPE, "STRING", "FLOAT")
+    RETURN_NAMES = ("gill", "gill_name", "val_loss")
+    OUTPUT_NODE = True
+    FUNCTION = "train"
+    CATEGORY = CATEGORY + "/training"
+    DESCRIPTION = ("GILL's generation loss, text only: a fresh GILLMapper learns to turn the [IMG] states of a caption "
+                   "into the checkpoint's own CLIP encoding of it (SD1.x, or SDXL with the pooled head). The [IMG] "
+                   "embeddings stay as the base model has them. Writes the GILL model with the new mapper.")
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, captions):
+        return _file_choice(captions, training.input_files(), "caption file")
+
+    @classmethod
+    def IS_CHANGED(cls, captions, **kwargs):
+        return _file_stamp(captions)
+
+    def train(self, llm, gill, clip, captions, run_name, output_name, steps, batch_size, learning_rate, loss,
+              val_fraction, seed, resume, checkpoint_every, eval_every, unique_id=None):
+        texts = training.read_captions(training.resolve_input_file(captions))
+        run = training.run_dir(run_name)
+        out_path = training.bridge_path(output_name, kind=gill_files.KIND)
+        settings = _train_settings(steps, batch_size, learning_rate, loss, val_fraction, seed, eval_every)
+        caching = Progress(len(texts))
+        identity = {"student": "gill", "llm": llm.identity, "gill": gill_files.fingerprint(
+            {"img": gill.module.img_embeddings()}), "clip": training.clip_identity(clip)}
+
+        def student(text):
+            return encode_img_states(llm, gill, text).cpu(), gill.config.num_img_tokens - 1
+
+        data, cache_path = training.build_cache(run, texts, student, training.clip_teacher(clip), identity, "fp32",
+                                                progress=lambda done, total: caching.step(done))
+        _, trainer = _run_with_progress(unique_id, steps, lambda on_step: training.train_gill_mapper(
+            run, data, gill, settings, out_path, resume=resume, device=mm.get_torch_device(), on_step=on_step,
+            checkpoint_every=checkpoint_every, cache_path=cache_path))
+        text = _summary(trainer, out_path.name)
+        return {"ui": {"text": [text]}, "result": (gill_files.load_gill(out_path, out_path.name), out_path.name,
+                                                    trainer.last_val_loss())}
+
+
+NODE_CLASS_MAPPINGS = {
+    "BeyondCLIP_TrainMapper": TrainMapper,
+    "BeyondCLIP_TrainRouter": TrainRouter,
+    "BeyondCLIP_TrainGILLDecision": TrainGILLDecision,
+    "BeyondCLIP_TrainGILLMapper": TrainGILLMapper,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "BeyondCLIP_TrainMapper": "Train Mapper (Beyond CLIP)",
+    "BeyondCLIP_TrainRouter": "Train Router (Beyond CLIP)",
+    "BeyondCLIP_TrainGILLDecision": "Train Decision Model (GILL)",
+    "BeyondCLIP_TrainGILLMapper": "Train Mapper (GILL)",
+}
