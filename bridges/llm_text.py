@@ -79,8 +79,10 @@ def encode(model, tokenizer, text: str, *, hidden_layer: int = -1, num_tokens: i
         pad = torch.full((1, num_tokens - ids.shape[1]), _pad_id(tokenizer), dtype=ids.dtype)
         ids = torch.cat([ids, pad], dim=1)
     device = next(model.parameters()).device
-    out = model(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device),
-                output_hidden_states=True, use_cache=False)
+    # The decoder alone gives the same hidden states without the LM head's logits over the whole vocabulary.
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    out = (decoder or model)(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device),
+                             output_hidden_states=True, use_cache=False)
     layers = len(out.hidden_states)
     if not -layers <= hidden_layer < layers:
         raise PromptError(f"hidden_layer {hidden_layer} is out of range: this LLM has {layers} hidden states "
