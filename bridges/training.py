@@ -151,6 +151,74 @@ class GILLStudent(nn.Module):
         return self.mapper(hidden, self.img_embs[None].expand(hidden.shape[0], -1, -1).to(hidden.dtype))
 
 
+# ---- MUMU connector: a student whose token count differs from the teacher's ------------------------------
+
+def probe_attention(tokens: torch.Tensor, valid: torch.Tensor, probes: torch.Tensor) -> torch.Tensor:
+    """What a cross-attention layer reads from a token set: for each probe query q, softmax(q . LN(k) / sqrt(D))
+    weighted sum of the tokens. tokens (B, L, D), valid (B, L) bool or None, probes (P, D) -> (B, P, D).
+    Invariant to the number and order of tokens; a zero probe gives the (masked) mean token."""
+    keys = F.layer_norm(tokens, tokens.shape[-1:])  # the direction of each token decides its weight
+    logits = torch.einsum("pd,bld->bpl", probes.to(tokens.dtype), keys) / tokens.shape[-1] ** 0.5
+    if valid is not None:
+        logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
+    return torch.einsum("bpl,bld->bpd", logits.softmax(-1), tokens)
+
+
+def make_probes(count: int, dim: int, seed: int, temperature: float = 3.0) -> torch.Tensor:
+    """A fixed bank of `count` probe queries: the zero probe (the mean token) and random directions scaled so
+    their attention logits have a standard deviation of about `temperature` (peaked, not one-hot)."""
+    g = torch.Generator().manual_seed(seed)
+    probes = torch.randn(count, dim, generator=g) * temperature
+    probes[0] = 0
+    return probes
+
+
+class ConnectorStudent(nn.Module):
+    """The MUMU connector on cached Idefics2 states padded to a common length (positions after last_token are
+    padding: masked out of every attention, so each caption is encoded as alone; see connector_forward).
+
+    Token alignment: the connector maps Idefics2's L tokens (L varies with the caption, and with its images) to
+    L SDXL-wide tokens, the teacher gives CLIP's 77; there is no position-to-position correspondence. The UNet
+    reads the conditioning only through cross-attention, softmax(q k^T) v over the token set, which does not
+    depend on how many tokens there are or in what order. So the token loss compares the two sets' answers to
+    a fixed bank of probe queries (probe_attention: random directions over layer-normalised keys, plus the
+    uniform query = the mean token); the pooled vector (SDXL's 1280) is compared directly."""
+
+    def __init__(self, connector, probes: torch.Tensor):
+        super().__init__()
+        self.connector = connector
+        self.register_buffer("probes", probes.detach().clone().float(), persistent=False)
+
+    def forward(self, hidden, last_token):
+        valid = torch.arange(hidden.shape[1], device=hidden.device)[None] <= last_token[:, None]
+        tokens, pooled = connector_forward(self.connector, hidden, valid)
+        return tokens, pooled, valid
+
+    def loss(self, prediction, targets, target_pooled, kind, pooled_weight=1.0):
+        tokens, pooled, valid = prediction
+        loss = token_loss(probe_attention(tokens, valid, self.probes), probe_attention(targets, None, self.probes), kind)
+        if pooled is not None and target_pooled is not None:
+            loss = loss + pooled_weight * token_loss(pooled, target_pooled, kind)
+        return loss
+
+
+def connector_forward(connector, hidden: torch.Tensor, valid: torch.Tensor):
+    """MUMUConnector.forward for a padded batch: the same layers, with the padding masked out of the
+    transformer's self-attention and of the pooling attention (equal to the plain forward of each caption
+    alone, which the tests check)."""
+    pad = ~valid
+    x = connector.in_proj(connector.in_norm(hidden.to(connector.in_proj.weight.dtype)))
+    for layer in connector.layers:
+        x = layer(x, src_key_padding_mask=pad)
+    x = connector.out_norm(x)
+    pooled = None
+    if connector.pool is not None:
+        p = connector.pool
+        out, _ = p.attn(p.query.expand(x.shape[0], -1, -1), x, x, key_padding_mask=pad, need_weights=False)
+        pooled = p.proj(p.norm(out[:, 0]))
+    return connector.out_proj(x), pooled
+
+
 # ---- the trainer ------------------------------------------------------------------------------------------
 
 def seeded_init(seed: int, build):
@@ -200,6 +268,14 @@ class DistillTrainer:
         c = self.config
         return c.lr * min(1.0, (step + 1) / c.warmup) if c.warmup else c.lr
 
+    def _loss(self, prediction, targets, pooled):
+        """A student with its own `loss` (e.g. ConnectorStudent, whose token count is not the teacher's) computes
+        it; the others give (tokens, pooled) compared position by position."""
+        own = getattr(self.student, "loss", None)
+        if own is not None:
+            return own(prediction, targets, pooled, self.config.loss, self.config.pooled_weight)
+        return distill_loss(*prediction, targets, pooled, self.config.loss, self.config.pooled_weight)
+
     def train_step(self) -> float:
         c = self.config
         idx = batch_for_step(self.train_idx, self.step, c.batch_size, c.seed, self.rank, self.world)
@@ -207,8 +283,7 @@ class DistillTrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr(self.step)
         self.optimizer.zero_grad(set_to_none=True)
-        pred_tokens, pred_pooled = self.model(inputs, last)
-        loss = distill_loss(pred_tokens, pred_pooled, targets, pooled, c.loss, c.pooled_weight)
+        loss = self._loss(self.model(inputs, last), targets, pooled)
         loss.backward()
         if c.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.student.parameters(), c.grad_clip)
@@ -231,8 +306,7 @@ class DistillTrainer:
         for start in range(0, len(idx_all), batch_size):
             idx = idx_all[start:start + batch_size]
             inputs, last, targets, pooled = self.data.batch(idx, self.device)
-            pred_tokens, pred_pooled = self.student(inputs, last)
-            loss = distill_loss(pred_tokens, pred_pooled, targets, pooled, self.config.loss, self.config.pooled_weight)
+            loss = self._loss(self.student(inputs, last), targets, pooled)
             total += float(loss) * len(idx)
             count += len(idx)
         self.student.train(was_training)

@@ -337,3 +337,108 @@ def train_gill_mapper(run: Path, data: DistillData, base, train_config: TrainCon
     trainer = train_distill(run, data, GILLStudent(mapper, img_embs), {"gill_config": cfg.to_dict()}, train_config,
                             write, **kwargs)
     return written, trainer
+
+
+# ---- the MUMU connector (MUMU stage 1, distilled) ---------------------------------------------------------
+
+def parse_mumu_caption(line: str, where: str = "") -> tuple:
+    """'prompt' or 'prompt<TAB>crop.png<TAB>...' -> (prompt, [crop names]). The crops are files in ComfyUI's
+    input folder, bound in order to the prompt's <image> placeholders (written before the words they show)."""
+    from ..bridges import mumu as mumu_bridge
+    parts = [p.strip() for p in line.split("\t")]
+    text, crops = parts[0], [p for p in parts[1:] if p]
+    try:
+        mumu_bridge.bind_placeholders(text, [""] * len(crops))
+    except mumu_bridge.PromptError as e:
+        raise LoadError(f"{where}caption {text!r} with {len(crops)} crop(s): {e}") from None
+    return text, crops
+
+
+def teacher_text(prompt: str) -> str:
+    """What CLIP reads of a MUMU prompt: the words, without the image placeholders."""
+    from ..bridges.mumu import PLACEHOLDER
+    return " ".join(PLACEHOLDER.sub(" ", prompt).split())
+
+
+def load_input_image(name) -> torch.Tensor:
+    """(H, W, 3) float in [0, 1] from a picture in ComfyUI's input folder."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+    path = resolve_input_file(name)
+    try:
+        with Image.open(path) as img:
+            rgb = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    except (OSError, UnidentifiedImageError) as e:
+        raise LoadError(f"the crop '{name}' ({path}) could not be read as a picture ({e}).") from None
+    return torch.from_numpy(rgb.copy())
+
+
+def mumu_identity(vlm, lines) -> dict:
+    """What the cached Idefics2 states depend on besides the captions: the model folder, its LoRA, the crops."""
+    from .encode_cache import file_identity
+    crops = sorted({c for line in lines for c in parse_mumu_caption(line)[1]})
+    stamps = {c: file_identity(resolve_input_file(c)) for c in crops}
+    lora = vlm.lora.describe() if vlm.lora is not None else None
+    return {"idefics2": f"{vlm.path}:{file_identity(vlm.path)}", "lora": lora, "crops": stamps}
+
+
+def mumu_student(vlm, lines, hidden_layer: int, image_resolution: int):
+    """(student(line) -> (hidden (1, length, D) zero-padded, last real token), length): Idefics2 (no perceiver)
+    states of each caption with its crops in place; `length` is the longest caption's token count, so the
+    cache holds one tensor and the trainer masks the padding."""
+    from ..bridges import mumu as mumu_bridge
+    from .mumu import grid_for
+    from .patcher import load_to_device
+    grid, resolution = grid_for(vlm, image_resolution)
+
+    def sequence(line):
+        text, crops = parse_mumu_caption(line)
+        try:
+            segments = mumu_bridge.bind_placeholders(text, [""] * len(crops))
+            return mumu_bridge.build_sequence(vlm.tokenizer, segments, grid, context=vlm.context), crops
+        except mumu_bridge.PromptError as e:
+            raise LoadError(f"caption {text!r}: {e}") from None
+
+    length = max(sequence(line)[0].input_ids.shape[1] for line in lines)
+
+    def student(line):
+        seq, crops = sequence(line)
+        pixels = (torch.stack([mumu_bridge.prepare_image(load_input_image(c), resolution, vlm.image_mean,
+                                                         vlm.image_std) for c in crops]) if crops else None)
+        model = load_to_device(vlm.patcher)
+        with torch.no_grad(), vlm.attach(model):
+            hidden = mumu_bridge.encode(model, seq, pixels, hidden_layer).cpu()
+        n = hidden.shape[1]
+        return torch.nn.functional.pad(hidden, (0, 0, 0, length - n)), n - 1
+    return student, length
+
+
+def mumu_teacher(clip):
+    teacher = clip_teacher(clip)
+    return lambda line: teacher(teacher_text(parse_mumu_caption(line)[0]))
+
+
+def train_connector(run: Path, data: DistillData, connector_config, train_config: TrainConfig, out_path,
+                    probes: int = 64, **kwargs):
+    """A MUMU connector distilled on `data` (ConnectorStudent: probe-attention loss on the tokens + MSE on the
+    pooled vector), written to out_path as a mumu_connector bridge. Returns (connector, trainer)."""
+    from ..bridges.mumu import MUMUConnector
+    from ..bridges.training import ConnectorStudent, make_probes
+    from .mumu import save_connector
+    if data.inputs.shape[-1] != connector_config.in_dim:
+        raise LoadError(f"the cache holds {data.inputs.shape[-1]}-wide Idefics2 states but the connector reads "
+                        f"{connector_config.in_dim}; the cache belongs to another model")
+    if target_of(data) != "sdxl":
+        raise LoadError("the MUMU connector conditions SDXL (77x2048 tokens + pooled 1280): connect the CLIP of an "
+                        "SDXL checkpoint as the teacher.")
+    connector = seeded_init(train_config.seed, lambda: MUMUConnector(connector_config))
+    probe_bank = make_probes(probes, connector_config.out_dim, train_config.seed)
+
+    def write():
+        save_connector(out_path, connector.eval())
+        return out_path
+
+    trainer = train_distill(run, data, ConnectorStudent(connector, probe_bank),
+                            {"connector_config": connector_config.to_dict(), "probes": probes}, train_config, write,
+                            **kwargs)
+    return connector.eval().requires_grad_(False), trainer

@@ -9,10 +9,12 @@ import torch
 from ..bridges import llm_text
 from ..bridges.gill import GENERATE, RETRIEVE
 from ..bridges.mapper import ACTIVATIONS, MapperConfig
+from ..bridges.mumu import ConnectorConfig
 from ..bridges.router import NaiveBayesRouter
 from ..bridges.training import (LOSSES, TrainConfig, classification_report, fell_by, split_indices,
                                 train_linear_classifier)
 from ..loaders import gill as gill_files
+from ..loaders import mumu as mumu_files
 from ..loaders import routers, training
 from ..loaders.bridge_files import save_bridge
 from ..loaders.errors import LoadError
@@ -20,6 +22,7 @@ from ..loaders.mappers import load_mapper
 from ..loaders.patcher import load_to_device
 from .common import CATEGORY, LLM_TYPE, MAPPER_TYPE, Progress
 from .gill import GILL_TYPE, encode_img_states
+from .mumu import CONNECTOR_TYPE, VLM_TYPE
 
 log = logging.getLogger(__name__)
 CACHE_PRECISIONS = tuple(training.CACHE_DTYPES)
@@ -356,15 +359,96 @@ class TrainGILLMapper:
                                                     trainer.last_val_loss())}
 
 
+class TrainMUMUConnector:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "idefics2": (VLM_TYPE, {"tooltip": "The Idefics2 the connector will read (MUMU: idefics2-8b)"}),
+                "clip": ("CLIP", {"tooltip": "The teacher: the CLIP of the SDXL checkpoint you will sample with"}),
+                "captions": (training.input_files(training.TABLE_EXTENSIONS), {
+                    "tooltip": "A .txt/.tsv file in ComfyUI's input folder, one caption per line. Optionally "
+                               "'a <image> man on a <image> horse<TAB>man.png<TAB>horse.png': crops in the input "
+                               "folder placed at the <image> placeholders (CLIP reads the words only)"}),
+                "run_name": ("STRING", {"default": "mumu_connector"}),
+                "output_name": ("STRING", {"default": "my_mumu_connector",
+                                           "tooltip": "Written as models/bridges/<name>.safetensors"}),
+                "steps": ("INT", {"default": 2000, "min": 1, "max": 10_000_000}),
+                "batch_size": ("INT", {"default": 32, "min": 1, "max": 4096}),
+                "learning_rate": ("FLOAT", {"default": 3e-4, "min": 1e-7, "max": 1.0, "step": 1e-5}),
+                "width": ("INT", {"default": 1024, "min": 8, "max": 8192}),
+                "depth": ("INT", {"default": 16, "min": 1, "max": 64, "tooltip": "Transformer layers (MUMU: 16)"}),
+                "heads": ("INT", {"default": 16, "min": 1, "max": 128}),
+                "hidden_layer": ("INT", {"default": -1, "min": -128, "max": 128, "tooltip": "-1 = last layer"}),
+                "image_resolution": ("INT", {"default": 252, "min": 1, "max": 4096,
+                                             "tooltip": "Pixels per side of each crop (MUMU stage 1: 252 -> 324 tokens)"}),
+                "probes": ("INT", {"default": 64, "min": 1, "max": 4096, "tooltip": "Probe queries of the "
+                                   "length-invariant token loss (the first one is the mean token)"}),
+                "val_fraction": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 0.5, "step": 0.01}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1}),
+                "resume": ("BOOLEAN", {"default": True}),
+                "checkpoint_every": ("INT", {"default": 200, "min": 1, "max": 1_000_000}),
+                "eval_every": ("INT", {"default": 100, "min": 1, "max": 1_000_000}),
+                "cache_precision": (CACHE_PRECISIONS, {"default": "fp16"}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    RETURN_TYPES = (CONNECTOR_TYPE, "STRING", "FLOAT")
+    RETURN_NAMES = ("connector", "connector_name", "val_loss")
+    OUTPUT_NODE = True
+    FUNCTION = "train"
+    CATEGORY = CATEGORY + "/training"
+    DESCRIPTION = ("MUMU stage 1 as distillation: a fresh connector learns to turn Idefics2's states of each caption "
+                   "(with its crops) into what the SDXL checkpoint's own CLIP gives for the words. Idefics2 gives "
+                   "one token per word piece / patch, CLIP 77: the token loss compares what cross-attention reads "
+                   "from the two token sets (fixed probe queries), the pooled vector directly.")
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, captions):
+        return _file_choice(captions, training.input_files(training.TABLE_EXTENSIONS), "caption file")
+
+    @classmethod
+    def IS_CHANGED(cls, captions, **kwargs):
+        return _file_stamp(captions)
+
+    def train(self, idefics2, clip, captions, run_name, output_name, steps, batch_size, learning_rate, width, depth,
+              heads, hidden_layer, image_resolution, probes, val_fraction, seed, resume, checkpoint_every, eval_every,
+              cache_precision, unique_id=None):
+        source = training.resolve_input_file(captions)
+        lines = training.read_captions(source)
+        for i, line in enumerate(lines):
+            training.parse_mumu_caption(line, f"{captions}, caption {i + 1}: ")
+        run = training.run_dir(run_name)
+        out_path = training.bridge_path(output_name, kind=mumu_files.KIND)
+        config = ConnectorConfig(in_dim=idefics2.hidden_size, width=width, depth=depth, heads=heads,
+                                 hidden_layer=hidden_layer)  # checks width % heads before anything is cached
+        settings = _train_settings(steps, batch_size, learning_rate, "mse", val_fraction, seed, eval_every)
+        student, length = training.mumu_student(idefics2, lines, hidden_layer, image_resolution)
+        identity = {"student": "mumu", **training.mumu_identity(idefics2, lines), "clip": training.clip_identity(clip),
+                    "hidden_layer": hidden_layer, "image_resolution": image_resolution, "length": length}
+        caching = Progress(len(lines))
+        data, cache_path = training.build_cache(run, lines, student, training.mumu_teacher(clip), identity,
+                                                cache_precision, progress=lambda done, total: caching.step(done))
+        connector, trainer = _run_with_progress(unique_id, steps, lambda on_step: training.train_connector(
+            run, data, config, settings, out_path, probes=probes, resume=resume, device=mm.get_torch_device(),
+            on_step=on_step, checkpoint_every=checkpoint_every, cache_path=cache_path))
+        text = _summary(trainer, out_path.name)
+        loaded = mumu_files.host_connector(mumu_files.load_connector(out_path))
+        return {"ui": {"text": [text]}, "result": (loaded, out_path.name, trainer.last_val_loss())}
+
+
 NODE_CLASS_MAPPINGS = {
     "BeyondCLIP_TrainMapper": TrainMapper,
     "BeyondCLIP_TrainRouter": TrainRouter,
     "BeyondCLIP_TrainGILLDecision": TrainGILLDecision,
     "BeyondCLIP_TrainGILLMapper": TrainGILLMapper,
+    "BeyondCLIP_TrainMUMUConnector": TrainMUMUConnector,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "BeyondCLIP_TrainMapper": "Train Mapper (Beyond CLIP)",
     "BeyondCLIP_TrainRouter": "Train Router (Beyond CLIP)",
     "BeyondCLIP_TrainGILLDecision": "Train Decision Model (GILL)",
     "BeyondCLIP_TrainGILLMapper": "Train Mapper (GILL)",
+    "BeyondCLIP_TrainMUMUConnector": "Train Connector (MUMU)",
 }
