@@ -48,7 +48,7 @@ class LoadedLLM:
 
 # One live instance per (folder, dtype, files' identity): a second loader node, or a re-run after the
 # executor dropped its cache, gets the same model while anything still holds it.
-_LIVE = {}
+_LIVE = weakref.WeakValueDictionary()
 
 
 def choose_dtype(choice: str, device) -> torch.dtype:
@@ -122,8 +122,8 @@ def load_llm(name: str, path: Path, dtype_choice: str = "auto", progress=None) -
         dtype = choose_dtype(dtype_choice, device)
     key = (str(path.resolve()), dtype, quantized, file_identity(path))
     live = _LIVE.get(key)
-    if live is not None and live() is not None:
-        return live()
+    if live is not None:
+        return live
     progress and progress(1)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
@@ -153,5 +153,5 @@ def load_llm(name: str, path: Path, dtype_choice: str = "auto", progress=None) -
               hidden_size=int(model.config.hidden_size if hasattr(model.config, "hidden_size")
                               else model.get_input_embeddings().weight.shape[1]))
     progress and progress(4)
-    _LIVE[key] = weakref.ref(llm)
+    _LIVE[key] = llm
     return llm

@@ -65,7 +65,7 @@ class LoadedIdefics2:
         return f"Idefics2 '{self.name}'{extra}"
 
 
-_LIVE = {}
+_LIVE = weakref.WeakValueDictionary()
 
 
 def _check_processor(path: Path, processor, config: dict):
@@ -115,8 +115,8 @@ def load_idefics2(name: str, path: Path, dtype_choice: str = "auto", progress=No
     dtype = choose_dtype(dtype_choice, device)
     key = (str(path.resolve()), dtype, file_identity(path))
     live = _LIVE.get(key)
-    if live is not None and live() is not None:
-        return live()
+    if live is not None:
+        return live
     progress and progress(1)
     try:
         processor = AutoProcessor.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
@@ -156,7 +156,7 @@ def load_idefics2(name: str, path: Path, dtype_choice: str = "auto", progress=No
                          max_resolution=int(vision.image_size), context=int(text.max_position_embeddings),
                          image_mean=mean, image_std=std)
     progress and progress(4)
-    _LIVE[key] = weakref.ref(vlm)
+    _LIVE[key] = vlm
     return vlm
 
 

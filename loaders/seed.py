@@ -348,7 +348,7 @@ class LoadedSeed:
         return f"SEED tokenizer '{self.name}'"
 
 
-_LIVE = {}
+_LIVE = weakref.WeakValueDictionary()
 
 
 def build_model(config: SeedConfig, lavis_sd: dict, path, vision_dtype=torch.float32) -> SeedTokenizer:
@@ -380,8 +380,8 @@ def load_seed(path: Path, vision_dtype=torch.float32, name=None, progress=None) 
     stat = path.stat() if path.exists() else None
     key = (str(path.resolve()), vision_dtype, stat and (stat.st_size, stat.st_mtime_ns))
     live = _LIVE.get(key)
-    if live is not None and live() is not None:
-        return live()
+    if live is not None:
+        return live
     meta, model = None, None
     try:
         config, lavis_sd = read_bridge(path, KIND)
@@ -399,7 +399,7 @@ def load_seed(path: Path, vision_dtype=torch.float32, name=None, progress=None) 
     progress and progress(5)
     loaded = LoadedSeed(patcher=patching.wrap(model), config=seed_config, name=name or path.name, path=path,
                         vision_dtype=vision_dtype)
-    _LIVE[key] = weakref.ref(loaded)
+    _LIVE[key] = loaded
     return loaded
 
 
