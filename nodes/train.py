@@ -96,6 +96,17 @@ def _summary(trainer, out_name):
             f"{len(trainer.train_idx)} training captions")
 
 
+# What every distillation run takes, in this order (workflow files store widget values by position).
+RUN_INPUTS = {
+    "val_fraction": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 0.5, "step": 0.01,
+                               "tooltip": "Captions held out to report the validation loss"}),
+    "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1}),
+    "resume": ("BOOLEAN", {"default": True, "tooltip": "Continue from the run's last checkpoint"}),
+    "checkpoint_every": ("INT", {"default": 200, "min": 1, "max": 1_000_000}),
+    "eval_every": ("INT", {"default": 100, "min": 1, "max": 1_000_000}),
+}
+
+
 class TrainMapper:
     @classmethod
     def INPUT_TYPES(cls):
@@ -118,12 +129,7 @@ class TrainMapper:
                 "activation": (sorted(ACTIVATIONS), {"default": "gelu"}),
                 "hidden_layer": ("INT", {"default": -1, "min": -128, "max": 128, "tooltip": "-1 = last layer"}),
                 "template": (llm_text.TEMPLATES, {"default": "none"}),
-                "val_fraction": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 0.5, "step": 0.01,
-                                           "tooltip": "Captions held out to report the validation loss"}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1}),
-                "resume": ("BOOLEAN", {"default": True, "tooltip": "Continue from the run's last checkpoint"}),
-                "checkpoint_every": ("INT", {"default": 200, "min": 1, "max": 1_000_000}),
-                "eval_every": ("INT", {"default": 100, "min": 1, "max": 1_000_000}),
+                **RUN_INPUTS,
                 "cache_precision": (CACHE_PRECISIONS, {"default": "fp32", "tooltip": "Precision of the cached LLM "
                                                        "states (fp16 halves the cache for big caption files)"}),
             },
@@ -310,11 +316,7 @@ class TrainGILLMapper:
                 "batch_size": ("INT", {"default": 32, "min": 1, "max": 4096}),
                 "learning_rate": ("FLOAT", {"default": 1e-3, "min": 1e-7, "max": 1.0, "step": 1e-5}),
                 "loss": (LOSSES, {"default": "gill_l2"}),
-                "val_fraction": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 0.5, "step": 0.01}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1}),
-                "resume": ("BOOLEAN", {"default": True}),
-                "checkpoint_every": ("INT", {"default": 200, "min": 1, "max": 1_000_000}),
-                "eval_every": ("INT", {"default": 100, "min": 1, "max": 1_000_000}),
+                **RUN_INPUTS,
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -384,11 +386,7 @@ class TrainMUMUConnector:
                                              "tooltip": "Pixels per side of each crop (MUMU stage 1: 252 -> 324 tokens)"}),
                 "probes": ("INT", {"default": 64, "min": 1, "max": 4096, "tooltip": "Probe queries of the "
                                    "length-invariant token loss (the first one is the mean token)"}),
-                "val_fraction": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 0.5, "step": 0.01}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1}),
-                "resume": ("BOOLEAN", {"default": True}),
-                "checkpoint_every": ("INT", {"default": 200, "min": 1, "max": 1_000_000}),
-                "eval_every": ("INT", {"default": 100, "min": 1, "max": 1_000_000}),
+                **RUN_INPUTS,
                 "cache_precision": (CACHE_PRECISIONS, {"default": "fp16"}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
