@@ -1,10 +1,11 @@
 """Loading cost: peak resident memory and time of the pack's loaders vs reading the same safetensors raw.
 
 Targets: peak memory while loading <= 1.15x the weights' size (no second copy: memory-mapped safetensors,
-direct dtype); load time <= 1.2x a raw safetensors read. Each measurement runs in a fresh process with the
-file already in the page cache (read once before), so both sides read from memory alike.
+direct dtype); load time <= 1.2x a raw safetensors read. Each measurement runs in a fresh process and reads
+every weight once. Warm: the file is already in the page cache, so both sides read from memory. --cold
+empties the page cache before each measurement (needs root), so both sides read from disk, as a first load does.
 
-    python benchmarks/loading_memory.py [--hidden 1024 --layers 12]
+    python benchmarks/loading_memory.py [--hidden 1024 --layers 12] [--cold]
 """
 import argparse
 import json
@@ -45,7 +46,14 @@ def child(kind, path):
     print(json.dumps({"seconds": time.perf_counter() - start, "peak": mem.delta, "weights": weights}))
 
 
-def measure(kind, path):
+def drop_page_cache():
+    subprocess.run(["sync"], check=True)
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def measure(kind, path, cold):
+    if cold:
+        drop_page_cache()
     out = subprocess.run([sys.executable, __file__, "--child", kind, str(path)], capture_output=True, text=True,
                          check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -55,6 +63,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--cold", action="store_true", help="read from disk: empty the page cache first (root)")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -71,13 +80,14 @@ def main():
     for label, kind, path in (("LLM", "raw safetensors read", llm_weights), ("LLM", "Load LLM (pack)", folder),
                               ("mapper", "raw safetensors read", mapper_file),
                               ("mapper", "Load Mapper (pack)", mapper_file)):
-        r = measure(kind, path)
+        r = measure(kind, path, args.cold)
         rows.append([label, kind, f"{r['weights'] / 2**20:.1f}", f"{r['peak'] / 2**20:.1f}",
                      f"{r['peak'] / r['weights']:.2f}", f"{r['seconds']:.3f}"])
     for i in (1, 3):
         rows[i].append(f"{float(rows[i][5]) / float(rows[i - 1][5]):.2f}x raw")
         rows[i - 1].append("")
-    print(f"\nComfyUI {host.version}; peak = resident memory above the process's level before loading, with every weight read once\n")
+    print(f"\nComfyUI {host.version}; {'cold (from disk)' if args.cold else 'warm (page cache)'}; peak = resident "
+          f"memory above the process's level before loading, with every weight read once\n")
     table(("weights", "loader", "weights MiB", "peak MiB", "peak / weights", "seconds", "time"), rows)
 
 

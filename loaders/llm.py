@@ -3,6 +3,7 @@ import gc
 import importlib.util
 import json
 import logging
+import os
 import weakref
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -83,6 +84,19 @@ def check_folder(path: Path):
     return config
 
 
+def prefetch(path: Path):
+    """Ask the kernel to read the weight files ahead, in file order: transformers maps them and touches tensors in
+    module order, which on a cold cache turns one sequential read into many scattered ones."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    for f in sorted(path.glob("*.safetensors")):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
+
+
 def quantization(choice: str, device):
     """transformers' BitsAndBytesConfig for an int8/nf4 choice, or a LoadError saying what is missing."""
     if mm.is_device_cpu(device) or not torch.cuda.is_available():
@@ -132,6 +146,7 @@ def load_llm(name: str, path: Path, dtype_choice: str = "auto", progress=None) -
                         f"tokenizer files of this exact model into the folder.") from None
     progress and progress(2)
     model = None
+    prefetch(path)
     try:
         model = _from_pretrained(AutoModelForCausalLM, path, dtype, **extra)
     except Exception as e:  # transformers and safetensors raise many kinds here
