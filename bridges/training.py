@@ -407,3 +407,131 @@ def classification_report(predicted, labels, positive: int = 1) -> dict:
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return {"accuracy": float((predicted == labels).float().mean()) if len(labels) else 0.0, "f1": f1,
             "precision": precision, "recall": recall, "n": len(labels)}
+
+
+# ---- Beyond CLIP stage 2: RepAdapter on the LLM, mapper frozen, L_cap + lambda * L_diffusion ---------------
+
+class RepAdapterStudent(nn.Module):
+    """LLM + RepAdapters (unmerged, the only trainable weights) -> frozen mapper, on token ids (B, T).
+
+    The LLM and the mapper are held outside the module tree, so parameters(), state_dict() and checkpoints
+    hold the adapters only and nothing the optimiser could touch is frozen weight."""
+
+    def __init__(self, llm, adapters, mapper, hidden_layer: int = -1):
+        super().__init__()
+        self.adapters = adapters
+        self._frozen = (llm, mapper)
+        self.hidden_layer = hidden_layer
+
+    def forward(self, ids, last_token):
+        from .repadapter import attached
+        llm, mapper = self._frozen
+        device = next(llm.parameters()).device
+        ids = ids.to(device)
+        decoder = llm.get_decoder() if hasattr(llm, "get_decoder") else None
+        with attached(llm, self.adapters):
+            # every position attended to, as llm_text.encode does for one prompt padded to the mapper's tokens
+            out = (decoder or llm)(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True,
+                                   use_cache=False)
+        hidden = out.hidden_states[self.hidden_layer].float()
+        tokens = mapper.tokens(hidden)
+        pooled = None
+        if mapper.pooled is not None:
+            pooled = mapper.pooled(hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token.to(device)])
+        return tokens, pooled
+
+
+class Denoiser:
+    """What stage 2 needs from the frozen diffusion model (the loaders wrap ComfyUI's MODEL in one):
+    sigma(t) for integer timesteps t in [0, timesteps), noise_scaling(sigma, noise, latent) -> x_noisy, and
+    denoise(x_noisy, sigma, tokens, pooled) -> the predicted clean latent."""
+    timesteps: int = 1000
+
+    def sigma(self, t):
+        raise NotImplementedError
+
+    def noise_scaling(self, sigma, noise, latent):
+        raise NotImplementedError
+
+    def denoise(self, x, sigma, tokens, pooled):
+        raise NotImplementedError
+
+
+def diffusion_loss(denoiser: Denoiser, latents, tokens, pooled, generator: torch.Generator):
+    """Denoising loss of the conditioning: a random timestep and Gaussian noise per example (drawn from
+    `generator` on the CPU, so a step's draw does not depend on the device), x0 predicted by the frozen UNet.
+    Weighted by 1/sigma^2 per example: for an epsilon-prediction model (SD1.x) that is exactly the
+    epsilon-MSE SD is trained with (x0 error = sigma * epsilon error), so no noise level swamps the others."""
+    n = latents.shape[0]
+    t = torch.randint(denoiser.timesteps, (n,), generator=generator)
+    noise = torch.randn(latents.shape, generator=generator).to(latents)
+    sigma = denoiser.sigma(t.float()).to(latents)
+    x = denoiser.noise_scaling(sigma, noise, latents)
+    denoised = denoiser.denoise(x, sigma, tokens, pooled)
+    per_example = (denoised.float() - latents.float()).pow(2).flatten(1).mean(1)
+    return (per_example / sigma.float().pow(2)).mean()
+
+
+class RepAdapterTrainer(DistillTrainer):
+    """Stage 2 of Beyond CLIP: DistillData holds token ids (inputs (N, T, 1), exact in float32) and the CLIP
+    targets; `latents` (N, C, h, w) the cached VAE latents of each caption's image (None: caption loss
+    only). loss = L_cap + lambda_diffusion * L_diffusion. Noise, timesteps and adapter dropout of step s come
+    from (seed, s) only, so resuming is exact."""
+
+    def __init__(self, student: RepAdapterStudent, data: DistillData, latents, denoiser: Denoiser,
+                 config: TrainConfig, lambda_diffusion: float = 0.1, device="cpu"):
+        super().__init__(student, data, config, device=device)
+        self.latents = latents
+        self.denoiser = denoiser
+        self.lambda_diffusion = float(lambda_diffusion)
+        self.last_parts = {}
+
+    def _losses(self, idx, generator):
+        ids, last, targets, pooled = self.data.batch(idx, self.device)
+        tokens, pred_pooled = self.student(ids[..., 0].round().long(), last)
+        cap = distill_loss(tokens, pred_pooled, targets, pooled, self.config.loss, self.config.pooled_weight)
+        diff = torch.zeros((), device=cap.device)
+        if self.latents is not None and self.lambda_diffusion:
+            latents = self.latents[idx].to(self.device)
+            diff = diffusion_loss(self.denoiser, latents, tokens, pred_pooled, generator).to(cap.device)
+        return cap, diff
+
+    def _rng(self):
+        """The global RNG is forked so the caller's state is left as it was."""
+        return torch.random.fork_rng(devices=[self.device.index or 0] if self.device.type == "cuda" else [])
+
+    def train_step(self) -> float:
+        c = self.config
+        idx = batch_for_step(self.train_idx, self.step, c.batch_size, c.seed)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self._lr(self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        seed = _step_seed(c.seed, self.step)
+        with self._rng():
+            torch.manual_seed(seed)  # the adapters' dropout
+            cap, diff = self._losses(idx, torch.Generator().manual_seed(seed))
+            loss = cap + self.lambda_diffusion * diff
+            # gradients into the adapters only: the LLM, the mapper and the UNet stay untouched
+            loss.backward(inputs=params)
+        if c.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        self.last_parts = {"caption": float(cap.detach()), "diffusion": float(diff.detach())}
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def evaluate(self, batch_size: int = 64) -> float:
+        """Held-out loss with a fixed draw of noise and timesteps (the same at every evaluation)."""
+        idx_all = self.val_idx if len(self.val_idx) else self.train_idx
+        was_training = self.student.training
+        self.student.eval()
+        generator = torch.Generator().manual_seed(_step_seed(self.config.seed, -1))
+        total = 0.0
+        for start in range(0, len(idx_all), batch_size):
+            idx = idx_all[start:start + batch_size]
+            cap, diff = self._losses(idx, generator)
+            total += float(cap + self.lambda_diffusion * diff) * len(idx)
+        self.student.train(was_training)
+        return total / len(idx_all)

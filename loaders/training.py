@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import folder_paths
@@ -234,12 +235,13 @@ def target_of(data: DistillData) -> str:
 
 def train_distill(run: Path, data: DistillData, student, start_info: dict, train_config: TrainConfig, write_result,
                   resume=True, device="cpu", ddp=False, on_step=None, checkpoint_every=100, is_main=True,
-                  cache_path=None):
+                  cache_path=None, make_trainer=None):
     """Distil `student` on `data`, resuming from run/checkpoint.pt when asked and its settings match
     `start_info` and the training settings. Checkpoints every `checkpoint_every` steps, at the end, and when
     on_step raises (interruption): the exception propagates once the checkpoint is safe. The main process
-    then calls write_result() and writes history.json. Returns the trainer."""
-    trainer = DistillTrainer(student, data, train_config, device=device, ddp=ddp)
+    then calls write_result() and writes history.json. make_trainer() gives another trainer (stage 2) in
+    place of DistillTrainer(student, ...). Returns the trainer."""
+    trainer = make_trainer() if make_trainer else DistillTrainer(student, data, train_config, device=device, ddp=ddp)
     start_info = {**start_info, "train_config": train_config.resume_key(), "examples": len(data)}
     if resume:
         saved = load_checkpoint(run)
@@ -442,3 +444,218 @@ def train_connector(run: Path, data: DistillData, connector_config, train_config
                             {"connector_config": connector_config.to_dict(), "probes": probes}, train_config, write,
                             **kwargs)
     return connector.eval().requires_grad_(False), trainer
+
+
+# ---- Beyond CLIP stage 2: RepAdapter trained with the caption loss and the frozen UNet's denoising loss -----
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+PAIRS_EXTENSIONS = (".tsv",)
+
+
+def _caption_beside(image: Path):
+    text = image.with_suffix(".txt")
+    return text if text.is_file() else None
+
+
+def pair_sources():
+    """Image-caption sets in ComfyUI's input folder: folders (and sub-folders one level down) holding images
+    with same-stem .txt captions, and .tsv files 'image<TAB>caption'."""
+    base = Path(folder_paths.get_input_directory())
+    if not base.is_dir():
+        return []
+    found = []
+    for path in sorted(base.rglob("*")):
+        rel = path.relative_to(base)
+        if len(rel.parts) > 2 or any(p.startswith(".") for p in rel.parts):
+            continue
+        if path.is_dir() and any(p.suffix.lower() in IMAGE_EXTENSIONS and _caption_beside(p) for p in path.iterdir()):
+            found.append(rel.as_posix() + "/")
+        elif path.is_file() and path.suffix.lower() in PAIRS_EXTENSIONS:
+            found.append(rel.as_posix())
+    return found
+
+
+def read_pairs(name) -> list:
+    """[(image path, caption)] from a pair source (see pair_sources); at least two pairs."""
+    base = Path(folder_paths.get_input_directory()).resolve()
+    path = (base / name.rstrip("/")).resolve()
+    if base not in path.parents or not path.exists():
+        raise LoadError(f"'{name}' is not in ComfyUI's input folder ({base}). Put a folder of images with same-name "
+                        f".txt captions, or a .tsv 'image<TAB>caption' file, there and refresh the page.")
+    pairs = []
+    if path.is_dir():
+        for image in sorted(path.iterdir()):
+            if image.suffix.lower() in IMAGE_EXTENSIONS and _caption_beside(image):
+                text = " ".join(_caption_beside(image).read_text(encoding="utf-8").split())
+                if text:
+                    pairs.append((image, text))
+    else:
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise LoadError(f"{path} could not be read as UTF-8 text ({e}).") from None
+        for i, line in enumerate(lines):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            parts = line.split("\t")
+            if len(parts) != 2 or not parts[1].strip():
+                raise LoadError(f"{path}, line {i + 1}: expected 'image<TAB>caption', got {line[:80]!r}")
+            image = (path.parent / parts[0].strip()).resolve()
+            if base not in image.parents or not image.is_file():
+                raise LoadError(f"{path}, line {i + 1}: the image '{parts[0].strip()}' is not a file beside the "
+                                f".tsv in ComfyUI's input folder")
+            pairs.append((image, parts[1].strip()))
+    if len(pairs) < 2:
+        raise LoadError(f"'{name}' gives {len(pairs)} image-caption pair(s); give at least two (images with a "
+                        f"same-name .txt caption, or 'image<TAB>caption' lines).")
+    return pairs
+
+
+def load_square_image(path: Path, resolution: int) -> torch.Tensor:
+    """(1, R, R, 3) float in [0, 1]: the picture's centre square, resized (what SD is trained on)."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            side = min(img.size)
+            left, top = (img.width - side) // 2, (img.height - side) // 2
+            img = img.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
+            rgb = np.asarray(img, dtype=np.float32) / 255.0
+    except (OSError, UnidentifiedImageError) as e:
+        raise LoadError(f"{path} could not be read as a picture ({e}).") from None
+    return torch.from_numpy(rgb.copy())[None]
+
+
+def build_latent_cache(run: Path, images, vae, model, resolution: int, progress=None) -> torch.Tensor:
+    """(N, C, h, w) latents of the images as the UNet sees them (vae.encode, then the model's
+    process_latent_in), computed once per (images, VAE, resolution) and kept in run/cache/."""
+    from .encode_cache import file_identity
+    identity = {"images": [f"{p}:{file_identity(p)}" for p in images], "resolution": resolution,
+                "vae": fingerprint(dict(vae.first_stage_model.state_dict())),
+                "latent_format": type(model.model.latent_format).__name__}
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
+    path = run / "cache" / f"latents-{key}.safetensors"
+    if not path.is_file():
+        latents = []
+        for i, image in enumerate(images):
+            # seeded: some hosts' VAE encode draws from the posterior, and runs must agree on their latents
+            with torch.no_grad(), torch.random.fork_rng():
+                torch.manual_seed(i)
+                raw = vae.encode(load_square_image(image, resolution))
+                latents.append(model.model.process_latent_in(raw.float().cpu())[0])
+            if progress is not None:
+                progress(i + 1, len(images))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({"latents": torch.stack(latents).contiguous()}, str(tmp), metadata={"format": "beyond_clip.latents"})
+        os.replace(tmp, path)
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        latents = f.get_tensor("latents")
+    with torch.inference_mode(False):
+        return latents.clone()
+
+
+def leave_inference_mode(module: torch.nn.Module):
+    """Weights made under ComfyUI's inference mode cannot be saved for backward, so gradients could not flow
+    through the frozen LLM / UNet to the adapters: each such parameter or buffer is replaced by an equal
+    ordinary tensor (the same bytes; ComfyUI's own weight patching replaces parameters the same way)."""
+    with torch.inference_mode(False), torch.no_grad():
+        for m in module.modules():
+            for name, p in list(m._parameters.items()):
+                if p is not None and p.is_inference():
+                    m._parameters[name] = torch.nn.Parameter(p.clone(), requires_grad=False)
+            for name, b in list(m._buffers.items()):
+                if b is not None and b.is_inference():
+                    m._buffers[name] = b.clone()
+    return module
+
+
+@contextmanager
+def clone_norm_inputs(module: torch.nn.Module):
+    """While training through a ComfyUI UNet: every LayerNorm reads a copy of its input. Older ComfyUI
+    transformer blocks add the attention output into the block's input in place (`x += n`) after a norm
+    saved that input for backward, which autograd refuses; the copy is what the norm saves instead."""
+    handles = [m.register_forward_pre_hook(lambda _, args: (args[0].clone(),) + tuple(args[1:]))
+               for m in module.modules() if isinstance(m, torch.nn.LayerNorm)]
+    try:
+        yield module
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class ComfyDenoiser:
+    """The frozen diffusion model of a ComfyUI MODEL (loaded by the caller) as stage 2's Denoiser: timesteps
+    -> sigmas from its own model_sampling, x0 from its own apply_model (sigma in, denoised latent out)."""
+
+    def __init__(self, model):
+        self.base = model.model
+        self.sampling = self.base.model_sampling
+        self.timesteps = len(self.sampling.sigmas)
+
+    def sigma(self, t):
+        return self.sampling.sigma(t.to(self.sampling.sigmas.device))
+
+    def noise_scaling(self, sigma, noise, latent):
+        # the 2024 host multiplies noise by sigma without reshaping it
+        return self.sampling.noise_scaling(sigma.view(-1, *[1] * (noise.ndim - 1)), noise, latent)
+
+    def denoise(self, x, sigma, tokens, pooled):
+        return self.base.apply_model(x, sigma, c_crossattn=tokens)
+
+
+def token_id_student(llm, num_tokens: int, template: str):
+    """student(text) -> (token ids as a (1, T, 1) float tensor (exact below 2^24), last real token): the ids
+    llm_text.encode feeds the LLM (cut to the context, padded with the attended pad token to num_tokens)."""
+    from ..bridges import llm_text
+    model = llm.patcher.model.inner
+    limit = min(llm_text.context_length(model), num_tokens)
+
+    def student(text):
+        ids, _, _ = llm_text.tokenize(llm.tokenizer, llm_text.apply_template(text, template), limit)
+        last = ids.shape[1] - 1
+        if ids.shape[1] < num_tokens:
+            ids = torch.cat([ids, torch.full((1, num_tokens - ids.shape[1]), llm_text._pad_id(llm.tokenizer),
+                                             dtype=ids.dtype)], dim=1)
+        if int(ids.max()) >= 2 ** 24:
+            raise LoadError(f"{llm.describe()}: token ids past 2^24 cannot be cached exactly")
+        return ids[..., None].float(), last
+    return student
+
+
+def train_repadapter(run: Path, data: DistillData, latents, llm_module, mapper, denoiser, train_config: TrainConfig,
+                     out_path, *, hidden_dim=8, groups=2, scale=1.0, dropout=0.1, hidden_layer=-1,
+                     lambda_diffusion=0.1, device="cpu", **kwargs):
+    """Beyond CLIP stage 2: fresh RepAdapters on every linear of `llm_module` (lm_head excepted) trained with
+    L_cap + lambda * L_diffusion, mapper / LLM / UNet frozen; written with save_repadapter. The LLM and mapper
+    must already sit on `device` as ordinary (non-inference) tensors. Returns (adapters in eval mode, trainer)."""
+    from ..bridges.repadapter import build_adapters, find_linear_targets
+    from ..bridges.training import RepAdapterStudent, RepAdapterTrainer
+    from .repadapters import save_repadapter
+    if data.targets.shape[-1] != mapper.config.out_dim:
+        raise LoadError(f"the CLIP gives {data.targets.shape[-1]}-wide tokens but the mapper "
+                        f"{getattr(mapper, 'source', '')} writes {mapper.config.out_dim}; connect the CLIP of the "
+                        f"checkpoint the mapper was trained for")
+    if latents is not None and len(latents) != len(data):
+        raise LoadError(f"{len(latents)} latents for {len(data)} captions")
+    if mapper.pooled is None and data.pooled is not None:
+        data = DistillData(data.inputs, data.last_token, data.targets, None)
+    targets = find_linear_targets(llm_module)
+    adapters = seeded_init(train_config.seed, lambda: build_adapters(llm_module, targets, hidden_dim, groups, scale,
+                                                                     dropout))
+    student = RepAdapterStudent(llm_module, adapters, mapper, hidden_layer)
+
+    def make_trainer():
+        return RepAdapterTrainer(student, data, latents, denoiser, train_config, lambda_diffusion, device=device)
+
+    def write():
+        save_repadapter(out_path, adapters.eval(), hidden_dim, groups, scale)
+        return out_path
+
+    info = {"repadapter": {"hidden_dim": hidden_dim, "groups": groups, "scale": scale, "dropout": dropout,
+                           "hidden_layer": hidden_layer, "lambda_diffusion": lambda_diffusion,
+                           "mapper": getattr(mapper, "identity", ""), "images": latents is not None}}
+    trainer = train_distill(run, data, student, info, train_config, write, device=device,
+                            make_trainer=make_trainer, **kwargs)
+    return adapters.eval().requires_grad_(False), trainer

@@ -436,12 +436,119 @@ class TrainMUMUConnector:
         return {"ui": {"text": [text]}, "result": (loaded, out_path.name, trainer.last_val_loss())}
 
 
+class TrainRepAdapter:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "llm": (LLM_TYPE, {"tooltip": "The plain LLM (no adapter applied) the mapper was trained on"}),
+                "mapper": (MAPPER_TYPE, {"tooltip": "A stage-1 mapper for this LLM and SD1.x; it stays frozen"}),
+                "clip": ("CLIP", {"tooltip": "The teacher of the caption loss: the CLIP of the checkpoint"}),
+                "model": ("MODEL", {"tooltip": "The SD1.x MODEL whose denoising loss trains the adapter; frozen"}),
+                "vae": ("VAE", {"tooltip": "The checkpoint's VAE: the images become latents once, cached"}),
+                "pairs": (training.pair_sources(), {"tooltip": "In ComfyUI's input folder: a folder of images with "
+                                                               "same-name .txt captions, or a .tsv 'image<TAB>caption'"}),
+                "run_name": ("STRING", {"default": "beyond_clip_repadapter", "tooltip": "output/beyond_clip_training/"
+                                        "<run_name>/ keeps the caches and the checkpoint to resume from"}),
+                "output_name": ("STRING", {"default": "my_repadapter", "tooltip": "Written as models/bridges/<name>.safetensors"}),
+                "steps": ("INT", {"default": 1000, "min": 1, "max": 10_000_000}),
+                "batch_size": ("INT", {"default": 4, "min": 1, "max": 4096}),
+                "learning_rate": ("FLOAT", {"default": 1e-4, "min": 1e-7, "max": 1.0, "step": 1e-5}),
+                "lambda_diffusion": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 1000.0, "step": 0.01,
+                                               "tooltip": "loss = L_cap + lambda * L_diffusion (Beyond CLIP: 0.1); "
+                                                          "0 = caption loss only (the images are not read)"}),
+                "hidden_dim": ("INT", {"default": 8, "min": 1, "max": 4096}),
+                "groups": ("INT", {"default": 2, "min": 1, "max": 64}),
+                "scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.01}),
+                "resolution": ("INT", {"default": 512, "min": 8, "max": 4096, "step": 8,
+                                       "tooltip": "Each image's centre square is resized to this many pixels a side"}),
+                "template": (llm_text.TEMPLATES, {"default": "none"}),
+                **RUN_INPUTS,
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    RETURN_TYPES = (LLM_TYPE, "STRING", "FLOAT")
+    RETURN_NAMES = ("llm", "repadapter_name", "val_loss")
+    OUTPUT_NODE = True
+    FUNCTION = "train"
+    CATEGORY = CATEGORY + "/training"
+    DESCRIPTION = ("Beyond CLIP stage 2: RepAdapters on every linear layer of the LLM learn, with the mapper frozen, "
+                   "loss = MSE(mapper(LLM+adapters(caption)), CLIP(caption)) + lambda * the frozen UNet's denoising "
+                   "loss of the caption's image under that conditioning (SD1.x). Writes the adapter where Load "
+                   "RepAdapter lists it and outputs the LLM with it applied (unmerged).")
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, pairs):
+        return _file_choice(pairs, training.pair_sources(), "image-caption set")
+
+    @classmethod
+    def IS_CHANGED(cls, pairs, **kwargs):
+        try:
+            return ";".join(f"{p}:{_file_stamp(p)}:{c}" for p, c in training.read_pairs(pairs))
+        except LoadError:
+            return pairs
+
+    def train(self, llm, mapper, clip, model, vae, pairs, run_name, output_name, steps, batch_size, learning_rate,
+              lambda_diffusion, hidden_dim, groups, scale, resolution, template, val_fraction, seed, resume,
+              checkpoint_every, eval_every, unique_id=None):
+        from ..loaders import repadapters
+        from .beyond_clip import _check_mapper_fits
+        from .common import model_context_width, model_needs_pooled
+        if llm.adapter is not None:
+            raise ValueError(f"{llm.describe()} already has an adapter: connect the plain LLM (from Load LLM)")
+        _check_mapper_fits(llm, mapper)
+        if model_needs_pooled(model) or model_context_width(model) not in (None, 768) or mapper.config.out_dim != 768:
+            raise ValueError("RepAdapter training (stage 2) supports SD1.x in this version: connect an SD1.x "
+                             "checkpoint's MODEL/CLIP/VAE and a mapper trained for SD1.x (77x768). SDXL is not "
+                             "supported yet.")
+        if hidden_dim % groups:
+            raise ValueError(f"groups={groups} must divide hidden_dim={hidden_dim}")
+        found = training.read_pairs(pairs)
+        texts, images = [c for _, c in found], [p for p, _ in found]
+        run = training.run_dir(run_name)
+        out_path = training.bridge_path(output_name, kind=repadapters.KIND)
+        settings = _train_settings(steps, batch_size, learning_rate, "mse", val_fraction, seed, eval_every)
+        num_tokens = mapper.config.num_tokens
+        caching = Progress(len(texts) * 2)
+        identity = {"student": "token_ids", "llm": llm.identity, "clip": training.clip_identity(clip),
+                    "template": template, "num_tokens": num_tokens}
+        data, cache_path = training.build_cache(
+            run, texts, training.token_id_student(llm, num_tokens, template), training.clip_teacher(clip), identity,
+            "fp32", progress=lambda done, total: caching.step(done))
+        latents = None
+        if lambda_diffusion:
+            latents = training.build_latent_cache(run, images, vae, model, resolution,
+                                                  progress=lambda done, total: caching.step(len(texts) + done))
+        # the LLM and the UNet on the device together: the UNet is frozen but the gradient runs through it
+        import inspect
+        full = {"force_full_load": True} if "force_full_load" in inspect.signature(mm.load_models_gpu).parameters else {}
+        mm.load_models_gpu([llm.patcher, model], **full)
+        device = mm.get_torch_device()
+        with _training_context():
+            llm_module = training.leave_inference_mode(llm.patcher.model.inner)
+            training.leave_inference_mode(model.model)
+            frozen_mapper = training.leave_inference_mode(mapper.to(device))
+        with training.clone_norm_inputs(model.model.diffusion_model):
+            _, trainer = _run_with_progress(unique_id, steps, lambda on_step: training.train_repadapter(
+                run, data, latents, llm_module, frozen_mapper, training.ComfyDenoiser(model), settings, out_path,
+                hidden_dim=hidden_dim, groups=groups, scale=scale, hidden_layer=mapper.config.hidden_layer,
+                lambda_diffusion=lambda_diffusion, device=device, resume=resume, on_step=on_step,
+                checkpoint_every=checkpoint_every, cache_path=cache_path))
+        text = _summary(trainer, out_path.name) + (f"; last step: caption {trainer.last_parts['caption']:.5f}, "
+                                                   f"diffusion {trainer.last_parts['diffusion']:.5f}"
+                                                   if trainer.last_parts else "")
+        adapted = repadapters.apply_repadapter(llm, repadapters.load_repadapter(out_path), "unmerged")
+        return {"ui": {"text": [text]}, "result": (adapted, out_path.name, trainer.last_val_loss())}
+
+
 NODE_CLASS_MAPPINGS = {
     "BeyondCLIP_TrainMapper": TrainMapper,
     "BeyondCLIP_TrainRouter": TrainRouter,
     "BeyondCLIP_TrainGILLDecision": TrainGILLDecision,
     "BeyondCLIP_TrainGILLMapper": TrainGILLMapper,
     "BeyondCLIP_TrainMUMUConnector": TrainMUMUConnector,
+    "BeyondCLIP_TrainRepAdapter": TrainRepAdapter,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "BeyondCLIP_TrainMapper": "Train Mapper (Beyond CLIP)",
@@ -449,4 +556,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "BeyondCLIP_TrainGILLDecision": "Train Decision Model (GILL)",
     "BeyondCLIP_TrainGILLMapper": "Train Mapper (GILL)",
     "BeyondCLIP_TrainMUMUConnector": "Train Connector (MUMU)",
+    "BeyondCLIP_TrainRepAdapter": "Train RepAdapter, stage 2 (Beyond CLIP)",
 }

@@ -1,0 +1,169 @@
+"""Beyond CLIP stage 2: RepAdapters on the LLM trained with the caption loss plus the frozen SD1.x UNet's
+denoising loss on image-caption pairs; only the adapters change; resume is exact; the written adapter drives the
+stock graph (Load RepAdapter -> Apply RepAdapter -> LLM Text Encode -> KSampler)."""
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import forget_everything, pack_module, pixel_change, run_saved_image
+
+COLOURS = {"red": (220, 30, 30), "blue": (30, 40, 220), "green": (30, 200, 40), "yellow": (230, 220, 30)}
+SHAPES = ["square", "stripe", "dot"]
+
+
+def _picture(colour, shape):
+    from PIL import Image, ImageDraw
+    img = Image.new("RGB", (64, 64), (128, 128, 128))
+    draw = ImageDraw.Draw(img)
+    box = {"square": (16, 16, 48, 48), "stripe": (0, 24, 64, 40), "dot": (24, 24, 40, 40)}[shape]
+    (draw.ellipse if shape == "dot" else draw.rectangle)(box, fill=COLOURS[colour])
+    return img
+
+
+@pytest.fixture(scope="module")
+def pairs_folder(host):
+    """input/stage2_pairs/: 12 pictures with same-name .txt captions."""
+    folder = Path(host.folder_paths.get_input_directory()) / "stage2_pairs"
+    folder.mkdir(parents=True, exist_ok=True)
+    for colour, shape in itertools.product(COLOURS, SHAPES):
+        _picture(colour, shape).save(folder / f"{colour}_{shape}.png")
+        (folder / f"{colour}_{shape}.txt").write_text(f"a {colour} {shape} on grey\n")
+    return "stage2_pairs/"
+
+
+def history(host, run):
+    return json.loads((Path(host.folder_paths.get_output_directory()) / "beyond_clip_training" / run /
+                       "history.json").read_text())
+
+
+def train_graph(llm, mapper, pairs, *, run, out, steps=30, resume=True, lr=1e-2, lam=0.1, seed=0):
+    return {
+        "1": {"class_type": "BeyondCLIP_LLMLoader", "inputs": {"llm_name": llm, "dtype": "fp32"}},
+        "2": {"class_type": "BeyondCLIP_MapperLoader", "inputs": {"mapper_name": mapper}},
+        "6": {"class_type": "BeyondCLIP_TinyCheckpoint", "inputs": {"arch": "sd15"}},
+        "20": {"class_type": "BeyondCLIP_TrainRepAdapter", "inputs": {
+            "llm": ["1", 0], "mapper": ["2", 0], "clip": ["6", 1], "model": ["6", 0], "vae": ["6", 2],
+            "pairs": pairs, "run_name": run, "output_name": out, "steps": steps, "batch_size": 4,
+            "learning_rate": lr, "lambda_diffusion": lam, "hidden_dim": 8, "groups": 2, "scale": 1.0,
+            "resolution": 64, "template": "none", "val_fraction": 0.25, "seed": seed, "resume": resume,
+            "checkpoint_every": 5, "eval_every": 5}},
+    }
+
+
+def snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_stage2_loss_falls_and_only_the_adapters_change(host, pack, tiny_llama, mapper_files, pairs_folder):
+    forget_everything(host)
+    llm = pack_module(pack, "loaders.llm").load_llm(tiny_llama, host.models_dir / "LLM" / tiny_llama, "fp32")
+    unet = pack_module(pack, "headless.tiny_models").tiny_checkpoint("sd15")[0].model.diffusion_model
+    llm_before, unet_before = snapshot(llm.patcher.model.inner), snapshot(unet)
+    mapper_file = load_file(str(host.models_dir / "bridges" / mapper_files["sd1"]))
+
+    ui = host.run(train_graph(tiny_llama, mapper_files["sd1"], pairs_folder, run="s2-falls", out="s2-falls",
+                              steps=40))
+    h = history(host, "s2-falls")
+    print(f"\nstage 2: {ui['20']['text'][0]}")
+    train = [e["train_loss"] for e in h["history"] if "train_loss" in e]
+    assert h["steps"] == 40 and h["val_examples"] == 3
+    vals = [e["val_loss"] for e in h["history"] if "val_loss" in e]
+    print(f"held-out loss at every 5 steps: {[round(v, 4) for v in vals]}")
+    # a random tiny mapper leaves a high floor; the total loss must still fall at every evaluation
+    assert h["final_val_loss"] < 0.95 * h["initial_val_loss"]
+    assert all(b <= a + 1e-4 for a, b in zip(vals, vals[1:]))
+    assert sum(train[-5:]) < 0.97 * sum(train[:5])
+    adapted, name, val_loss = host.node_output("20")
+    assert name == "s2-falls.safetensors" and val_loss == pytest.approx(h["final_val_loss"])
+    assert adapted.adapter is not None and adapted.adapter.mode == "unmerged"
+    assert name in pack_module(pack, "loaders.folders").list_bridge_files()
+
+    # the LLM's weights, the UNet's and the mapper's are byte-identical; the adapters moved off the identity
+    assert same(snapshot(llm.patcher.model.inner), llm_before)
+    assert same(snapshot(unet), unet_before)
+    mapper = host.node_output("2")[0]
+    assert same({k: v for k, v in mapper.state_dict().items()}, mapper_file)
+    written = load_file(str(host.models_dir / "bridges" / name))
+    assert any(k.endswith("conv_B.weight") for k in written)
+    assert all(written[k].abs().sum() > 0 for k in written if k.endswith("conv_B.weight"))
+
+
+def test_stage2_diffusion_loss_reaches_the_adapters(host, tiny_llama, mapper_files, pairs_folder):
+    """With the caption loss weighted to nothing the gradient comes from the UNet alone: lambda 0 vs 10 differ."""
+    forget_everything(host)
+    host.run(train_graph(tiny_llama, mapper_files["sd1"], pairs_folder, run="s2-lam0", out="s2-lam0", steps=3,
+                         lam=0.0, resume=False))
+    forget_everything(host)
+    host.run(train_graph(tiny_llama, mapper_files["sd1"], pairs_folder, run="s2-lam10", out="s2-lam10", steps=3,
+                         lam=10.0, resume=False))
+    a = load_file(str(host.models_dir / "bridges" / "s2-lam0.safetensors"))
+    b = load_file(str(host.models_dir / "bridges" / "s2-lam10.safetensors"))
+    assert not same(a, b)
+    h = history(host, "s2-lam10")
+    assert h["history"][0]["val_loss"] > history(host, "s2-lam0")["history"][0]["val_loss"]
+
+
+def test_stage2_resume_is_exact(host, tiny_llama, mapper_files, pairs_folder):
+    forget_everything(host)
+    host.run(train_graph(tiny_llama, mapper_files["sd1"], pairs_folder, run="s2-straight", out="s2-straight",
+                         steps=20, resume=False))
+    forget_everything(host)
+    host.run(train_graph(tiny_llama, mapper_files["sd1"], pairs_folder, run="s2-halves", out="s2-halves", steps=10,
+                         resume=False))
+    forget_everything(host)
+    host.run(train_graph(tiny_llama, mapper_files["sd1"], pairs_folder, run="s2-halves", out="s2-halves", steps=20))
+    assert history(host, "s2-halves")["history"] == history(host, "s2-straight")["history"]
+    a = load_file(str(host.models_dir / "bridges" / "s2-straight.safetensors"))
+    b = load_file(str(host.models_dir / "bridges" / "s2-halves.safetensors"))
+    assert same(a, b)
+
+
+def sample_graph(llm, mapper, adapter=None, mode="unmerged"):
+    g = {
+        "1": {"class_type": "BeyondCLIP_LLMLoader", "inputs": {"llm_name": llm, "dtype": "fp32"}},
+        "2": {"class_type": "BeyondCLIP_MapperLoader", "inputs": {"mapper_name": mapper}},
+        "6": {"class_type": "BeyondCLIP_TinyCheckpoint", "inputs": {"arch": "sd15"}},
+        "4": {"class_type": "BeyondCLIP_TextEncode", "inputs": {
+            "llm": ["1", 0], "mapper": ["2", 0], "prompt": "a red square on grey", "negative_prompt": "",
+            "negative": "zeros", "hidden_layer": -1, "template": "none", "cache_to_disk": False}},
+        "7": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "8": {"class_type": "KSampler", "inputs": {
+            "model": ["6", 0], "positive": ["4", 0], "negative": ["4", 1], "latent_image": ["7", 0], "seed": 3,
+            "steps": 4, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "9": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["6", 2]}},
+        "10": {"class_type": "SaveImage", "inputs": {"images": ["9", 0], "filename_prefix": "stage2"}},
+    }
+    if adapter:
+        g["11"] = {"class_type": "BeyondCLIP_RepAdapterLoader", "inputs": {"adapter_name": adapter}}
+        g["12"] = {"class_type": "BeyondCLIP_ApplyRepAdapter", "inputs": {"llm": ["1", 0], "repadapter": ["11", 0],
+                                                                          "mode": mode}}
+        g["4"]["inputs"]["llm"] = ["12", 0]
+    return g
+
+
+def test_trained_adapter_changes_the_encoding_through_the_stock_graph(host, tiny_llama, mapper_files, pairs_folder):
+    name = "s2-falls.safetensors"
+    if not (host.models_dir / "bridges" / name).exists():
+        forget_everything(host)
+        host.run(train_graph(tiny_llama, mapper_files["sd1"], pairs_folder, run="s2-falls", out="s2-falls", steps=40))
+    plain = run_saved_image(host, sample_graph(tiny_llama, mapper_files["sd1"]))
+    plain_cond = host.node_output("4")[0][0][0]
+    unmerged = run_saved_image(host, sample_graph(tiny_llama, mapper_files["sd1"], name, "unmerged"))
+    unmerged_cond = host.node_output("4")[0][0][0]
+    merged = run_saved_image(host, sample_graph(tiny_llama, mapper_files["sd1"], name, "merged"))
+    merged_cond = host.node_output("4")[0][0][0]
+    change = pixel_change(unmerged.pixels, plain.pixels)
+    cond_change = (unmerged_cond - plain_cond).abs().mean().item()
+    merge_err = (merged_cond - unmerged_cond).abs().max().item()
+    print(f"\ntrained adapter: conditioning moves by {cond_change:.4f} (mean abs), pixels by {change:.2f} levels; "
+          f"merged vs unmerged max error {merge_err:.2e}")
+    assert unmerged_cond.shape == (1, 77, 768) and cond_change > 1e-3 and change > 0.1
+    assert merge_err < 1e-3
