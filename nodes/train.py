@@ -96,6 +96,31 @@ def _summary(trainer, out_name):
             f"{len(trainer.train_idx)} training captions")
 
 
+class ReadsCaptions:
+    """Train nodes reading a caption file (one per line) from ComfyUI's input folder: its choice is checked,
+    and an edited file makes the node run again."""
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, captions):
+        return _file_choice(captions, training.input_files(), "caption file")
+
+    @classmethod
+    def IS_CHANGED(cls, captions, **kwargs):
+        return _file_stamp(captions)
+
+
+class ReadsExamples:
+    """Train nodes reading a labelled label<TAB>text file from ComfyUI's input folder."""
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, examples):
+        return _file_choice(examples, training.input_files(training.TABLE_EXTENSIONS), "examples file")
+
+    @classmethod
+    def IS_CHANGED(cls, examples, **kwargs):
+        return _file_stamp(examples)
+
+
 # What every distillation run takes, in this order (workflow files store widget values by position).
 RUN_INPUTS = {
     "val_fraction": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 0.5, "step": 0.01,
@@ -107,7 +132,7 @@ RUN_INPUTS = {
 }
 
 
-class TrainMapper:
+class TrainMapper(ReadsCaptions):
     @classmethod
     def INPUT_TYPES(cls):
         return {
@@ -145,13 +170,6 @@ class TrainMapper:
                    "encoding of the caption (SD1.x: 77x768; SDXL: 77x2048 + pooled 1280). Targets are cached in the "
                    "run folder; the held-out loss is reported; interrupt and run again to resume.")
 
-    @classmethod
-    def VALIDATE_INPUTS(cls, captions):
-        return _file_choice(captions, training.input_files(), "caption file")
-
-    @classmethod
-    def IS_CHANGED(cls, captions, **kwargs):
-        return _file_stamp(captions)
 
     def train(self, llm, clip, captions, run_name, output_name, steps, batch_size, learning_rate, loss, hidden_dim,
               depth, activation, hidden_layer, template, val_fraction, seed, resume, checkpoint_every, eval_every,
@@ -175,7 +193,7 @@ class TrainMapper:
         return {"ui": {"text": [text]}, "result": (load_mapper(out_path), out_path.name, trainer.last_val_loss())}
 
 
-class TrainRouter:
+class TrainRouter(ReadsExamples):
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
@@ -197,13 +215,6 @@ class TrainRouter:
     DESCRIPTION = ("Trains the Beyond CLIP chat/draw router (naive Bayes) on your labelled instructions, reports the "
                    "held-out accuracy, then refits on every example and writes it where the Router node lists it.")
 
-    @classmethod
-    def VALIDATE_INPUTS(cls, examples):
-        return _file_choice(examples, training.input_files(training.TABLE_EXTENSIONS), "examples file")
-
-    @classmethod
-    def IS_CHANGED(cls, examples, **kwargs):
-        return _file_stamp(examples)
 
     def train(self, examples, output_name, alpha, bigrams, val_fraction, seed):
         texts, labels = routers.read_labelled_tsv(training.resolve_input_file(examples))
@@ -234,7 +245,7 @@ def _decision_labels(labels, source):
     return torch.tensor([wanted[label] for label in labels])
 
 
-class TrainGILLDecision:
+class TrainGILLDecision(ReadsExamples):
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
@@ -260,13 +271,6 @@ class TrainGILLDecision:
                    "reference) on your labelled prompts, reports held-out F1 for 'retrieve', and writes the GILL "
                    "model with it into models/bridges.")
 
-    @classmethod
-    def VALIDATE_INPUTS(cls, examples):
-        return _file_choice(examples, training.input_files(training.TABLE_EXTENSIONS), "examples file")
-
-    @classmethod
-    def IS_CHANGED(cls, examples, **kwargs):
-        return _file_stamp(examples)
 
     def train(self, llm, gill, examples, output_name, steps, learning_rate, val_fraction, seed):
         texts, labels = routers.read_labelled_tsv(training.resolve_input_file(examples))
@@ -299,7 +303,7 @@ class TrainGILLDecision:
         return {"ui": {"text": [text]}, "result": (gill_files.load_gill(out_path, out_path.name), out_path.name, f1)}
 
 
-class TrainGILLMapper:
+class TrainGILLMapper(ReadsCaptions):
     @classmethod
     def INPUT_TYPES(cls):
         return {
@@ -330,13 +334,6 @@ class TrainGILLMapper:
                    "into the checkpoint's own CLIP encoding of it (SD1.x, or SDXL with the pooled head). The [IMG] "
                    "embeddings stay as the base model has them. Writes the GILL model with the new mapper.")
 
-    @classmethod
-    def VALIDATE_INPUTS(cls, captions):
-        return _file_choice(captions, training.input_files(), "caption file")
-
-    @classmethod
-    def IS_CHANGED(cls, captions, **kwargs):
-        return _file_stamp(captions)
 
     def train(self, llm, gill, clip, captions, run_name, output_name, steps, batch_size, learning_rate, loss,
               val_fraction, seed, resume, checkpoint_every, eval_every, unique_id=None):
