@@ -602,7 +602,16 @@ class ComfyDenoiser:
         return self.sampling.noise_scaling(sigma.view(-1, *[1] * (noise.ndim - 1)), noise, latent)
 
     def denoise(self, x, sigma, tokens, pooled):
-        return self.base.apply_model(x, sigma, c_crossattn=tokens)
+        extra = {}
+        if pooled is not None:
+            # SDXL's vector input: the pooled text vector and the size embeddings, as the sampler builds them for
+            # a plain text conditioning (width/height = the latent's size in pixels, no crop)
+            h, w = x.shape[-2] * 8, x.shape[-1] * 8
+            y = self.base.encode_adm(pooled_output=pooled, width=w, height=h, crop_w=0, crop_h=0, target_width=w,
+                                     target_height=h)
+            if y is not None:
+                extra["y"] = y.to(x)
+        return self.base.apply_model(x, sigma, c_crossattn=tokens, **extra)
 
 
 def token_id_student(llm, num_tokens: int, template: str):

@@ -439,9 +439,9 @@ class TrainRepAdapter:
         return {
             "required": {
                 "llm": (LLM_TYPE, {"tooltip": "The plain LLM (no adapter applied) the mapper was trained on"}),
-                "mapper": (MAPPER_TYPE, {"tooltip": "A stage-1 mapper for this LLM and SD1.x; it stays frozen"}),
+                "mapper": (MAPPER_TYPE, {"tooltip": "A stage-1 mapper for this LLM and checkpoint; it stays frozen"}),
                 "clip": ("CLIP", {"tooltip": "The teacher of the caption loss: the CLIP of the checkpoint"}),
-                "model": ("MODEL", {"tooltip": "The SD1.x MODEL whose denoising loss trains the adapter; frozen"}),
+                "model": ("MODEL", {"tooltip": "The SD1.x or SDXL MODEL whose denoising loss trains the adapter; frozen"}),
                 "vae": ("VAE", {"tooltip": "The checkpoint's VAE: the images become latents once, cached"}),
                 "pairs": (training.pair_sources(), {"tooltip": "In ComfyUI's input folder: a folder of images with "
                                                                "same-name .txt captions, or a .tsv 'image<TAB>caption'"}),
@@ -472,7 +472,8 @@ class TrainRepAdapter:
     CATEGORY = CATEGORY + "/training"
     DESCRIPTION = ("Beyond CLIP stage 2: RepAdapters on every linear layer of the LLM learn, with the mapper frozen, "
                    "loss = MSE(mapper(LLM+adapters(caption)), CLIP(caption)) + lambda * the frozen UNet's denoising "
-                   "loss of the caption's image under that conditioning (SD1.x). Writes the adapter where Load "
+                   "loss of the caption's image under that conditioning (SD1.x, or SDXL with the pooled vector and size "
+                   "embeddings). Writes the adapter where Load "
                    "RepAdapter lists it and outputs the LLM with it applied (unmerged).")
 
     @classmethod
@@ -491,14 +492,12 @@ class TrainRepAdapter:
               checkpoint_every, eval_every, unique_id=None):
         from ..loaders import repadapters
         from .beyond_clip import _check_mapper_fits
-        from .common import model_context_width, model_needs_pooled
+        from .common import check_width_against_model
         if llm.adapter is not None:
             raise ValueError(f"{llm.describe()} already has an adapter: connect the plain LLM (from Load LLM)")
         _check_mapper_fits(llm, mapper)
-        if model_needs_pooled(model) or model_context_width(model) not in (None, 768) or mapper.config.out_dim != 768:
-            raise ValueError("RepAdapter training (stage 2) supports SD1.x in this version: connect an SD1.x "
-                             "checkpoint's MODEL/CLIP/VAE and a mapper trained for SD1.x (77x768). SDXL is not "
-                             "supported yet.")
+        check_width_against_model(model, mapper.config.out_dim, mapper.pooled is not None,
+                                  f"the mapper {getattr(mapper, 'source', '')}")
         if hidden_dim % groups:
             raise ValueError(f"groups={groups} must divide hidden_dim={hidden_dim}")
         found = training.read_pairs(pairs)
