@@ -535,3 +535,162 @@ class RepAdapterTrainer(DistillTrainer):
             total += float(cap + self.lambda_diffusion * diff) * len(idx)
         self.student.train(was_training)
         return total / len(idx_all)
+
+
+# ---- trainable LoRA on named Linear layers of a frozen model (forward hooks; the model is never modified) ----
+
+class LoRASet(nn.Module):
+    """Rank-r LoRA factors for named nn.Linear layers of a frozen model: while attached, each layer computes
+    W x + (alpha / r) B A x. A starts as peft's (Kaiming-uniform), B at zero, so training starts from the
+    frozen model's own output. The factors live here, so parameters() / state_dict() hold the LoRA only."""
+
+    def __init__(self, layers: dict, rank: int, alpha: float = None):
+        """layers: module path -> (in_features, out_features)."""
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be at least 1, got {rank}")
+        self.paths = sorted(layers)
+        self.rank, self.alpha = int(rank), float(alpha if alpha is not None else rank)
+        self.down = nn.ParameterList()
+        self.up = nn.ParameterList()
+        for path in self.paths:
+            fan_in, fan_out = layers[path]
+            down = torch.empty(rank, fan_in)
+            nn.init.kaiming_uniform_(down, a=math.sqrt(5))
+            self.down.append(nn.Parameter(down))
+            self.up.append(nn.Parameter(torch.zeros(fan_out, rank)))
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    @classmethod
+    def for_linears(cls, model: nn.Module, paths, rank: int, alpha: float = None) -> "LoRASet":
+        layers = {}
+        for path in paths:
+            layer = model.get_submodule(path)
+            layers[path] = (layer.in_features, layer.out_features)
+        return cls(layers, rank, alpha)
+
+    def factors(self) -> dict:
+        """module path -> (down (r, in), up (out, r)), detached."""
+        return {p: (d.detach(), u.detach()) for p, d, u in zip(self.paths, self.down, self.up)}
+
+    def attached(self, model: nn.Module):
+        from contextlib import ExitStack
+        stack = ExitStack()
+        scale = self.scale
+
+        def hook_for(down, up):
+            def hook(module, args, output):
+                x = args[0]
+                return output + F.linear(F.linear(x, down.to(x.dtype)), up.to(x.dtype)) * scale
+            return hook
+
+        for path, down, up in zip(self.paths, self.down, self.up):
+            stack.callback(model.get_submodule(path).register_forward_hook(hook_for(down, up)).remove)
+        return stack
+
+
+def linear_paths(model: nn.Module, pattern: str) -> list:
+    """Paths of the nn.Linear layers of `model` whose path matches the regular expression."""
+    import re
+    rx = re.compile(pattern)
+    return sorted(name for name, m in model.named_modules() if isinstance(m, nn.Linear) and rx.search(name))
+
+
+# ---- MUMU stage 2: connector + LoRA on Idefics2 and on the UNet, trained with the UNet's denoising loss ------
+
+class MUMUStage2Student(nn.Module):
+    """Idefics2 (+ LoRA) -> connector -> (tokens, pooled) for one interleaved prompt. The trainable parts are
+    submodules (connector, idefics2_lora, unet_lora); the frozen Idefics2 and UNet are held outside the module
+    tree, so checkpoints and the optimiser see only what is trained."""
+
+    def __init__(self, vlm, connector, idefics2_lora: LoRASet, unet, unet_lora: LoRASet, hidden_layer: int = -1):
+        super().__init__()
+        self.connector = connector
+        self.idefics2_lora = idefics2_lora
+        self.unet_lora = unet_lora
+        self._frozen = (vlm, unet)
+        self.hidden_layer = hidden_layer
+
+    def forward(self, seq, pixels):
+        from .mumu import encode
+        vlm, _ = self._frozen
+        with self.idefics2_lora.attached(vlm):
+            hidden = encode(vlm, seq, pixels, self.hidden_layer)
+        return self.connector(hidden.to(next(self.connector.parameters()).dtype))
+
+    def unet_attached(self):
+        return self.unet_lora.attached(self._frozen[1])
+
+
+class _Count:
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+
+class MUMUStage2Trainer(DistillTrainer):
+    """MUMU's second stage: examples [(Sequence, crop pixels or None)] with the cached latents of their pictures.
+    Each example is its own forward and backward (its token count differs from the others'; it also bounds the
+    memory to one example), the batch's gradients accumulated. Three learning rates (MUMU: connector 1e-5,
+    Idefics2 LoRA 3e-6, UNet LoRA 5e-6). Noise and timesteps of step s come from (seed, s): resume is exact."""
+
+    def __init__(self, student: MUMUStage2Student, examples, latents, denoiser: Denoiser, config: TrainConfig,
+                 lrs: dict, device="cpu"):
+        if len(examples) != len(latents):
+            raise ValueError(f"{len(examples)} examples for {len(latents)} latents")
+        super().__init__(student, _Count(len(examples)), config, device=device)
+        self.examples, self.latents, self.denoiser = examples, latents, denoiser
+        groups = [{"params": list(getattr(student, part).parameters()), "base_lr": float(lrs[part]),
+                   "lr": float(lrs[part]), "name": part}
+                  for part in ("connector", "idefics2_lora", "unet_lora") if lrs.get(part)]
+        for part in ("connector", "idefics2_lora", "unet_lora"):
+            if not lrs.get(part):
+                getattr(student, part).requires_grad_(False)  # learning rate 0: that part stays as it is
+        if not groups:
+            raise ValueError("every learning rate is 0: nothing to train")
+        self.optimizer = torch.optim.AdamW(groups, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay)
+
+    def _example_loss(self, i: int, generator) -> torch.Tensor:
+        seq, pixels = self.examples[i]
+        tokens, pooled = self.student(seq, pixels)
+        with self.student.unet_attached():
+            return diffusion_loss(self.denoiser, self.latents[i:i + 1].to(self.device), tokens, pooled, generator)
+
+    def train_step(self) -> float:
+        c = self.config
+        idx = batch_for_step(self.train_idx, self.step, c.batch_size, c.seed)
+        warm = min(1.0, (self.step + 1) / c.warmup) if c.warmup else 1.0
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * warm
+        self.optimizer.zero_grad(set_to_none=True)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        seed = _step_seed(c.seed, self.step)
+        total = 0.0
+        with torch.random.fork_rng(devices=[self.device.index or 0] if self.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            generator = torch.Generator().manual_seed(seed)
+            for i in idx.tolist():
+                loss = self._example_loss(i, generator) / len(idx)
+                loss.backward(inputs=params)  # gradients into the trained parts only
+                total += float(loss.detach())
+        if c.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        return total
+
+    @torch.no_grad()
+    def evaluate(self, batch_size: int = 64) -> float:
+        """Mean denoising loss over the held-out examples with a fixed draw of noise and timesteps."""
+        idx_all = self.val_idx if len(self.val_idx) else self.train_idx
+        was_training = self.student.training
+        self.student.eval()
+        generator = torch.Generator().manual_seed(_step_seed(self.config.seed, -1))
+        total = sum(float(self._example_loss(i, generator)) for i in idx_all.tolist())
+        self.student.train(was_training)
+        return total / len(idx_all)

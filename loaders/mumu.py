@@ -51,11 +51,15 @@ class LoadedIdefics2:
     context: int
     image_mean: tuple
     image_std: tuple
+    identity: str = ""  # the folder's files, the dtype and the LoRA: keys the encoding caches
     lora: object = None
     base: "LoadedIdefics2" = field(default=None, repr=False)
 
     def with_lora(self, patcher, lora) -> "LoadedIdefics2":
-        return replace(self, patcher=patcher, lora=lora, base=self.base or self)
+        source = lora.lora.source  # its files as they are now, just after they were read
+        identity = (f"{self.identity}+lora:{file_identity(source)}:{lora.strength}:{lora.mode}"
+                    if self.identity and source else "")
+        return replace(self, patcher=patcher, lora=lora, base=self.base or self, identity=identity)
 
     def attach(self, model):
         return self.lora.attach(model) if self.lora is not None else nullcontext()
@@ -154,7 +158,7 @@ def load_idefics2(name: str, path: Path, dtype_choice: str = "auto", progress=No
     vlm = LoadedIdefics2(patcher=patching.wrap(model), tokenizer=tokenizer, name=name, path=path, dtype=dtype,
                          hidden_size=int(text.hidden_size), patch_size=int(vision.patch_size),
                          max_resolution=int(vision.image_size), context=int(text.max_position_embeddings),
-                         image_mean=mean, image_std=std)
+                         image_mean=mean, image_std=std, identity=f"{key[2]}:{dtype}")
     progress and progress(4)
     _LIVE[key] = vlm
     return vlm
@@ -189,6 +193,7 @@ def load_connector(path) -> bridge.MUMUConnector:
         raise LoadError(f"{path}: its MUMU connector config is not valid ({e}). Write the file again.") from None
     load_state_into(connector, state_dict, path, "MUMU connector")
     connector.source = str(path)
+    connector.identity = file_identity(path)
     return connector.eval().requires_grad_(False)
 
 
@@ -205,13 +210,15 @@ class HostedConnector:
     patcher: object
     config: bridge.ConnectorConfig
     source: str
+    identity: str = ""  # the file: keys the encoding caches
 
     def module(self) -> bridge.MUMUConnector:
         return patching.load_to_device(self.patcher)
 
 
 def host_connector(connector: bridge.MUMUConnector) -> HostedConnector:
-    return HostedConnector(patching.wrap(connector), connector.config, getattr(connector, "source", ""))
+    return HostedConnector(patching.wrap(connector), connector.config, getattr(connector, "source", ""),
+                           getattr(connector, "identity", ""))
 
 
 # ---------------------------------------------------------------------------------- Idefics2 LoRA (peft)
@@ -277,6 +284,60 @@ def read_peft_lora(folder: Path) -> tuple:
     if not pairs:
         raise LoadError(f"{weights} holds no LoRA tensors.")
     return config, {p: (ab["A"], ab["B"]) for p, ab in pairs.items()}
+
+
+IDEFICS2_LORA_KIND = "mumu_idefics2_lora"
+UNET_LORA_KIND = "mumu_unet_lora"
+
+
+def _written_kind(path: Path):
+    """The 'beyond_clip_kind' a safetensors file was written with, or None (absent, unreadable, foreign)."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return (f.metadata() or {}).get("beyond_clip_kind")
+    except (OSError, SafetensorError):
+        return None
+
+
+def check_replaceable(path: Path, kind: str):
+    """Refuse to overwrite a file this pack did not write as `kind`."""
+    if Path(path).exists() and _written_kind(path) != kind:
+        raise LoadError(f"{path} exists and was not written by this pack's training; choose another output name "
+                        f"(training never replaces other files).")
+
+
+def save_idefics2_lora(folder: Path, factors: dict, alpha: float, base_model: str = ""):
+    """A peft LoRA folder (adapter_config.json + adapter_model.safetensors, peft's key names for a LoRA on
+    Idefics2Model) from factors {module path: (down A (r, in), up B (out, r))}: peft itself and
+    load_idefics2_lora read it. Written to a temporary name first, so a failed write leaves no half folder."""
+    import shutil
+    from safetensors.torch import save_file
+    folder = Path(folder)
+    ranks = {int(down.shape[0]) for down, _ in factors.values()}
+    if len(ranks) != 1:
+        raise ValueError(f"every layer needs the same rank, got {sorted(ranks)}")
+    modules = sorted({path.rsplit(".", 1)[-1] for path in factors})
+    config = {"peft_type": "LORA", "r": ranks.pop(), "lora_alpha": float(alpha), "lora_dropout": 0.0,
+              "target_modules": modules, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+              "use_dora": False, "init_lora_weights": True, "modules_to_save": None, "task_type": None,
+              "base_model_name_or_path": base_model, "inference_mode": True}
+    tensors = {}
+    for path, (down, up) in factors.items():
+        tensors[f"base_model.model.{path}.lora_A.weight"] = down.detach().float().contiguous().cpu()
+        tensors[f"base_model.model.{path}.lora_B.weight"] = up.detach().float().contiguous().cpu()
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=1))
+    save_file(tensors, str(tmp / PEFT_WEIGHTS[0]), metadata={"format": "pt", "beyond_clip_kind": IDEFICS2_LORA_KIND})
+    if folder.exists():
+        if _written_kind(folder / PEFT_WEIGHTS[0]) != IDEFICS2_LORA_KIND:
+            shutil.rmtree(tmp)
+            raise LoadError(f"{folder} exists and is not an Idefics2 LoRA written by this pack's training; choose "
+                            f"another output name (training never replaces other files).")
+        shutil.rmtree(folder)
+    tmp.rename(folder)
 
 
 def _alpha_for(config: dict, path: str) -> float:
@@ -397,7 +458,7 @@ def save_unet_lora(path, factors: dict, alpha: float, metadata: dict = None):
         ranks.add(int(down.shape[0]))
     meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(max(ranks, default=0)),
             "ss_network_alpha": str(float(alpha)), "ss_base_model_version": "sdxl_base_v1-0",
-            "beyond_clip_kind": "mumu_unet_lora"}
+            "beyond_clip_kind": UNET_LORA_KIND}
     meta.update({k: str(v) for k, v in (metadata or {}).items()})
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=meta)

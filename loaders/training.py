@@ -475,8 +475,10 @@ def pair_sources():
     return found
 
 
-def read_pairs(name) -> list:
-    """[(image path, caption)] from a pair source (see pair_sources); at least two pairs."""
+def read_pairs(name, crops=False) -> list:
+    """[(image path, caption)] from a pair source (see pair_sources); at least two pairs. crops=True (MUMU):
+    .tsv lines may go on with crops, 'image<TAB>caption<TAB>crop.png...', paths beside the .tsv; the caption
+    is then given as a MUMU caption line, 'caption<TAB>crop...' with the crops named from the input folder."""
     base = Path(folder_paths.get_input_directory()).resolve()
     path = (base / name.rstrip("/")).resolve()
     if base not in path.parents or not path.exists():
@@ -497,14 +499,19 @@ def read_pairs(name) -> list:
         for i, line in enumerate(lines):
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
-            parts = line.split("\t")
-            if len(parts) != 2 or not parts[1].strip():
-                raise LoadError(f"{path}, line {i + 1}: expected 'image<TAB>caption', got {line[:80]!r}")
-            image = (path.parent / parts[0].strip()).resolve()
-            if base not in image.parents or not image.is_file():
-                raise LoadError(f"{path}, line {i + 1}: the image '{parts[0].strip()}' is not a file beside the "
-                                f".tsv in ComfyUI's input folder")
-            pairs.append((image, parts[1].strip()))
+            parts = [p.strip() for p in line.split("\t")]
+            if len(parts) < 2 or not parts[1] or len(parts) > 2 and not crops:
+                raise LoadError(f"{path}, line {i + 1}: expected 'image<TAB>caption"
+                                f"{'[<TAB>crop...]' if crops else ''}', got {line[:80]!r}")
+            files = []
+            for part in [parts[0]] + [c for c in parts[2:] if c]:
+                file = (path.parent / part).resolve()
+                if base not in file.parents or not file.is_file():
+                    raise LoadError(f"{path}, line {i + 1}: '{part}' is not a file beside the .tsv in ComfyUI's "
+                                    f"input folder")
+                files.append(file)
+            caption = "\t".join([parts[1]] + [f.relative_to(base).as_posix() for f in files[1:]])
+            pairs.append((files[0], caption))
     if len(pairs) < 2:
         raise LoadError(f"'{name}' gives {len(pairs)} image-caption pair(s); give at least two (images with a "
                         f"same-name .txt caption, or 'image<TAB>caption' lines).")
@@ -668,3 +675,82 @@ def train_repadapter(run: Path, data: DistillData, latents, llm_module, mapper, 
     trainer = train_distill(run, data, student, info, train_config, write, device=device,
                             make_trainer=make_trainer, **kwargs)
     return adapters.eval().requires_grad_(False), trainer
+
+
+# ---- MUMU stage 2: connector + LoRA on Idefics2 and on the SDXL UNet, the UNet's denoising loss ------------
+
+# Idefics2's text-model attention projections (peft's usual LoRA targets for Mistral-class models; the paper
+# gives only the rank). The vision tower stays as it is.
+IDEFICS2_LORA_LAYERS = r"^text_model\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)$"
+
+
+def mumu_examples(vlm, captions, image_resolution: int):
+    """[(Sequence, crop pixels (n, 3, R, R) or None)] of MUMU caption lines (crops bound to their <image>)."""
+    from ..bridges import mumu as mumu_bridge
+    from .mumu import grid_for
+    grid, resolution = grid_for(vlm, image_resolution)
+    examples = []
+    for line in captions:
+        text, crops = parse_mumu_caption(line)
+        try:
+            segments = mumu_bridge.bind_placeholders(text, [""] * len(crops))
+            seq = mumu_bridge.build_sequence(vlm.tokenizer, segments, grid, context=vlm.context)
+        except mumu_bridge.PromptError as e:
+            raise LoadError(f"caption {text!r}: {e}") from None
+        pixels = (torch.stack([mumu_bridge.prepare_image(load_input_image(c), resolution, vlm.image_mean,
+                                                         vlm.image_std) for c in crops]) if crops else None)
+        examples.append((seq, pixels))
+    return examples
+
+
+def mumu_output_paths(output_name: str) -> dict:
+    """Where MUMU stage 2 writes, each listed by its loader at once: the connector in models/bridges, the Idefics2
+    LoRA as a peft folder in models/LLM, the UNet LoRA in models/loras. Files of others are never replaced."""
+    from .mumu import IDEFICS2_LORA_KIND, KIND, PEFT_WEIGHTS, UNET_LORA_KIND, check_replaceable
+    name = check_name(output_name, "output name")
+    paths = {"connector": bridge_path(name, kind=KIND),
+             "idefics2_lora": Path(folder_paths.get_folder_paths(folders.LLM)[0]) / f"{name}-idefics2-lora",
+             "unet_lora": Path(folder_paths.get_folder_paths("loras")[0]) / f"{name}-unet-lora.safetensors"}
+    check_replaceable(paths["unet_lora"], UNET_LORA_KIND)
+    check_replaceable(paths["idefics2_lora"] / PEFT_WEIGHTS[0], IDEFICS2_LORA_KIND)
+    return paths
+
+
+def train_mumu(run: Path, examples, latents, vlm_module, connector, model, denoiser, train_config: TrainConfig,
+               out_paths: dict, *, rank=8, lrs=None, hidden_layer=-1, device="cpu", **kwargs):
+    """MUMU stage 2: the connector (from stage 1) trained on with fresh rank-`rank` LoRAs on Idefics2's text
+    attention and on the UNet's attention projections (the MUMU UNet LoRA targets), by the frozen UNet's
+    denoising loss. Idefics2 and the UNet must sit on `device` as ordinary (non-inference) tensors.
+    out_paths: {"connector": bridge file, "idefics2_lora": peft folder, "unet_lora": kohya file}.
+    Returns (connector, idefics2 LoRASet, unet LoRASet, trainer)."""
+    import copy
+    from ..bridges.training import LoRASet, MUMUStage2Student, MUMUStage2Trainer, linear_paths
+    from .mumu import save_connector, save_idefics2_lora, save_unet_lora, unet_lora_targets
+    lrs = {"connector": 1e-5, "idefics2_lora": 3e-6, "unet_lora": 5e-6, **(lrs or {})}
+    unet = model.model.diffusion_model
+    unet_paths = [k[len("diffusion_model."):-len(".weight")] for k in unet_lora_targets(model.model.state_dict())]
+    vlm_paths = linear_paths(vlm_module, IDEFICS2_LORA_LAYERS)
+    if not unet_paths or not vlm_paths:
+        raise LoadError(f"found {len(vlm_paths)} Idefics2 and {len(unet_paths)} UNet attention layers to adapt; "
+                        f"MUMU stage 2 needs an Idefics2 and an SDXL MODEL")
+    trained = copy.deepcopy(connector).float().requires_grad_(True).train()
+    vlm_lora = seeded_init(train_config.seed, lambda: LoRASet.for_linears(vlm_module, vlm_paths, rank))
+    unet_lora = seeded_init(train_config.seed + 1, lambda: LoRASet.for_linears(unet, unet_paths, rank))
+    student = MUMUStage2Student(vlm_module, trained, vlm_lora, unet, unet_lora, hidden_layer)
+
+    def make_trainer():
+        return MUMUStage2Trainer(student, examples, latents, denoiser, train_config, lrs, device=device)
+
+    def write():
+        save_connector(out_paths["connector"], trained.eval())
+        save_idefics2_lora(out_paths["idefics2_lora"], vlm_lora.factors(), vlm_lora.alpha)
+        save_unet_lora(out_paths["unet_lora"], {f"diffusion_model.{p}.weight": f for p, f in unet_lora.factors().items()},
+                       unet_lora.alpha, {"beyond_clip_run": run.name})
+        return out_paths["connector"]
+
+    info = {"mumu_stage2": {"rank": rank, "lrs": lrs, "hidden_layer": hidden_layer,
+                            "connector": fingerprint(connector.state_dict()),
+                            "unet_layers": len(unet_paths), "idefics2_layers": len(vlm_paths)}}
+    trainer = train_distill(run, examples, student, info, train_config, write, device=device,
+                            make_trainer=make_trainer, **kwargs)
+    return trained.eval().requires_grad_(False), vlm_lora.eval(), unet_lora.eval(), trainer

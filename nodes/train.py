@@ -121,6 +121,30 @@ class ReadsExamples:
         return _file_stamp(examples)
 
 
+class ReadsPairs:
+    """Train nodes reading an image-caption set (a folder or a .tsv) from ComfyUI's input folder."""
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, pairs):
+        return _file_choice(pairs, training.pair_sources(), "image-caption set")
+
+    @classmethod
+    def IS_CHANGED(cls, pairs, **kwargs):
+        try:
+            return ";".join(f"{p}:{_file_stamp(p)}:{c}" for p, c in training.read_pairs(pairs, crops=True))
+        except LoadError:
+            return pairs
+
+
+def _load_for_training(*patchers):
+    """Everything gradients run through on the device together, as ordinary tensors: the frozen models are
+    loaded whole (no partial loading: the backward pass needs every weight)."""
+    import inspect
+    full = {"force_full_load": True} if "force_full_load" in inspect.signature(mm.load_models_gpu).parameters else {}
+    mm.load_models_gpu(list(patchers), **full)
+    return mm.get_torch_device()
+
+
 # What every distillation run takes, in this order (workflow files store widget values by position).
 RUN_INPUTS = {
     "val_fraction": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 0.5, "step": 0.01,
@@ -433,7 +457,7 @@ class TrainMUMUConnector:
         return {"ui": {"text": [text]}, "result": (loaded, out_path.name, trainer.last_val_loss())}
 
 
-class TrainRepAdapter:
+class TrainRepAdapter(ReadsPairs):
     @classmethod
     def INPUT_TYPES(cls):
         return {
@@ -476,17 +500,6 @@ class TrainRepAdapter:
                    "embeddings). Writes the adapter where Load "
                    "RepAdapter lists it and outputs the LLM with it applied (unmerged).")
 
-    @classmethod
-    def VALIDATE_INPUTS(cls, pairs):
-        return _file_choice(pairs, training.pair_sources(), "image-caption set")
-
-    @classmethod
-    def IS_CHANGED(cls, pairs, **kwargs):
-        try:
-            return ";".join(f"{p}:{_file_stamp(p)}:{c}" for p, c in training.read_pairs(pairs))
-        except LoadError:
-            return pairs
-
     def train(self, llm, mapper, clip, model, vae, pairs, run_name, output_name, steps, batch_size, learning_rate,
               lambda_diffusion, hidden_dim, groups, scale, resolution, template, val_fraction, seed, resume,
               checkpoint_every, eval_every, unique_id=None):
@@ -517,10 +530,7 @@ class TrainRepAdapter:
             latents = training.build_latent_cache(run, images, vae, model, resolution,
                                                   progress=lambda done, total: caching.step(len(texts) + done))
         # the LLM and the UNet on the device together: the UNet is frozen but the gradient runs through it
-        import inspect
-        full = {"force_full_load": True} if "force_full_load" in inspect.signature(mm.load_models_gpu).parameters else {}
-        mm.load_models_gpu([llm.patcher, model], **full)
-        device = mm.get_torch_device()
+        device = _load_for_training(llm.patcher, model)
         with _training_context():
             llm_module = training.leave_inference_mode(llm.patcher.model.inner)
             training.leave_inference_mode(model.model)
@@ -538,6 +548,95 @@ class TrainRepAdapter:
         return {"ui": {"text": [text]}, "result": (adapted, out_path.name, trainer.last_val_loss())}
 
 
+class TrainMUMU(ReadsPairs):
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "idefics2": (VLM_TYPE, {"tooltip": "The plain Idefics2 (no LoRA applied) the connector reads"}),
+                "connector": (CONNECTOR_TYPE, {"tooltip": "The stage-1 connector (Train Connector or Load Connector); "
+                                                          "trained on from here"}),
+                "model": ("MODEL", {"tooltip": "The SDXL MODEL whose denoising loss trains everything; its weights "
+                                               "stay frozen, a LoRA learns beside them"}),
+                "vae": ("VAE", {"tooltip": "The checkpoint's VAE: the pictures become latents once, cached"}),
+                "pairs": (training.pair_sources(), {
+                    "tooltip": "In ComfyUI's input folder: a .tsv 'picture<TAB>caption<TAB>crop.png...' whose "
+                               "caption has an <image> before each word a crop shows (crops you cut yourself; no "
+                               "detector is downloaded), or a folder of pictures with same-name .txt captions"}),
+                "run_name": ("STRING", {"default": "mumu_stage2"}),
+                "output_name": ("STRING", {"default": "my_mumu", "tooltip": "Writes models/bridges/<name>.safetensors "
+                                           "(connector), models/LLM/<name>-idefics2-lora/ (peft) and "
+                                           "models/loras/<name>-unet-lora.safetensors (kohya keys)"}),
+                "steps": ("INT", {"default": 2000, "min": 1, "max": 10_000_000}),
+                "batch_size": ("INT", {"default": 4, "min": 1, "max": 4096}),
+                "connector_lr": ("FLOAT", {"default": 1e-5, "min": 0.0, "max": 1.0, "step": 1e-6,
+                                           "tooltip": "MUMU: 1e-5 (0 = keep the connector as it is)"}),
+                "idefics2_lora_lr": ("FLOAT", {"default": 3e-6, "min": 0.0, "max": 1.0, "step": 1e-6,
+                                               "tooltip": "MUMU: 3e-6 (0 = no Idefics2 LoRA training)"}),
+                "unet_lora_lr": ("FLOAT", {"default": 5e-6, "min": 0.0, "max": 1.0, "step": 1e-6,
+                                           "tooltip": "MUMU: 5e-6 (0 = no UNet LoRA training)"}),
+                "rank": ("INT", {"default": 8, "min": 1, "max": 512, "tooltip": "LoRA rank (MUMU: 8)"}),
+                "resolution": ("INT", {"default": 1024, "min": 8, "max": 4096, "step": 8,
+                                       "tooltip": "Each picture's centre square is resized to this many pixels a side"}),
+                "image_resolution": ("INT", {"default": 504, "min": 1, "max": 4096,
+                                             "tooltip": "Pixels per side of each crop (MUMU stage 2: 504 -> 1296 tokens)"}),
+                **RUN_INPUTS,
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    RETURN_TYPES = (VLM_TYPE, CONNECTOR_TYPE, "MODEL", "STRING", "STRING", "FLOAT")
+    RETURN_NAMES = ("idefics2", "connector", "model", "connector_name", "unet_lora_name", "val_loss")
+    OUTPUT_NODE = True
+    FUNCTION = "train"
+    CATEGORY = CATEGORY + "/training"
+    DESCRIPTION = ("MUMU stage 2: the connector from stage 1 trains on, with rank-8 LoRAs on Idefics2's text attention "
+                   "and on the SDXL UNet's attention, by the frozen UNet's denoising loss on your captioned pictures "
+                   "(crops placed before their words). Outputs Idefics2 with its LoRA, the connector and the MODEL with "
+                   "its LoRA, ready for Encode (MUMU) and KSampler; the files are listed by the loaders at once.")
+
+    def train(self, idefics2, connector, model, vae, pairs, run_name, output_name, steps, batch_size, connector_lr,
+              idefics2_lora_lr, unet_lora_lr, rank, resolution, image_resolution, val_fraction, seed, resume,
+              checkpoint_every, eval_every, unique_id=None):
+        import comfy.sd
+        import comfy.utils
+        from .common import check_width_against_model
+        if idefics2.lora is not None:
+            raise ValueError(f"{idefics2.describe()} already has a LoRA: connect the plain Idefics2 (Load Idefics2)")
+        mumu_files.check_connector_fits(idefics2, connector)
+        check_width_against_model(model, connector.config.out_dim, bool(connector.config.pooled_dim),
+                                  f"the MUMU connector {connector.source}")
+        found = training.read_pairs(pairs, crops=True)
+        captions, images = [c for _, c in found], [p for p, _ in found]
+        run = training.run_dir(run_name)
+        out_paths = training.mumu_output_paths(output_name)
+        settings = _train_settings(steps, batch_size, 1.0, "mse", val_fraction, seed, eval_every)
+        examples = training.mumu_examples(idefics2, captions, image_resolution)
+        caching = Progress(len(images))
+        latents = training.build_latent_cache(run, images, vae, model, resolution,
+                                              progress=lambda done, total: caching.step(done))
+        device = _load_for_training(idefics2.patcher, model)
+        with _training_context():
+            vlm_module = training.leave_inference_mode(idefics2.patcher.model.inner)
+            training.leave_inference_mode(model.model)
+            stage1 = training.leave_inference_mode(connector.module()).to(device)
+        lrs = {"connector": connector_lr, "idefics2_lora": idefics2_lora_lr, "unet_lora": unet_lora_lr}
+        with training.clone_norm_inputs(model.model.diffusion_model):
+            _, _, _, trainer = _run_with_progress(unique_id, steps, lambda on_step: training.train_mumu(
+                run, examples, latents, vlm_module, stage1, model, training.ComfyDenoiser(model), settings, out_paths,
+                rank=rank, lrs=lrs, hidden_layer=connector.config.hidden_layer, device=device, resume=resume,
+                on_step=on_step, checkpoint_every=checkpoint_every))
+        text = _summary(trainer, out_paths["connector"].name).replace(" captions", " pictures")
+        lora = mumu_files.load_idefics2_lora(out_paths["idefics2_lora"], idefics2)
+        adapted = mumu_files.apply_idefics2_lora(idefics2, lora, 1.0, "unmerged")
+        hosted = mumu_files.host_connector(mumu_files.load_connector(out_paths["connector"]))
+        # the UNet LoRA applied as the stock LoraLoaderModelOnly applies it
+        unet_lora = comfy.utils.load_torch_file(str(out_paths["unet_lora"]), safe_load=True)
+        patched, _ = comfy.sd.load_lora_for_models(model, None, unet_lora, 1.0, 0)
+        return {"ui": {"text": [text]}, "result": (adapted, hosted, patched, out_paths["connector"].name,
+                                                    out_paths["unet_lora"].name, trainer.last_val_loss())}
+
+
 NODE_CLASS_MAPPINGS = {
     "BeyondCLIP_TrainMapper": TrainMapper,
     "BeyondCLIP_TrainRouter": TrainRouter,
@@ -545,6 +644,7 @@ NODE_CLASS_MAPPINGS = {
     "BeyondCLIP_TrainGILLMapper": TrainGILLMapper,
     "BeyondCLIP_TrainMUMUConnector": TrainMUMUConnector,
     "BeyondCLIP_TrainRepAdapter": TrainRepAdapter,
+    "BeyondCLIP_TrainMUMU": TrainMUMU,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "BeyondCLIP_TrainMapper": "Train Mapper (Beyond CLIP)",
@@ -553,4 +653,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "BeyondCLIP_TrainGILLMapper": "Train Mapper (GILL)",
     "BeyondCLIP_TrainMUMUConnector": "Train Connector (MUMU)",
     "BeyondCLIP_TrainRepAdapter": "Train RepAdapter, stage 2 (Beyond CLIP)",
+    "BeyondCLIP_TrainMUMU": "Train MUMU, stage 2 (LoRA on Idefics2 and UNet)",
 }
