@@ -208,3 +208,63 @@ def test_mumu_stage2_refusals(host, pack, tiny_idefics2, mumu_connector_file, mu
     forget_everything(host)
     with pytest.raises(Exception, match=r"<image> #2"):
         host.run(bad)
+
+
+# ---- the shipped workflow: stage 1 -> stage 2 -> Encode (MUMU) -> KSampler -----------------------------------
+
+def test_shipped_mumu_training_workflow_end_to_end(host, pack, tiny_idefics2, mumu_pairs, mumu_input_images):
+    wf = pack_module(pack, "headless.workflow")
+    prompt = wf.to_api(wf.load_workflow(Path(__file__).resolve().parents[1] / "workflows" / "mumu_train_sdxl.json"),
+                       host.nodes.NODE_CLASS_MAPPINGS)
+    captions = "mumu_workflow_captions.tsv"
+    words = [f"a {c} {s} on grey" for c, s in itertools.product(["red", "blue", "green", "white"], ["square", "dot"])]
+    lines = words + [f"a <image> man and a {w}\t{mumu_input_images['man']}" for w in words[:4]]
+    (Path(host.folder_paths.get_input_directory()) / captions).write_text("\n".join(lines) + "\n")
+    ids = {}
+    for node_id, node in prompt.items():
+        kind, inputs = node["class_type"], node["inputs"]
+        ids[kind] = node_id
+        if kind == "CheckpointLoaderSimple":
+            node.update(class_type="BeyondCLIP_TinyCheckpoint", inputs={"arch": "sdxl"})
+        elif kind == "BeyondCLIP_MUMULoadIdefics2":
+            inputs.update(idefics2_name=tiny_idefics2, dtype="fp32")
+        elif kind == "BeyondCLIP_TrainMUMUConnector":
+            assert inputs["seed"] == 0 and inputs["resume"] is True
+            inputs.update(captions=captions, steps=150, batch_size=8, learning_rate=2e-3, width=64, depth=2, heads=4,
+                          image_resolution=32, probes=16, val_fraction=0.25, checkpoint_every=50, eval_every=50,
+                          cache_precision="fp32", run_name="wf-mumu-1", output_name="wf-mumu-connector")
+        elif kind == "BeyondCLIP_TrainMUMU":
+            assert (inputs["connector_lr"], inputs["idefics2_lora_lr"], inputs["unet_lora_lr"], inputs["rank"]) == \
+                (1e-5, 3e-6, 5e-6, 8), "MUMU's learning rates and rank"
+            inputs.update(pairs=mumu_pairs, steps=8, batch_size=2, connector_lr=1e-3, idefics2_lora_lr=1e-3,
+                          unet_lora_lr=1e-3, rank=4, resolution=64, image_resolution=32, val_fraction=0.34,
+                          checkpoint_every=4, eval_every=4, run_name="wf-mumu-2", output_name="wf-mumu")
+        elif kind == "LoadImage":
+            inputs["image"] = mumu_input_images["man"]
+        elif kind == "BeyondCLIP_MUMUEncode":
+            inputs["image_resolution"] = 32
+        elif kind == "EmptyLatentImage":
+            inputs.update(width=64, height=64)
+        elif kind == "KSampler":
+            inputs["steps"] = 6
+    forget_everything(host)
+    first = run_saved_image(host, prompt)
+    one, two = history(host, "wf-mumu-1"), history(host, "wf-mumu-2")
+    print(f"\nworkflow: stage 1 held-out {one['initial_val_loss']:.4f} -> {one['final_val_loss']:.4f}; stage 2 "
+          f"{two['initial_val_loss']:.4f} -> {two['final_val_loss']:.4f}")
+    assert one["final_val_loss"] < one["initial_val_loss"] and two["final_val_loss"] < two["initial_val_loss"]
+    positive = host.node_output(ids["BeyondCLIP_MUMUEncode"])[0][0]
+    assert positive[0].shape[0] == 1 and positive[0].shape[2] == 2048 and positive[1]["pooled_output"].shape == (1, 1280)
+    assert first.path.name.startswith("MUMU_trained")
+    for path in ("bridges/wf-mumu.safetensors", "loras/wf-mumu-unet-lora.safetensors",
+                 "LLM/wf-mumu-idefics2-lora/adapter_config.json"):
+        assert (host.models_dir / path).is_file(), path
+
+    # queued again after a restart: both runs resume at their last step, the same picture
+    forget_everything(host)
+    assert run_saved_image(host, prompt).png == first.png
+    other = copy.deepcopy(prompt)
+    other[ids["BeyondCLIP_MUMUEncode"]]["inputs"]["prompt"] = "a <man> man and a green dot on grey"
+    change = pixel_change(run_saved_image(host, other).pixels, first.pixels)
+    print(f"another prompt changes the picture by {change:.2f} levels")
+    assert change > 0.5
