@@ -1,12 +1,18 @@
-"""The Train nodes' trainer from the command line, for long runs and several GPUs (torchrun / accelerate launch).
+"""The Train nodes' trainers from the command line, for long runs and several GPUs (torchrun / accelerate launch).
 
 From the pack's folder:
     python -m headless.train_cli mapper --run-name NAME --out NAME [--llm DIR --checkpoint FILE --captions FILE]
                                        [--steps N --batch-size B --lr LR ...] [--models DIR] [--output DIR]
     torchrun --nproc_per_node 2 -m headless.train_cli mapper --run-name NAME --out NAME ...
+    python -m headless.train_cli connector --run-name NAME --out NAME [--idefics2 DIR --checkpoint FILE
+                                       --captions FILE] [--width W --depth D --heads H --probes P ...]
     python -m headless.train_cli router --examples FILE --out NAME [--models DIR]
 
-`mapper` trains on the run's target cache (output/beyond_clip_training/<run>/cache/), which the Train node
+The other Train nodes (RepAdapter stage 2, MUMU stage 2, GILL) run from the command line as the training
+workflows they ship in, through the same host and node: `python -m headless run workflows/<train workflow>.json
+--set NODE.steps=50000 ...` (one process).
+
+`mapper` and `connector` train on the run's target cache (output/beyond_clip_training/<run>/cache/), which the Train node
 or this command builds: with --llm (a Hugging Face folder), --checkpoint (the checkpoint whose CLIP is the
 teacher) and --captions, the cache is (re)built first; without them the run's newest cache is used. Runs resume
 from the run's checkpoint unless --no-resume. Several processes (torchrun sets WORLD_SIZE) train with
@@ -40,22 +46,38 @@ def build_parser(parser=None):
     m.add_argument("--hidden-dim", type=int, default=512)
     m.add_argument("--depth", type=int, default=2)
     m.add_argument("--activation", default="gelu")
-    m.add_argument("--steps", type=int, default=2000)
-    m.add_argument("--batch-size", type=int, default=32, help="global batch, split over the processes")
-    m.add_argument("--lr", type=float, default=1e-3)
     m.add_argument("--loss", default="mse", choices=("mse", "gill_l2"))
-    m.add_argument("--val-fraction", type=float, default=0.1)
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--eval-every", type=int, default=100)
-    m.add_argument("--checkpoint-every", type=int, default=200)
-    m.add_argument("--log-every", type=int, default=50)
-    m.add_argument("--no-resume", action="store_true")
-    m.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK when present), cpu, cuda")
+    c = sub.add_parser("connector", help="distil a MUMU connector (stage 1) from an SDXL checkpoint's CLIP")
+    c.add_argument("--run-name", required=True, help="run name: output/beyond_clip_training/<run>/")
+    c.add_argument("--out", required=True, help="models/bridges/<out>.safetensors")
+    c.add_argument("--idefics2", type=Path, help="Idefics2 folder (to build the cache)")
+    c.add_argument("--checkpoint", type=Path, help="the SDXL checkpoint whose CLIP is the teacher")
+    c.add_argument("--captions", type=Path, help="captions, one per line: 'prompt' or 'a <image> man<TAB>man.png' "
+                                                 "(crops in ComfyUI's input folder)")
+    c.add_argument("--dtype", default="auto", help="Idefics2 dtype for building the cache (auto, fp32, fp16, bf16)")
+    c.add_argument("--cache-precision", default="fp16", choices=("fp32", "fp16", "bf16"))
+    c.add_argument("--hidden-layer", type=int, default=-1)
+    c.add_argument("--image-resolution", type=int, default=252)
+    c.add_argument("--width", type=int, default=1024)
+    c.add_argument("--depth", type=int, default=16)
+    c.add_argument("--heads", type=int, default=16)
+    c.add_argument("--probes", type=int, default=64)
+    for p in (m, c):
+        p.add_argument("--steps", type=int, default=2000)
+        p.add_argument("--batch-size", type=int, default=32, help="global batch, split over the processes")
+        p.add_argument("--lr", type=float, default=1e-3 if p is m else 3e-4)
+        p.add_argument("--val-fraction", type=float, default=0.1)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--eval-every", type=int, default=100)
+        p.add_argument("--checkpoint-every", type=int, default=200)
+        p.add_argument("--log-every", type=int, default=50)
+        p.add_argument("--no-resume", action="store_true")
+        p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK when present), cpu, cuda")
     r = sub.add_parser("router", help="train the chat/draw router from a label<TAB>text file")
     r.add_argument("--examples", type=Path, required=True)
     r.add_argument("--out", required=True, help="models/bridges/<out>.router.json")
     r.add_argument("--alpha", type=float, default=1.0)
-    for p in (m, r):
+    for p in (m, c, r):
         p.add_argument("--comfyui", help="the ComfyUI folder to boot (default: $COMFYUI_PATH or the one the pack is in)")
         p.add_argument("--models", type=Path, help="a models folder laid out like ComfyUI/models (first for bridges)")
         p.add_argument("--output", type=Path, help="ComfyUI's output folder (run folders go in it)")
@@ -91,29 +113,53 @@ def _distributed(device_choice):
     return rank, world, device
 
 
-def _build_cache(args, host, pack, run):
-    import torch
+def _checkpoint_clip(path):
     import comfy.sd
-    training = _mod(pack, "loaders.training")
-    llm_mod, text = _mod(pack, "loaders.llm"), _mod(pack, "bridges.llm_text")
-    patcher = _mod(pack, "loaders.patcher")
-    captions = training.read_captions(args.captions)
-    llm = llm_mod.load_llm(args.llm.name, args.llm, args.dtype)
-    clip = comfy.sd.load_checkpoint_guess_config(str(args.checkpoint), output_vae=False, output_clip=True,
-                                                 output_model=False)[1]
+    clip = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=False, output_clip=True, output_model=False)[1]
     if clip is None:
-        raise SystemExit(f"error: {args.checkpoint} holds no CLIP text encoder")
-    model = patcher.load_to_device(llm.patcher)
+        raise SystemExit(f"error: {path} holds no CLIP text encoder")
+    return clip
+
+
+def _llm_student(args, pack):
+    """(student, identity) of a Beyond CLIP mapper run: the LLM's hidden states of each caption."""
+    import torch
+    llm_mod, text = _mod(pack, "loaders.llm"), _mod(pack, "bridges.llm_text")
+    llm = llm_mod.load_llm(args.llm.name, args.llm, args.dtype)
+    model = _mod(pack, "loaders.patcher").load_to_device(llm.patcher)
 
     def student(caption):
         with torch.no_grad():
             enc = text.encode(model, llm.tokenizer, caption, hidden_layer=args.hidden_layer, num_tokens=77,
                               template=args.template)
         return enc.hidden.cpu(), enc.last_token
+    return student, {"student": "beyond_clip", "llm": llm.identity, "hidden_layer": args.hidden_layer,
+                     "template": args.template, "num_tokens": 77}
 
-    teacher = training.clip_teacher(clip)
-    identity = {"student": "beyond_clip", "llm": llm.identity, "clip": training.clip_identity(clip),
-                "hidden_layer": args.hidden_layer, "template": args.template, "num_tokens": 77}
+
+def _idefics2_student(args, pack, lines):
+    """(student, identity) of a MUMU connector run, as the Train Connector node builds them."""
+    training = _mod(pack, "loaders.training")
+    vlm = _mod(pack, "loaders.mumu").load_idefics2(args.idefics2.name, args.idefics2, args.dtype)
+    student, length = training.mumu_student(vlm, lines, args.hidden_layer, args.image_resolution)
+    return student, {"student": "mumu", **training.mumu_identity(vlm, lines), "hidden_layer": args.hidden_layer,
+                     "image_resolution": args.image_resolution, "length": length}
+
+
+def _build_cache(args, host, pack, run):
+    import torch
+    training = _mod(pack, "loaders.training")
+    captions = training.read_captions(args.captions)
+    clip = _checkpoint_clip(args.checkpoint)
+    if args.train_command == "connector":
+        for i, line in enumerate(captions):
+            training.parse_mumu_caption(line, f"{args.captions}, caption {i + 1}: ")
+        student, identity = _idefics2_student(args, pack, captions)
+        teacher = training.mumu_teacher(clip)
+    else:
+        student, identity = _llm_student(args, pack)
+        teacher = training.clip_teacher(clip)
+    identity["clip"] = training.clip_identity(clip)
 
     def progress(done, total):
         if done % 100 == 0 or done == total:
@@ -124,7 +170,8 @@ def _build_cache(args, host, pack, run):
     return path
 
 
-def train_mapper(args, host, pack):
+def train_distilled(args, host, pack):
+    """mapper or connector: distillation on the run's cache, one process or several (DDP)."""
     import torch.distributed as dist
     training = _mod(pack, "loaders.training")
     bt = _mod(pack, "bridges.training")
@@ -133,9 +180,11 @@ def train_mapper(args, host, pack):
     run = training.run_dir(args.run_name)
     cache_path = None
     if rank == 0:
-        if args.llm or args.checkpoint or args.captions:
-            if not (args.llm and args.checkpoint and args.captions):
-                raise SystemExit("error: building a cache needs --llm, --checkpoint and --captions together")
+        source = args.idefics2 if args.train_command == "connector" else args.llm
+        if source or args.checkpoint or args.captions:
+            if not (source and args.checkpoint and args.captions):
+                what = "--idefics2" if args.train_command == "connector" else "--llm"
+                raise SystemExit(f"error: building a cache needs {what}, --checkpoint and --captions together")
             cache_path = _build_cache(args, host, pack, run)
         else:
             cache_path = training.find_cache(run)
@@ -146,22 +195,32 @@ def train_mapper(args, host, pack):
     data = training.read_cache(cache_path)
     about = training.cache_about(cache_path)
     hidden_layer = int(about.get("hidden_layer", args.hidden_layer))
-    config = MapperConfig(in_dim=data.inputs.shape[-1], target=training.target_of(data), hidden_dim=args.hidden_dim,
-                          depth=args.depth, activation=args.activation, num_tokens=data.targets.shape[1],
-                          hidden_layer=hidden_layer)
-    settings = bt.TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, loss=args.loss,
-                              val_fraction=args.val_fraction, seed=args.seed, eval_every=args.eval_every)
-    out_path = training.bridge_path(args.out) if rank == 0 else None
+    settings = bt.TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                              loss=getattr(args, "loss", "mse"), val_fraction=args.val_fraction, seed=args.seed,
+                              eval_every=args.eval_every)
+    if args.train_command == "connector":
+        if about.get("student") != "mumu":
+            raise SystemExit(f"error: {cache_path} holds {about.get('student')!r} states, not Idefics2's: give "
+                             f"--idefics2, --checkpoint and --captions to build the connector's cache")
+        config = _mod(pack, "bridges.mumu").ConnectorConfig(in_dim=data.inputs.shape[-1], width=args.width,
+                                                            depth=args.depth, heads=args.heads, hidden_layer=hidden_layer)
+        out_path = training.bridge_path(args.out, kind=_mod(pack, "loaders.mumu").KIND) if rank == 0 else None
+        train, extra = training.train_connector, {"probes": args.probes}
+    else:
+        config = MapperConfig(in_dim=data.inputs.shape[-1], target=training.target_of(data), hidden_dim=args.hidden_dim,
+                              depth=args.depth, activation=args.activation, num_tokens=data.targets.shape[1],
+                              hidden_layer=hidden_layer)
+        out_path = training.bridge_path(args.out) if rank == 0 else None
+        train, extra = training.train_mapper, {}
 
     def on_step(step, loss, val):
         if rank == 0 and (step % args.log_every == 0 or val is not None or step == args.steps):
             print(f"step {step}/{args.steps} loss {loss:.6f}" + (f" held-out {val:.6f}" if val is not None else ""),
                   flush=True)
 
-    mapper, trainer = training.train_mapper(run, data, config, settings, out_path, resume=not args.no_resume,
-                                            device=device, ddp=world > 1, on_step=on_step,
-                                            checkpoint_every=args.checkpoint_every, is_main=rank == 0,
-                                            cache_path=cache_path)
+    mapper, trainer = train(run, data, config, settings, out_path, resume=not args.no_resume, device=device,
+                            ddp=world > 1, on_step=on_step, checkpoint_every=args.checkpoint_every, is_main=rank == 0,
+                            cache_path=cache_path, **extra)
     checksum = bt.parameter_checksum(mapper)
     print(f"rank {rank}/{world}: weights {checksum}, held-out loss {trainer.initial_val_loss:.6f} -> "
           f"{trainer.last_val_loss():.6f}, step {trainer.step}", flush=True)
@@ -202,8 +261,8 @@ def run(args):
             return 2
         loaders_errors = _mod(pack, "loaders.errors")
         try:
-            if args.train_command == "mapper":
-                return train_mapper(args, host, pack)
+            if args.train_command in ("mapper", "connector"):
+                return train_distilled(args, host, pack)
             return train_router(args, host, pack)
         except (loaders_errors.LoadError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)

@@ -225,3 +225,21 @@ def mumu_input_images(host):
         names[name] = f"mumu_{name}.png"
         picture.save(folder / names[name])
     return names
+
+
+def train_cli(host, command, *args, nproc=1):
+    """`python -m headless.train_cli COMMAND ...` in a fresh process (torchrun with nproc > 1) on this session's
+    folders; returns its output, failing the test on a non-zero exit."""
+    import os
+    import subprocess
+    import sys
+    out_dir = host.folder_paths.get_output_directory()
+    base = [sys.executable, "-m", "headless.train_cli"] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "29517",
+        "-m", "headless.train_cli"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(base + [command, *args, "--models", str(host.models_dir), "--output", out_dir,
+                                    "--comfyui", str(host.root)],
+                            cwd=PACK_DIR, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout

@@ -2,16 +2,13 @@
 driving the stock KSampler), DDP on two gloo processes, the router and GILL decision training."""
 import itertools
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import PACK_DIR, forget_everything, pack_module, pixel_change, run_saved_image
+from conftest import PACK_DIR, train_cli, forget_everything, pack_module, pixel_change, run_saved_image
 
 COLOURS = ["red", "blue", "green", "yellow", "black", "white", "orange", "purple"]
 THINGS = ["fox", "cat", "dog", "house", "boat", "tree", "car", "bird"]
@@ -206,19 +203,6 @@ def test_shipped_training_workflow_end_to_end(host, pack, tiny_llama, caption_fi
 
 # ---- the command line, one process and two gloo processes (DDP) ------------------------------------------
 
-def cli(host, *args, nproc=1):
-    out_dir = host.folder_paths.get_output_directory()
-    base = [sys.executable, "-m", "headless.train_cli"] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "29517",
-        "-m", "headless.train_cli"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(base + ["mapper", *args, "--models", str(host.models_dir), "--output", out_dir,
-                                    "--comfyui", str(host.root)],
-                            cwd=PACK_DIR, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout
-
-
 def test_command_line_ddp_on_two_gloo_processes_matches_one_process(host, tiny_llama, small_caption_file):
     quick(host, tiny_llama, small_caption_file, run="cli-source", out="cli-source", steps=1)
     runs = Path(host.folder_paths.get_output_directory()) / "beyond_clip_training"
@@ -227,8 +211,8 @@ def test_command_line_ddp_on_two_gloo_processes_matches_one_process(host, tiny_l
         shutil.copytree(runs / "cli-source" / "cache", runs / name / "cache")
     common = ["--steps", "40", "--batch-size", "8", "--lr", "3e-3", "--hidden-dim", "128", "--val-fraction", "0.2",
               "--eval-every", "20", "--device", "cpu"]
-    one = cli(host, "--run-name", "cli-one", "--out", "cli-one", *common)
-    two = cli(host, "--run-name", "cli-two", "--out", "cli-two", *common, nproc=2)
+    one = train_cli(host, "mapper", "--run-name", "cli-one", "--out", "cli-one", *common)
+    two = train_cli(host, "mapper", "--run-name", "cli-two", "--out", "cli-two", *common, nproc=2)
     ranks = [line for line in two.splitlines() if line.startswith("rank ")]
     print("\n" + "\n".join(ranks))
     assert len(ranks) == 2 and {"rank 0/2", "rank 1/2"} == {line.split(":")[0] for line in ranks}

@@ -166,3 +166,41 @@ def test_bad_mumu_captions_are_refused_by_line(host, tiny_idefics2):
     graph = sample_graph(tiny_idefics2, "mumu_bad.tsv", "x", run="bad", out="bad", steps=1)
     with pytest.raises(Exception, match=r"mumu_bad.tsv, caption 2: .*<image> #2"):
         host.run({k: graph[k] for k in ("1", "6", "20")})
+
+
+def test_connector_command_line_on_two_gloo_processes_matches_one_process(host, tiny_idefics2, mumu_captions):
+    """`python -m headless.train_cli connector` trains on the cache the node built; under torchrun each of two
+    gloo processes takes half of every global batch and they end with the weights one process trains."""
+    import shutil
+    from conftest import train_cli
+    forget_everything(host)
+    graph = sample_graph(tiny_idefics2, mumu_captions, "x", run="mumu-cli-source", out="mumu-cli-source", steps=1)
+    host.run({k: graph[k] for k in ("1", "6", "20")})
+    runs = Path(host.folder_paths.get_output_directory()) / "beyond_clip_training"
+    for name in ("mumu-cli-one", "mumu-cli-two"):
+        shutil.rmtree(runs / name, ignore_errors=True)
+        shutil.copytree(runs / "mumu-cli-source" / "cache", runs / name / "cache")
+    common = ["--steps", "30", "--batch-size", "8", "--lr", "2e-3", "--width", "64", "--depth", "2", "--heads", "4",
+              "--probes", "16", "--val-fraction", "0.2", "--eval-every", "15", "--device", "cpu"]
+    one = train_cli(host, "connector", "--run-name", "mumu-cli-one", "--out", "mumu-cli-one", *common)
+    two = train_cli(host, "connector", "--run-name", "mumu-cli-two", "--out", "mumu-cli-two", *common, nproc=2)
+    assert "all 2 ranks hold identical weights" in two and "step 30/30" in one
+    h1, h2 = history(host, "mumu-cli-one"), history(host, "mumu-cli-two")
+    from safetensors.torch import load_file
+    a, b = (load_file(str(host.models_dir / "bridges" / f"{n}.safetensors")) for n in ("mumu-cli-one", "mumu-cli-two"))
+    err = max((a[k] - b[k]).abs().max().item() for k in a)
+    print(f"\nconnector CLI: held-out {h1['initial_val_loss']:.4f} -> {h1['final_val_loss']:.4f}; one vs two gloo "
+          f"processes: max weight difference {err:.2e}")
+    assert h1["final_val_loss"] < h1["initial_val_loss"] / 2
+    # the same global batches; only the order of the gradient sums differs (Adam carries the rounding on)
+    assert err < 1e-3 and abs(h1["final_val_loss"] - h2["final_val_loss"]) < 1e-3 * h1["final_val_loss"]
+
+
+def test_connector_command_line_refuses_a_mapper_cache(host, pack):
+    from conftest import train_cli
+    training = pack_module(pack, "loaders.training")
+    run = training.run_dir("mumu-cli-wrong")
+    training.build_cache(run, ["a", "b"], lambda text: (torch.zeros(1, 77, 64), 0),
+                         lambda text: (torch.zeros(1, 77, 2048), torch.zeros(1, 1280)), {"student": "beyond_clip"})
+    with pytest.raises(AssertionError, match="holds 'beyond_clip' states.*give --idefics2, --checkpoint and --captions"):
+        train_cli(host, "connector", "--run-name", "mumu-cli-wrong", "--out", "wrong", "--steps", "1")
