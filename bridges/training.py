@@ -633,10 +633,53 @@ class _Count:
         return self.n
 
 
-class MUMUStage2Trainer(DistillTrainer):
-    """MUMU's second stage: examples [(Sequence, crop pixels or None)] with the cached latents of their pictures.
-    Each example is its own forward and backward (its token count differs from the others'; it also bounds the
-    memory to one example), the batch's gradients accumulated. Three learning rates (MUMU: connector 1e-5,
+class PerExampleTrainer(DistillTrainer):
+    """A trainer whose examples each take their own forward and backward (their token counts differ; it also
+    bounds memory to one example through a frozen LLM or UNet), the batch's gradients accumulated. Subclasses give
+    _example_loss(i, generator); noise drawn from `generator` and dropout come from (seed, step), so resuming is
+    exact. The optimiser holds the parameters that require grad (subclasses may build their own)."""
+
+    def _example_loss(self, i: int, generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def train_step(self) -> float:
+        c = self.config
+        idx = batch_for_step(self.train_idx, self.step, c.batch_size, c.seed)
+        warm = min(1.0, (self.step + 1) / c.warmup) if c.warmup else 1.0
+        for group in self.optimizer.param_groups:
+            group["lr"] = group.get("base_lr", c.lr) * warm
+        self.optimizer.zero_grad(set_to_none=True)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        seed = _step_seed(c.seed, self.step)
+        total = 0.0
+        with torch.random.fork_rng(devices=[self.device.index or 0] if self.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            generator = torch.Generator().manual_seed(seed)
+            for i in idx.tolist():
+                loss = self._example_loss(i, generator) / len(idx)
+                loss.backward(inputs=params)  # gradients into the trained parts only
+                total += float(loss.detach())
+        if c.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        return total
+
+    @torch.no_grad()
+    def evaluate(self, batch_size: int = 64) -> float:
+        """Mean loss over the held-out examples (with a fixed draw of any noise)."""
+        idx_all = self.val_idx if len(self.val_idx) else self.train_idx
+        was_training = self.student.training
+        self.student.eval()
+        generator = torch.Generator().manual_seed(_step_seed(self.config.seed, -1))
+        total = sum(float(self._example_loss(i, generator)) for i in idx_all.tolist())
+        self.student.train(was_training)
+        return total / len(idx_all)
+
+
+class MUMUStage2Trainer(PerExampleTrainer):
+    """MUMU's second stage: examples [(Sequence, crop pixels or None)] with the cached latents of their pictures,
+    one forward and backward each. Three learning rates (MUMU: connector 1e-5,
     Idefics2 LoRA 3e-6, UNet LoRA 5e-6). Noise and timesteps of step s come from (seed, s): resume is exact."""
 
     def __init__(self, student: MUMUStage2Student, examples, latents, denoiser: Denoiser, config: TrainConfig,
@@ -661,36 +704,36 @@ class MUMUStage2Trainer(DistillTrainer):
         with self.student.unet_attached():
             return diffusion_loss(self.denoiser, self.latents[i:i + 1].to(self.device), tokens, pooled, generator)
 
-    def train_step(self) -> float:
-        c = self.config
-        idx = batch_for_step(self.train_idx, self.step, c.batch_size, c.seed)
-        warm = min(1.0, (self.step + 1) / c.warmup) if c.warmup else 1.0
-        for group in self.optimizer.param_groups:
-            group["lr"] = group["base_lr"] * warm
-        self.optimizer.zero_grad(set_to_none=True)
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        seed = _step_seed(c.seed, self.step)
-        total = 0.0
-        with torch.random.fork_rng(devices=[self.device.index or 0] if self.device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            generator = torch.Generator().manual_seed(seed)
-            for i in idx.tolist():
-                loss = self._example_loss(i, generator) / len(idx)
-                loss.backward(inputs=params)  # gradients into the trained parts only
-                total += float(loss.detach())
-        if c.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
-        self.optimizer.step()
-        self.step += 1
-        return total
 
-    @torch.no_grad()
-    def evaluate(self, batch_size: int = 64) -> float:
-        """Mean denoising loss over the held-out examples with a fixed draw of noise and timesteps."""
-        idx_all = self.val_idx if len(self.val_idx) else self.train_idx
-        was_training = self.student.training
-        self.student.eval()
-        generator = torch.Generator().manual_seed(_step_seed(self.config.seed, -1))
-        total = sum(float(self._example_loss(i, generator)) for i in idx_all.tolist())
-        self.student.train(was_training)
-        return total / len(idx_all)
+# ---- GILL: the [IMG] input embeddings trained with the mapper, through the frozen LLM -----------------------
+
+class GILLTokensStudent(nn.Module):
+    """GILLMapper and GILL's learnt [IMG] input embeddings, both trained: a caption's token embeddings and the
+    [IMG] rows go into the frozen LLM (held outside the module tree) every step, and its last-layer states at the
+    [IMG] positions, plus the rows, into the mapper, as the encode node does."""
+
+    def __init__(self, mapper, img_embs: torch.Tensor, llm):
+        super().__init__()
+        self.mapper = mapper
+        self.img_embs = nn.Parameter(img_embs.detach().clone().float())
+        self._frozen = (llm,)
+
+    def forward(self, ids: torch.Tensor):
+        llm = self._frozen[0]
+        embed = llm.get_input_embeddings()
+        rows = self.img_embs.to(embed.weight.dtype)[None]
+        x = torch.cat([embed(ids.to(embed.weight.device)), rows], dim=1)
+        out = llm(inputs_embeds=x, attention_mask=torch.ones(x.shape[:2], dtype=torch.long, device=x.device),
+                  output_hidden_states=True, use_cache=False)
+        hidden = out.hidden_states[-1][:, -rows.shape[1]:].float()
+        return self.mapper(hidden, self.img_embs[None].to(hidden.device))
+
+
+class GILLTokensTrainer(PerExampleTrainer):
+    """DistillData whose inputs are each caption's token ids ((N, T, 1) float, exact; positions after
+    last_token are padding and are not fed) and whose targets are the CLIP encodings."""
+
+    def _example_loss(self, i: int, generator) -> torch.Tensor:
+        ids, last, targets, pooled = self.data.batch(torch.tensor([i]), self.device)
+        tokens, pred_pooled = self.student(ids[:, :int(last[0]) + 1, 0].round().long())
+        return distill_loss(tokens, pred_pooled, targets, pooled, self.config.loss, self.config.pooled_weight)

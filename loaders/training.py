@@ -303,10 +303,13 @@ def train_mapper(run: Path, data: DistillData, mapper_config: MapperConfig, trai
 
 # ---- the GILLMapper ---------------------------------------------------------------------------------------
 
-def train_gill_mapper(run: Path, data: DistillData, base, train_config: TrainConfig, out_path, **kwargs):
-    """A fresh GILLMapper distilled on cached [IMG] states of the `base` GILL model (a LoadedGILL: its [IMG]
-    embeddings stay fixed); its widths follow the teacher (SD1.x 768, or SDXL 2048 + pooled 1280). Writes the
-    base model with the new mapper as a GILL file. Returns (state dict written, trainer)."""
+def train_gill_mapper(run: Path, data: DistillData, base, train_config: TrainConfig, out_path, llm_module=None,
+                      **kwargs):
+    """A fresh GILLMapper distilled onto the teacher (SD1.x 768, or SDXL 2048 + pooled 1280); the rest of the
+    `base` GILL model (a LoadedGILL) is kept. Without `llm_module`, `data` holds cached [IMG] states and the
+    base's [IMG] embeddings stay fixed. With it (the frozen LLM, on the trainer's device as ordinary tensors),
+    `data` holds each caption's token ids and the 8 [IMG] embedding rows train with the mapper, through the LLM.
+    Writes the GILL file. Returns (state dict written, trainer)."""
     from ..bridges.gill import GILLConfig, GILLMapper
     from ..bridges.training import GILLStudent
     from .gill import KIND as GILL_KIND
@@ -327,18 +330,57 @@ def train_gill_mapper(run: Path, data: DistillData, base, train_config: TrainCon
     mapper = seeded_init(train_config.seed, build)
     img_embs = base.module.img_embeddings().detach().float().cpu()
     written = {}
+    make_trainer = None
+    if llm_module is None:
+        student = GILLStudent(mapper, img_embs)
+    else:
+        from ..bridges.training import GILLTokensStudent, GILLTokensTrainer
+        student = GILLTokensStudent(mapper, img_embs, llm_module)
+        device = kwargs.get("device", "cpu")
+
+        def make_trainer():
+            return GILLTokensTrainer(student, data, train_config, device=device)
 
     def write():
         state = {k: v for k, v in base.module.state_dict().items() if not k.startswith("gen_text_hidden_fcs.0.")}
         state.update({f"gen_text_hidden_fcs.0.{k}": v for k, v in mapper.state_dict().items()})
+        if llm_module is not None:
+            state["input_embeddings.weight"] = student.img_embs.detach().to(state["input_embeddings.weight"].dtype)
         from .bridge_files import save_bridge
         save_bridge(out_path, GILL_KIND, cfg.to_dict(), state)
         written.update(state)
         return out_path
 
-    trainer = train_distill(run, data, GILLStudent(mapper, img_embs), {"gill_config": cfg.to_dict()}, train_config,
-                            write, **kwargs)
+    trainer = train_distill(run, data, student, {"gill_config": cfg.to_dict(), "img_tokens_trained": llm_module
+                                                 is not None}, train_config, write, make_trainer=make_trainer, **kwargs)
     return written, trainer
+
+
+def gill_token_student(llm, captions, num_img_tokens: int):
+    """(student(text) -> (the caption's token ids as GILL's encoder feeds them, (1, length, 1) float padded,
+    last real token), length) for training the [IMG] rows: the ids are cached, the LLM runs in every step."""
+    from ..bridges import llm_text
+    from ..bridges.gill import split_prompt
+    limit = llm_text.context_length(llm.patcher.model.inner) - num_img_tokens
+
+    def ids_of(text):
+        parts = split_prompt(text)  # the encoder tokenizes the stripped text, BOS first
+        if len(parts) != 1 or isinstance(parts[0], int):
+            raise LoadError(f"caption {text[:60]!r} has an image placeholder; GILL's mapper trains on text captions")
+        ids = llm.tokenizer(parts[0], add_special_tokens=True, return_tensors="pt")["input_ids"][0]
+        if len(ids) > limit:
+            raise LoadError(f"caption {text[:60]!r} is {len(ids)} tokens; with the {num_img_tokens} [IMG] tokens it "
+                            f"does not fit {llm.describe()}'s context: shorten it")
+        return ids
+
+    length = max(len(ids_of(c)) for c in captions)
+
+    def student(text):
+        ids = ids_of(text)
+        padded = torch.full((length,), llm_text._pad_id(llm.tokenizer), dtype=torch.long)
+        padded[:len(ids)] = ids
+        return padded[None, :, None].float(), len(ids) - 1
+    return student, length
 
 
 # ---- the MUMU connector (MUMU stage 1, distilled) ---------------------------------------------------------

@@ -346,6 +346,10 @@ class TrainGILLMapper(ReadsCaptions):
                 "loss": (LOSSES, {"default": "gill_l2"}),
                 **RUN_INPUTS,
             },
+            # optional: graphs saved before it existed keep validating
+            "optional": {"train_img_tokens": ("BOOLEAN", {"default": False, "tooltip": "Also train the 8 [IMG] input "
+                                                          "embeddings (GILL trains them): the LLM then runs in every "
+                                                          "step instead of once per caption"})},
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
@@ -356,11 +360,12 @@ class TrainGILLMapper(ReadsCaptions):
     CATEGORY = CATEGORY + "/training"
     DESCRIPTION = ("GILL's generation loss, text only: a fresh GILLMapper learns to turn the [IMG] states of a caption "
                    "into the checkpoint's own CLIP encoding of it (SD1.x, or SDXL with the pooled head). The [IMG] "
-                   "embeddings stay as the base model has them. Writes the GILL model with the new mapper.")
+                   "embeddings stay as the base model has them, or train with the mapper (train_img_tokens). Writes "
+                   "the GILL model with the new mapper.")
 
 
     def train(self, llm, gill, clip, captions, run_name, output_name, steps, batch_size, learning_rate, loss,
-              val_fraction, seed, resume, checkpoint_every, eval_every, unique_id=None):
+              val_fraction, seed, resume, checkpoint_every, eval_every, train_img_tokens=False, unique_id=None):
         texts = training.read_captions(training.resolve_input_file(captions))
         run = training.run_dir(run_name)
         out_path = training.bridge_path(output_name, kind=gill_files.KIND)
@@ -368,15 +373,25 @@ class TrainGILLMapper(ReadsCaptions):
         caching = Progress(len(texts))
         identity = {"student": "gill", "llm": llm.identity, "gill": gill_files.fingerprint(
             {"img": gill.module.img_embeddings()}), "clip": training.clip_identity(clip)}
-
-        def student(text):
-            return encode_img_states(llm, gill, text).cpu(), gill.config.num_img_tokens - 1
+        if train_img_tokens:
+            if llm.adapter is not None:
+                raise ValueError(f"{llm.describe()} has an adapter: connect the plain LLM to train the [IMG] rows")
+            student, length = training.gill_token_student(llm, texts, gill.config.num_img_tokens)
+            identity.update(student="gill_token_ids", length=length)
+        else:
+            def student(text):
+                return encode_img_states(llm, gill, text).cpu(), gill.config.num_img_tokens - 1
 
         data, cache_path = training.build_cache(run, texts, student, training.clip_teacher(clip), identity, "fp32",
                                                 progress=lambda done, total: caching.step(done))
+        llm_module, device = None, mm.get_torch_device()
+        if train_img_tokens:  # the gradient runs back through the frozen LLM to its input rows
+            device = _load_for_training(llm.patcher)
+            with _training_context():
+                llm_module = training.leave_inference_mode(llm.patcher.model.inner)
         _, trainer = _run_with_progress(unique_id, steps, lambda on_step: training.train_gill_mapper(
-            run, data, gill, settings, out_path, resume=resume, device=mm.get_torch_device(), on_step=on_step,
-            checkpoint_every=checkpoint_every, cache_path=cache_path))
+            run, data, gill, settings, out_path, llm_module=llm_module, resume=resume, device=device,
+            on_step=on_step, checkpoint_every=checkpoint_every, cache_path=cache_path))
         text = _summary(trainer, out_path.name)
         return {"ui": {"text": [text]}, "result": (gill_files.load_gill(out_path, out_path.name), out_path.name,
                                                     trainer.last_val_loss())}

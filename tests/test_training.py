@@ -314,3 +314,35 @@ def test_gill_mapper_distillation(host, pack, tiny_opt_gill, small_caption_file)
     assert h["final_val_loss"] < h["initial_val_loss"] / 2
     assert host.node_output("4")[0][0][0].shape == (1, 77, 768)
     assert "tiny-gill-trained.safetensors" in pack_module(pack, "nodes.gill")._gill_choices()
+
+
+def test_gill_img_tokens_train_with_the_mapper(host, pack, tiny_opt_gill, small_caption_file):
+    """train_img_tokens: the 8 [IMG] rows train too, through the frozen OPT each step. At step 0 the loss equals
+    the cached-states path's (the same inputs reach the mapper); the rows move; the result encodes."""
+    from safetensors.torch import load_file
+    llm, gill_name = tiny_opt_gill
+
+    def train(run, rows, steps):
+        forget_everything(host)
+        host.run({
+            "1": {"class_type": "BeyondCLIP_LLMLoader", "inputs": {"llm_name": llm, "dtype": "fp32"}},
+            "2": {"class_type": "BeyondCLIP_GILLLoader", "inputs": {"gill_name": gill_name}},
+            "6": {"class_type": "BeyondCLIP_TinyCheckpoint", "inputs": {"arch": "sd15"}},
+            "3": {"class_type": "BeyondCLIP_TrainGILLMapper", "inputs": {
+                "llm": ["1", 0], "gill": ["2", 0], "clip": ["6", 1], "captions": small_caption_file, "run_name": run,
+                "output_name": run, "steps": steps, "batch_size": 8, "learning_rate": 2e-3, "loss": "gill_l2",
+                "val_fraction": 0.2, "seed": 0, "resume": False, "checkpoint_every": 50, "eval_every": 20,
+                "train_img_tokens": rows}},
+            "4": {"class_type": "BeyondCLIP_GILLEncode", "inputs": {"llm": ["1", 0], "gill": ["3", 0],
+                                                                    "prompt": "a red fox in the snow"}},
+            "99": {"class_type": "TestConditioningSink", "inputs": {"conditioning": ["4", 0]}}})
+        return history(host, run), load_file(str(host.models_dir / "bridges" / f"{run}.safetensors"))
+
+    fixed, fixed_file = train("gill-rows-fixed", False, 1)
+    h, written = train("gill-rows", True, 60)
+    print(f"\nGILL with [IMG] rows trained: held-out {h['initial_val_loss']:.4f} -> {h['final_val_loss']:.4f}")
+    assert h["initial_val_loss"] == pytest.approx(fixed["initial_val_loss"], rel=1e-5)
+    assert h["final_val_loss"] < h["initial_val_loss"] / 2 and h["img_tokens_trained"] is True
+    assert not torch.equal(written["input_embeddings.weight"], fixed_file["input_embeddings.weight"])
+    assert host.node_output("4")[0][0][0].shape == (1, 77, 768)
+
