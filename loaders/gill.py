@@ -22,6 +22,7 @@ from ..bridges.gill import GILLConfig, GILLModel, squash_224
 from ..bridges.retrieval import ImageIndex, fingerprint
 from . import patcher as patching
 from .bridge_files import FORMAT, load_state_into, read_bridge, register_kind, save_bridge
+from .encode_cache import file_identity
 from .errors import LoadError
 
 KIND = register_kind("gill", "GILL model")
@@ -42,6 +43,7 @@ class LoadedGILL:
     config: GILLConfig
     name: str
     source: str
+    identity: str = ""  # the file(s) and precision: keys the encoding caches
 
     @property
     def module(self) -> GILLModel:
@@ -150,7 +152,8 @@ def _build(config: GILLConfig, sd: dict, path, name: str) -> LoadedGILL:
     model = GILLModel(config)
     load_state_into(model, sd, path, "GILL model")
     model = model.float().eval().requires_grad_(False)
-    return LoadedGILL(patcher=patching.wrap(model), config=config, name=name, source=str(path))
+    return LoadedGILL(patcher=patching.wrap(model), config=config, name=name, source=str(path),
+                      identity=f"{file_identity(path)}:float32")
 
 
 def load_gill(path, name: str = None) -> LoadedGILL:

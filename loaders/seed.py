@@ -23,6 +23,7 @@ import torch
 from ..bridges.seed import SeedConfig, SeedTokenizer
 from . import patcher as patching
 from .bridge_files import read_bridge, register_kind, save_bridge
+from .encode_cache import file_identity
 from .errors import LoadError
 
 KIND = register_kind("seed_v1", "SEED v1 tokenizer")
@@ -343,6 +344,7 @@ class LoadedSeed:
     name: str
     path: Path
     vision_dtype: torch.dtype
+    identity: str = ""  # the file and the vision tower's precision: keys the encoding caches
 
     def describe(self):
         return f"SEED tokenizer '{self.name}'"
@@ -398,7 +400,7 @@ def load_seed(path: Path, vision_dtype=torch.float32, name=None, progress=None) 
             gc.collect()  # nothing half-loaded stays in memory
     progress and progress(5)
     loaded = LoadedSeed(patcher=patching.wrap(model), config=seed_config, name=name or path.name, path=path,
-                        vision_dtype=vision_dtype)
+                        vision_dtype=vision_dtype, identity=f"{file_identity(path)}:{vision_dtype}")
     _LIVE[key] = loaded
     return loaded
 

@@ -2,12 +2,10 @@
 import logging
 from contextlib import nullcontext
 
-import comfy.model_management as mm
-import folder_paths
 import torch
 
 from ..bridges import llm_text
-from ..loaders import encode_cache, folders
+from ..loaders import folders
 from ..loaders.errors import LoadError
 from ..loaders.llm import LLM_DTYPES, load_llm
 from ..loaders import routers
@@ -15,7 +13,7 @@ from ..loaders.mappers import load_mapper
 from ..loaders.patcher import load_to_device
 from ..loaders.repadapters import MODES, apply_repadapter, load_repadapter
 from .common import (CATEGORY, LLM_TYPE, MAPPER_TYPE, REPADAPTER_TYPE, Progress, check_width_against_model,
-                     conditioning, missing_file_message, zero_conditioning_like)
+                     conditioning, missing_file_message, reuse_encoding, zero_conditioning_like)
 
 log = logging.getLogger(__name__)
 NEGATIVE_MODES = ("encode negative text", "zeros")
@@ -83,20 +81,11 @@ def _check_mapper_fits(llm, mapper):
 
 def encode_text(llm, mapper, text, *, hidden_layer, template, allow_empty=False, disk_cache=False):
     """LLM + mapper -> CONDITIONING for one text; identical requests from any graph are served from the caches."""
-    key = encode_cache.cache_key("beyond_clip", llm.identity, mapper.identity, text, hidden_layer, template)
-    cond = encode_cache.MEMORY.get(key)
-    disk_file = encode_cache.disk_path(folder_paths.get_output_directory(), key) if disk_cache else None
-    if cond is None and disk_file is not None:
-        cond = encode_cache.load_conditioning(disk_file, mm.intermediate_device())
-    if cond is None:
-        cond = _encode_uncached(llm, mapper, text, hidden_layer=hidden_layer, template=template,
-                                allow_empty=allow_empty)
-        if disk_file is not None:
-            encode_cache.save_conditioning(disk_file, cond, {"llm": llm.describe(), "mapper": mapper.source,
-                                                             "text": text, "hidden_layer": hidden_layer,
-                                                             "template": template})
-    encode_cache.MEMORY.put(key, cond)
-    return cond
+    return reuse_encoding(
+        "beyond_clip", [llm.identity, mapper.identity], [text, hidden_layer, template, allow_empty],
+        lambda: {"conditioning": _encode_uncached(llm, mapper, text, hidden_layer=hidden_layer, template=template,
+                                                  allow_empty=allow_empty)},
+        disk=disk_cache, about={"llm": llm.describe(), "mapper": mapper.source})["conditioning"]
 
 
 def _encode_uncached(llm, mapper, text, *, hidden_layer, template, allow_empty):

@@ -1,13 +1,23 @@
 """What every node family shares: socket types, progress, conditioning assembly, model checks."""
+import json
+import logging
+
 import comfy.model_management as mm
 import comfy.utils
+import folder_paths
 import torch
+
+from ..loaders import encode_cache
 
 CATEGORY = "Beyond CLIP"
 LLM_TYPE = "BEYOND_CLIP_LLM"
 MAPPER_TYPE = "BEYOND_CLIP_MAPPER"
 REPADAPTER_TYPE = "BEYOND_CLIP_REPADAPTER"
 ROUTER_TYPE = "BEYOND_CLIP_ROUTER"
+# Every encoder node's last input: ComfyUI's workflow files store widget values by position.
+CACHE_TO_DISK = ("BOOLEAN", {"default": False, "tooltip": "also keep the encoding in output/"
+                             f"{encode_cache.DISK_FOLDER} so it survives a restart"})
+log = logging.getLogger(__name__)
 
 
 class Progress:
@@ -72,3 +82,38 @@ def missing_file_message(kind, name, choices, folder):
     listed = ", ".join(choices[:5]) if choices else "none"
     return (f"{kind} '{name}' is not in models/{folder} (found: {listed}). Put it there, or pick one that is "
             f"present, then refresh the page.")
+
+
+def _fresh(part):
+    """A CONDITIONING with its own lists and dicts (the tensors are shared, as ComfyUI shares outputs): a node
+    that updates its input's dict, as the stock ones do to copies, cannot change the cached encoding."""
+    if torch.is_tensor(part):
+        return part
+    return [[tokens, dict(extra)] for tokens, extra in part]
+
+
+def reuse_encoding(what: str, identities, inputs, compute, *, disk=False, about=None) -> dict:
+    """compute() -> {name: CONDITIONING or tensor}, run once for identical requests from any graph.
+
+    The key is `what`, the identities of every model and bridge involved (file identity, dtype, adapters; an
+    empty one, e.g. a model built in memory, turns caching off) and `inputs` (text, settings, and image tensors
+    by content). With `disk`, the encoding is also kept in output/beyond_clip_encodings; an unreadable file there
+    is recomputed and written again."""
+    if not all(identities):
+        return compute()
+    key = encode_cache.cache_key(what, list(identities), inputs)
+    path = encode_cache.disk_path(folder_paths.get_output_directory(), key) if disk else None
+    value, source = encode_cache.MEMORY.get(key), "memory"
+    if value is None and path is not None:
+        value, source = encode_cache.load_encoding(path, mm.intermediate_device()), "disk"
+    if value is None:
+        value, source = compute(), "computed"
+    if path is not None and (source == "computed" or source == "memory" and not path.is_file()):
+        try:
+            encode_cache.save_encoding(path, value, {"what": what, "identities": list(identities),
+                                                     "inputs": json.loads(encode_cache.describe(inputs)),
+                                                     **(about or {})})
+        except (OSError, TypeError, ValueError) as e:  # a full disk or an odd value costs the file, not the run
+            log.warning("Beyond CLIP: could not keep the encoding in %s (%s: %s)", path, type(e).__name__, e)
+    encode_cache.MEMORY.put(key, value)
+    return {name: _fresh(part) for name, part in value.items()}

@@ -16,7 +16,8 @@ from ..loaders import folders
 from ..loaders import gill as gill_files
 from ..loaders.errors import LoadError
 from ..loaders.patcher import load_to_device
-from .common import CATEGORY, LLM_TYPE, Progress, check_width_against_model, conditioning
+from .common import (CACHE_TO_DISK, CATEGORY, LLM_TYPE, Progress, check_width_against_model, conditioning,
+                     reuse_encoding)
 
 log = logging.getLogger(__name__)
 GILL_TYPE = "BEYOND_CLIP_GILL"
@@ -193,6 +194,7 @@ class GILLEncode:
                                                 f"with 'Batch Images')"}),
                 "clip_vision": ("CLIP_VISION", {"tooltip": "CLIP ViT-L/14 (clip-vit-large-patch14) from 'Load CLIP Vision'"}),
                 "model": ("MODEL", {"tooltip": "Connect the MODEL you sample with to check the mapper fits it"}),
+                "cache_to_disk": CACHE_TO_DISK,
             },
         }
 
@@ -204,17 +206,30 @@ class GILLEncode:
                    "there and maps them with GILLMapper into SD text space (77 tokens; SDXL mappers add the pooled "
                    "vector). Pair with CLIPTextEncode of an empty text as the negative, as GILL does.")
 
-    def encode(self, llm, gill, prompt, images=None, clip_vision=None, model=None):
+    def encode(self, llm, gill, prompt, images=None, clip_vision=None, model=None, cache_to_disk=False):
         cfg = gill.config
         if model is not None:
             check_width_against_model(model, cfg.out_dim, bool(cfg.pooled_dim), gill.describe())
-        progress = Progress(3)
-        hidden = encode_img_states(llm, gill, prompt, images, clip_vision, progress.step)
-        g = gill.on_device()
-        with torch.no_grad():
-            tokens, pooled = g.generation_embedding(hidden.to(g.visual_fc.weight.device))
-        progress.step()
-        return (conditioning(tokens, pooled), hidden.cpu())
+
+        def compute():
+            progress = Progress(3)
+            hidden = encode_img_states(llm, gill, prompt, images, clip_vision, progress.step)
+            g = gill.on_device()
+            with torch.no_grad():
+                tokens, pooled = g.generation_embedding(hidden.to(g.visual_fc.weight.device))
+            progress.step()
+            return {"conditioning": conditioning(tokens, pooled), "img_states": hidden.cpu()}
+
+        # the vision tower counts only where it reads pictures
+        vision = _vision_identity(clip_vision) if images is not None and clip_vision is not None else None
+        out = reuse_encoding("gill", [llm.identity, gill.identity], [prompt, images, vision], compute,
+                             disk=cache_to_disk, about={"llm": llm.describe(), "gill": gill.describe()})
+        return (out["conditioning"], out["img_states"])
+
+
+def _vision_identity(clip_vision) -> str:
+    """ComfyUI's CLIP_VISION does not keep its file's name: its weights' fingerprint and precision name it."""
+    return f"{gill_files.vision_fingerprint(clip_vision)}:{getattr(clip_vision, 'dtype', '')}"
 
 
 def _check_states(gill, img_states):

@@ -9,8 +9,8 @@ from ..loaders import folders
 from ..loaders import mumu as files
 from ..loaders.llm import DTYPES
 from ..loaders.patcher import load_to_device
-from .common import (CATEGORY, Progress, check_width_against_model, conditioning, missing_file_message,
-                     zero_conditioning_like)
+from .common import (CACHE_TO_DISK, CATEGORY, Progress, check_width_against_model, conditioning, missing_file_message,
+                     reuse_encoding, zero_conditioning_like)
 
 log = logging.getLogger(__name__)
 VLM_TYPE = "BEYOND_CLIP_MUMU_VLM"
@@ -135,6 +135,19 @@ class ReferenceImage:
         return (list(images or []) + [(name, image[0])],)
 
 
+def _encode_cached(vlm, connector, text, images, grid, resolution, budget, disk):
+    """-> CONDITIONING without size keys, from the caches for a request any graph made before."""
+    def compute():
+        tokens, pooled, summary = _encode(vlm, connector, text, images, grid, resolution, budget)
+        log.info("MUMU: %s", summary)
+        return {"conditioning": conditioning(tokens, pooled)}
+
+    image_size = (grid, resolution) if images else None  # a text-only encoding is the same at every size
+    return reuse_encoding("mumu", [vlm.identity, connector.identity], [text, images, image_size, budget],
+                          compute, disk=disk, about={"idefics2": vlm.describe(), "connector": connector.source}
+                          )["conditioning"]
+
+
 def _encode(vlm, connector, text, images, grid, resolution, budget):
     """-> (tokens (1, N, 2048), pooled (1, 1280), summary)."""
     segments = bridge.bind_placeholders(text, [n for n, _ in images])
@@ -186,6 +199,7 @@ class Encode:
             "optional": {
                 "images": (IMAGES_TYPE,),
                 "model": ("MODEL", {"tooltip": "Connect the MODEL you sample with to check it is SDXL before sampling"}),
+                "cache_to_disk": CACHE_TO_DISK,
             },
         }
 
@@ -197,7 +211,7 @@ class Encode:
                    "into SDXL conditioning.")
 
     def encode(self, idefics2, connector, prompt, negative_prompt, negative, image_resolution, token_budget,
-               width, height, target_width, target_height, images=None, model=None):
+               width, height, target_width, target_height, images=None, model=None, cache_to_disk=False):
         files.check_connector_fits(idefics2, connector)
         if model is not None:
             check_width_against_model(model, connector.config.out_dim, bool(connector.config.pooled_dim),
@@ -210,15 +224,12 @@ class Encode:
                         len(images), TRAINED_MAX_IMAGES)
         grid, resolution = files.grid_for(idefics2, image_resolution)
         progress = Progress(2)
-        tokens, pooled, summary = _encode(idefics2, connector, prompt, images, grid, resolution, token_budget)
-        log.info("MUMU: %s", summary)
-        positive = conditioning(tokens, pooled)
+        positive = _encode_cached(idefics2, connector, prompt, images, grid, resolution, token_budget, cache_to_disk)
         progress.step()
         if negative == "zeros":
             neg = zero_conditioning_like(positive)
         else:
-            tokens, pooled, _ = _encode(idefics2, connector, negative_prompt, [], grid, resolution, 0)
-            neg = conditioning(tokens, pooled)
+            neg = _encode_cached(idefics2, connector, negative_prompt, [], grid, resolution, 0, cache_to_disk)
         progress.step()
         size = dict(zip(SIZE_KEYS, (width, height, target_width, target_height)))
         if all(size.values()):  # else ComfyUI uses the latent's size

@@ -8,7 +8,8 @@ from ..loaders import seed as seed_files
 from ..loaders.errors import LoadError
 from ..loaders.llm import DTYPES, choose_dtype
 from ..loaders.patcher import load_to_device
-from .common import CATEGORY, Progress, check_width_against_model, conditioning, zero_conditioning_like
+from .common import (CACHE_TO_DISK, CATEGORY, Progress, check_width_against_model, conditioning, reuse_encoding,
+                     zero_conditioning_like)
 
 SEED_MODEL_TYPE = "BEYOND_CLIP_SEED"
 SEED_TOKENS_TYPE = "SEED_TOKENS"
@@ -95,7 +96,8 @@ def tokenize(seed, images, progress=None):
 class SeedTokenize:
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"seed_model": (SEED_MODEL_TYPE,), "image": ("IMAGE",)}}
+        return {"required": {"seed_model": (SEED_MODEL_TYPE,), "image": ("IMAGE",)},
+                "optional": {"cache_to_disk": CACHE_TO_DISK}}
 
     RETURN_TYPES = (SEED_TOKENS_TYPE, "STRING")
     RETURN_NAMES = ("seed_tokens", "codes_text")
@@ -105,11 +107,16 @@ class SeedTokenize:
     DESCRIPTION = ("Image batch -> 32 discrete SEED codes per image (resized to 224x224 bicubic, CLIP-normalised, as "
                    "the reference). The codes also come out as text, one line per image.")
 
-    def tokenize(self, seed_model, image):
+    def tokenize(self, seed_model, image, cache_to_disk=False):
         if image.shape[0] == 0:
             raise ValueError("the image batch is empty: connect at least one image")
-        progress = Progress(-(-image.shape[0] // BATCH))
-        tokens = tokenize(seed_model, image, progress.step)
+
+        def compute():
+            return {"codes": tokenize(seed_model, image, Progress(-(-image.shape[0] // BATCH)).step).codes}
+
+        codes = reuse_encoding("seed_codes", [seed_model.identity], [image], compute, disk=cache_to_disk,
+                               about={"seed": seed_model.describe()})["codes"]
+        tokens = seed_bridge.SeedCodes(codes, seed_model.config.codebook_size)
         text = tokens.text()
         return {"ui": {"text": [text]}, "result": (tokens, text)}
 
@@ -142,6 +149,7 @@ class SeedDetokenize:
                 "clip": ("CLIP", {"tooltip": "the SD1.x checkpoint's CLIP, for the empty-text negative"}),
                 "model": ("MODEL", {"tooltip": "connect the MODEL you sample with to have a non-SD1.x model "
                                                "refused before sampling"}),
+                "cache_to_disk": CACHE_TO_DISK,
             },
         }
 
@@ -152,16 +160,21 @@ class SeedDetokenize:
     DESCRIPTION = ("SEED codes -> SD1.x conditioning (77 x 768 generation embeddings per image). A batch of N code "
                    "sets gives a conditioning batch of N, for a latent batch of N.")
 
-    def detokenize(self, seed_model, seed_tokens, negative, clip=None, model=None):
+    def detokenize(self, seed_model, seed_tokens, negative, clip=None, model=None, cache_to_disk=False):
         config = seed_model.config
         if model is not None:
             check_width_against_model(model, config.out_dim, False, "the SEED de-tokenizer")
         seed_bridge.check_codes(seed_tokens.codes, config)
         progress = Progress(2)
-        net = load_to_device(seed_model.patcher)
-        with torch.no_grad():
-            embeds = net.decode(seed_tokens.codes)
-        positive = conditioning(embeds)
+
+        def compute():
+            net = load_to_device(seed_model.patcher)
+            with torch.no_grad():
+                return {"positive": conditioning(net.decode(seed_tokens.codes))}
+
+        # the negative is the checkpoint's own CLIP (or zeros): ComfyUI's CLIP objects carry no file identity
+        positive = reuse_encoding("seed_conditioning", [seed_model.identity], [seed_tokens.codes], compute,
+                                  disk=cache_to_disk, about={"seed": seed_model.describe()})["positive"]
         progress.step()
         neg = _negative(negative, clip, positive, config.out_dim)
         progress.step()
