@@ -255,11 +255,11 @@ def tiny_opt_gill(host, pack):
     gill = pack_module(pack, "bridges.gill")
     files = pack_module(pack, "loaders.gill")
     torch.manual_seed(11)
-    config = gill.GILLConfig(llm_dim=64, mapper_hidden=32, mapper_heads=4, encoder_layers=1, decoder_layers=1,
-                             mapper_ffn=64, vision_dim=64, ret_dim=16, decision_in=0)
+    config = gill.GILLConfig(llm_dim=64, mapper_hidden=64, mapper_heads=4, encoder_layers=1, decoder_layers=1,
+                             mapper_ffn=128, vision_dim=64, ret_dim=16, decision_in=0)
     model = gill.GILLModel(config)
-    with torch.no_grad():
-        model.input_embeddings.weight.normal_(0, 1)
+    with torch.no_grad():  # [IMG] rows at the scale of the OPT's own token embeddings (initializer_range 0.02)
+        model.input_embeddings.weight.normal_(0, 0.02)
     name = "tiny-gill-nodecision.safetensors"
     pack_module(pack, "loaders.bridge_files").save_bridge(host.models_dir / "bridges" / name, files.KIND,
                                                            config.to_dict(), model.state_dict())
@@ -294,7 +294,7 @@ def test_gill_decision_training(host, pack, tiny_opt_gill):
         assert gill.module.retrieve_probability(states) < 0.5
 
 
-def test_gill_mapper_distillation(host, pack, tiny_opt_gill, small_caption_file):
+def test_gill_mapper_distillation(host, pack, tiny_opt_gill, caption_file):
     llm, gill_name = tiny_opt_gill
     forget_everything(host)
     ui = host.run({
@@ -302,16 +302,23 @@ def test_gill_mapper_distillation(host, pack, tiny_opt_gill, small_caption_file)
         "2": {"class_type": "BeyondCLIP_GILLLoader", "inputs": {"gill_name": gill_name}},
         "6": {"class_type": "BeyondCLIP_TinyCheckpoint", "inputs": {"arch": "sd15"}},
         "3": {"class_type": "BeyondCLIP_TrainGILLMapper", "inputs": {
-            "llm": ["1", 0], "gill": ["2", 0], "clip": ["6", 1], "captions": small_caption_file, "run_name": "gill",
-            "output_name": "tiny-gill-trained", "steps": 150, "batch_size": 8, "learning_rate": 2e-3,
+            "llm": ["1", 0], "gill": ["2", 0], "clip": ["6", 1], "captions": caption_file, "run_name": "gill",
+            "output_name": "tiny-gill-trained", "steps": 400, "batch_size": 8, "learning_rate": 3e-3,
             "loss": "gill_l2", "val_fraction": 0.2, "seed": 0, "resume": True, "checkpoint_every": 50,
             "eval_every": 50}},
         "4": {"class_type": "BeyondCLIP_GILLEncode", "inputs": {"llm": ["1", 0], "gill": ["3", 0],
                                                                 "prompt": "a red fox in the snow"}},
         "99": {"class_type": "TestConditioningSink", "inputs": {"conditioning": ["4", 0]}}})
     h = history(host, "gill")
-    print(f"\nGILL mapper: {ui['3']['text'][0]}")
-    assert h["final_val_loss"] < h["initial_val_loss"] / 2
+    # The floor: GILL's loss is a norm (not squared), and the error left is the caption-specific part of CLIP's
+    # encoding, which is small here (a random 2-layer OPT's [IMG] states vary by ~2 % across captions). The
+    # mapper must beat the best caption-blind answer, the mean training target, so it reads the caption.
+    training = pack_module(pack, "loaders.training")
+    data = training.read_cache(h["cache"])
+    train_idx, val_idx = pack_module(pack, "bridges.training").split_indices(len(data), 0.2, 0)
+    blind = (data.targets[val_idx] - data.targets[train_idx].mean(0)).norm(dim=-1).mean().item()
+    print(f"\nGILL mapper: {ui['3']['text'][0]}; the mean training target scores {blind:.5f} held out")
+    assert h["final_val_loss"] < h["initial_val_loss"] / 4 and h["final_val_loss"] < blind
     assert host.node_output("4")[0][0][0].shape == (1, 77, 768)
     assert "tiny-gill-trained.safetensors" in pack_module(pack, "nodes.gill")._gill_choices()
 
