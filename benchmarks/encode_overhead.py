@@ -37,9 +37,11 @@ def main():
         ids = torch.cat([ids, torch.full((1, 77 - ids.shape[1]), llm.tokenizer.pad_token_id)], dim=1)
         encode_node = nodes.TextEncode()
 
+        decoder = model.get_decoder()  # hidden states only, as the node computes them (no logits on either side)
+
         def bare():
             with torch.inference_mode():
-                model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True, use_cache=False)
+                decoder(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True, use_cache=False)
 
         def node():
             cache.MEMORY.items.clear()

@@ -11,6 +11,7 @@ from pathlib import Path
 import comfy.model_management as mm
 import torch
 
+from . import direct_weights
 from . import patcher as patching
 from .encode_cache import file_identity
 from .errors import LoadError
@@ -146,9 +147,16 @@ def load_llm(name: str, path: Path, dtype_choice: str = "auto", progress=None) -
                         f"tokenizer files of this exact model into the folder.") from None
     progress and progress(2)
     model = None
-    prefetch(path)
     try:
-        model = _from_pretrained(AutoModelForCausalLM, path, dtype, **extra)
+        if quantized:  # bitsandbytes quantizes while loading: only from_pretrained does that
+            log.debug("%s: loading with transformers' from_pretrained (%s)", path, quantized)
+        else:
+            model = direct_weights.load_pretrained(AutoModelForCausalLM, path, dtype)
+        if model is None:
+            prefetch(path)
+            model = _from_pretrained(AutoModelForCausalLM, path, dtype, **extra)
+    except LoadError:
+        raise
     except Exception as e:  # transformers and safetensors raise many kinds here
         if "Unrecognized configuration class" in str(e):
             raise LoadError(f"{path} holds a '{config.get('model_type')}' model, which is not a causal language "

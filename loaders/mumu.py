@@ -96,7 +96,13 @@ def _check_processor(path: Path, processor, config: dict):
 
 
 def _load_weights(cls, path, dtype):
-    """(model, loading info) offline; the info names missing weights, which loaders.llm's helper does not return."""
+    """(model, loading info) offline; the info names missing weights, which loaders.llm's helper does not return.
+    Read directly when loaders.direct_weights can (then without the LM head and the perceiver, which MUMU does
+    not use: the perceiver's parameters stay on the meta device until load_idefics2 removes it)."""
+    from .direct_weights import load_pretrained
+    model = load_pretrained(cls, path, dtype, skip=("lm_head.", "connector.perceiver_resampler."))
+    if model is not None:
+        return model, {"missing_keys": []}
     import transformers
     from packaging.version import Version
     dtype_arg = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
@@ -137,6 +143,8 @@ def load_idefics2(name: str, path: Path, dtype_choice: str = "auto", progress=No
         q.setLevel(logging.ERROR)
     try:
         model, info = _load_weights(Idefics2Model, path, dtype)
+    except LoadError:
+        raise
     except Exception as e:  # transformers and safetensors raise many kinds here
         raise LoadError(f"the weights in {path} could not be loaded ({type(e).__name__}: {e}). A weight file is "
                         f"truncated, corrupt or does not belong to this config.json; copy the folder again.") from None
