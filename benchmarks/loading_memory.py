@@ -2,8 +2,10 @@
 
 Targets: peak memory while loading <= 1.15x the weights' size (no second copy: memory-mapped safetensors,
 direct dtype); load time <= 1.2x a raw safetensors read. Models: an LLM (Llama), a VLM (Idefics2 built like
-the tests' one, larger) and a mapper. Each run is a fresh process per loader that loads twice and reads every
-weight once per load:
+the tests' one, larger), a mapper, and the LLM loaded int8 and nf4 where bitsandbytes is installed (weights =
+the packed bytes ComfyUI accounts; the file is read and quantized while loading, so peak and time are context,
+not a like-for-like comparison). Each run is a fresh process per loader that loads twice and reads every weight
+once per load:
 - first load: the first in the process. It also pays what a process pays once (transformers' table of
   checkpoint conversions, lazy imports inside transformers); importing transformers' modeling code
   (~0.6 s on a host that has not yet) is done before the clock starts, as it is not loading.
@@ -13,11 +15,12 @@ Warm: the files are already in the page cache. --cold empties the page cache bef
 both sides read from disk, as a first load does. Peak = resident memory above the level before the load.
 
     python benchmarks/loading_memory.py [--hidden 1024 --layers 12] [--vlm-width 1024 --vlm-layers 8]
-                                        [--file-dtype fp32|bf16] [--runs 3] [--cold]
+                                        [--file-dtype fp32|bf16] [--runs 3] [--cold] [--no-quantized]
 """
 import argparse
 import ctypes
 import gc
+import importlib.util
 import json
 import shutil
 import statistics
@@ -31,6 +34,8 @@ from common import PeakRSS, boot, module, table
 RAW = "raw safetensors read"
 PACK = {"LLM": "Load LLM (pack)", "VLM": "Load Idefics2 (pack)", "mapper": "Load Mapper (pack)"}
 BEFORE = " before: from_pretrained"
+# bitsandbytes choices of Load LLM (when bitsandbytes is installed): weights = the packed bytes ComfyUI accounts.
+QUANTIZED = {"LLM int8": "int8 (bitsandbytes)", "LLM nf4": "nf4 (bitsandbytes)"}
 
 
 def touch(tensors):
@@ -63,6 +68,8 @@ def child(label, kind, path, cold):
     import torch  # noqa: F401
     from safetensors.torch import load_file
     from transformers import Idefics2Model, LlamaForCausalLM  # noqa: F401  (and transformers.modeling_utils)
+    if label in QUANTIZED:
+        import bitsandbytes  # noqa: F401
     if kind.endswith(BEFORE):
         module(pack, "loaders.direct_weights").load_pretrained = lambda *args, **kwargs: None
 
@@ -72,6 +79,9 @@ def child(label, kind, path, cold):
         if label == "LLM":
             handle = module(pack, "loaders.llm").load_llm("bench", Path(path), "fp32")
             return handle, list(handle.patcher.model.parameters())
+        if label in QUANTIZED:
+            handle = module(pack, "loaders.llm").load_llm("bench", Path(path), QUANTIZED[label])
+            return handle, list(handle.patcher.model.state_dict().values())  # with the scales, as ComfyUI counts
         if label == "VLM":
             handle = module(pack, "loaders.mumu").load_idefics2("bench", Path(path), "fp32")
             return handle, list(handle.patcher.model.parameters())
@@ -139,6 +149,8 @@ def to_bf16(file):
 
 
 def kinds(label):
+    if label in QUANTIZED:
+        return RAW, f"Load LLM (pack) {QUANTIZED[label]}"
     return (RAW, PACK[label]) if label == "mapper" else (RAW, PACK[label] + BEFORE, PACK[label])
 
 
@@ -158,6 +170,7 @@ def main():
                         help="dtype of the LLM and VLM files (bf16 as most releases; always loaded as fp32, as on CPU)")
     parser.add_argument("--runs", type=int, default=3, help="fresh processes per loader (median and range)")
     parser.add_argument("--cold", action="store_true", help="read from disk: empty the page cache first (root)")
+    parser.add_argument("--no-quantized", action="store_true", help="skip the int8/nf4 rows (bitsandbytes)")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -175,6 +188,8 @@ def main():
         mappers.save_mapper(mapper_file, tiny_llm.random_mapper(4096, hidden_dim=2048, depth=3))
         cases = (("LLM", llm / "model.safetensors", llm), ("VLM", vlm / "model.safetensors", vlm),
                  ("mapper", mapper_file, mapper_file))
+        if importlib.util.find_spec("bitsandbytes") and not args.no_quantized:
+            cases += tuple((label, llm / "model.safetensors", llm) for label in QUANTIZED)
         runs = {}
         for _ in range(args.runs):
             for label, raw_file, target in cases:

@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import weakref
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -17,8 +18,8 @@ from .encode_cache import file_identity
 from .errors import LoadError
 
 DTYPES = ("auto", "fp32", "fp16", "bf16")
-# bitsandbytes keeps quantized weights on the GPU: such an LLM stays there (no offload) and cannot take merged
-# weight patches.
+# bitsandbytes quantizes while transformers loads, on the device the LLM runs on: such an LLM stays there (moving
+# quantized weights between devices is not something this pack relies on) and cannot take merged weight patches.
 QUANTIZED = ("int8 (bitsandbytes)", "nf4 (bitsandbytes)")
 LLM_DTYPES = DTYPES + QUANTIZED
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tokenizer_config.json")
@@ -99,18 +100,86 @@ def prefetch(path: Path):
 
 
 def quantization(choice: str, device):
-    """transformers' BitsAndBytesConfig for an int8/nf4 choice, or a LoadError saying what is missing."""
-    if mm.is_device_cpu(device) or not torch.cuda.is_available():
-        raise LoadError(f"'{choice}' needs an NVIDIA GPU with CUDA, and this ComfyUI runs the LLM on {device}. "
-                        f"Choose auto, fp16, bf16 or fp32.")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise LoadError(f"'{choice}' needs the bitsandbytes package: install it into ComfyUI's Python "
-                        f"(pip install bitsandbytes) and restart ComfyUI, or choose auto/fp16/bf16.")
+    """(transformers' BitsAndBytesConfig, compute dtype) for an int8/nf4 choice, or a LoadError saying what is
+    missing. Compute runs in fp32 on a CPU, in bf16 or fp16 on a GPU."""
+    missing = [name for name in ("bitsandbytes", "accelerate") if not _importable(name)]
+    if missing:
+        raise LoadError(f"'{choice}' needs the {' and '.join(missing)} package{'s' * (len(missing) > 1)}: install "
+                        f"into ComfyUI's Python (pip install {' '.join(missing)}) and restart ComfyUI, or choose "
+                        f"auto, fp16, bf16 or fp32.")
+    problem = bitsandbytes_problem(device)
+    if problem:
+        import bitsandbytes
+        raise LoadError(f"'{choice}': bitsandbytes {getattr(bitsandbytes, '__version__', '?')} cannot run on {device}, "
+                        f"where this ComfyUI runs the LLM ({problem}). It needs an NVIDIA GPU with CUDA, or on a CPU "
+                        f"bitsandbytes 0.46 or newer (pip install -U bitsandbytes). Or choose auto, fp16, bf16 or "
+                        f"fp32.")
     from transformers import BitsAndBytesConfig
-    compute = torch.bfloat16 if mm.should_use_bf16(device, prioritize_performance=False) else torch.float16
+    if mm.is_device_cpu(device):
+        compute = torch.float32
+    else:
+        compute = torch.bfloat16 if mm.should_use_bf16(device, prioritize_performance=False) else torch.float16
     if choice.startswith("int8"):
         return BitsAndBytesConfig(load_in_8bit=True), compute
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute), compute
+
+
+def _importable(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+        return True
+    except ImportError:
+        return False
+
+
+_BNB_CHECKED = {}  # (bitsandbytes version, device) -> "" or why it cannot run there
+
+
+def bitsandbytes_problem(device) -> str:
+    """"" when bitsandbytes can quantize and run an 8-bit and a 4-bit layer on `device`, else what failed. Checked by
+    doing it: which devices a bitsandbytes build supports has changed across releases (CPUs from 0.46 on)."""
+    import bitsandbytes as bnb
+    key = (getattr(bnb, "__version__", "?"), str(device))
+    if key not in _BNB_CHECKED:
+        try:
+            x = torch.randn(2, 64, device=device)
+            for layer in (bnb.nn.Linear8bitLt(64, 64, bias=False, has_fp16_weights=False),
+                          bnb.nn.Linear4bit(64, 64, bias=False, quant_type="nf4", compute_dtype=torch.float32)):
+                layer.to(device)(x)
+            _BNB_CHECKED[key] = ""
+        except Exception as e:  # bitsandbytes raises many kinds for an unsupported device
+            _BNB_CHECKED[key] = f"{type(e).__name__}: {e}"
+    return _BNB_CHECKED[key]
+
+
+def quantized_size(path: Path, choice: str, compute: torch.dtype) -> int:
+    """Bytes the LLM in `path` will take once bitsandbytes quantized it, computed from its config before anything
+    is loaded: int8 is a byte per weight and a float32 scale per row; nf4 half a byte per weight and a float32
+    absmax per block of 64. Layers transformers leaves unquantized (the output embedding, tied weights) and every
+    other tensor count at the compute dtype. ComfyUI frees this much on the device before the load."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    output = model.get_output_embeddings()
+    tensors = model.state_dict(keep_vars=True)  # what ComfyUI's size counts; tied weights are one object
+    uses = Counter(id(t) for t in tensors.values())
+    total, counted = 0, set()
+    for key, tensor in tensors.items():
+        if id(tensor) in counted:
+            continue
+        counted.add(id(tensor))
+        module_name, _, name = key.rpartition(".")
+        module = model.get_submodule(module_name)
+        if not (isinstance(module, torch.nn.Linear) and name == "weight" and module is not output
+                and uses[id(tensor)] == 1):
+            total += tensor.numel() * (compute.itemsize if tensor.is_floating_point() else tensor.element_size())
+        elif choice.startswith("int8"):
+            total += tensor.numel() + tensor.shape[0] * 4
+        else:
+            total += (tensor.numel() + 1) // 2 + -(-tensor.numel() // 64) * 4
+    return total
 
 
 def _from_pretrained(cls, path, dtype, **extra):
@@ -149,6 +218,8 @@ def load_llm(name: str, path: Path, dtype_choice: str = "auto", progress=None) -
     model = None
     try:
         if quantized:  # bitsandbytes quantizes while loading: only from_pretrained does that
+            # It puts the weights straight on the device: ComfyUI makes room first, as before loading its own models.
+            mm.free_memory(quantized_size(path, quantized, dtype) + mm.minimum_inference_memory(), device)
             log.debug("%s: loading with transformers' from_pretrained (%s)", path, quantized)
         else:
             model = direct_weights.load_pretrained(AutoModelForCausalLM, path, dtype)
@@ -171,6 +242,8 @@ def load_llm(name: str, path: Path, dtype_choice: str = "auto", progress=None) -
     progress and progress(3)
     # The patcher's size is the state dict's bytes: for a quantized model, its packed weights.
     hosted = patching.wrap(model, device, device) if quantized else patching.wrap(model)
+    if quantized:  # already on the device: ComfyUI counts it there from now on
+        patching.load_to_device(hosted)
     llm = LoadedLLM(patcher=hosted, tokenizer=tokenizer, name=name, path=path, dtype=dtype, quantized=quantized,
                     identity=f"{file_identity(path)}:{dtype}:{quantized}",
               hidden_size=int(model.config.hidden_size if hasattr(model.config, "hidden_size")

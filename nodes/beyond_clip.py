@@ -25,7 +25,8 @@ class LLMLoader:
         return {"required": {
             "llm_name": (folders.list_model_dirs(folders.LLM), {"tooltip": "A Hugging Face causal-LM folder in models/LLM"}),
             "dtype": (LLM_DTYPES, {"default": "auto", "tooltip": "auto: bf16/fp16 where the device runs them, else "
-                                                             "fp32; int8/nf4 need CUDA and bitsandbytes"}),
+                                                             "fp32; int8/nf4 need bitsandbytes (on a CUDA GPU, or "
+                                                             "on a CPU from bitsandbytes 0.46 on)"}),
         }}
 
     RETURN_TYPES = (LLM_TYPE,)
@@ -34,7 +35,9 @@ class LLMLoader:
     CATEGORY = CATEGORY
     DESCRIPTION = ("Loads a Hugging Face causal LM (Llama, OPT, Mistral, ...) and its tokenizer from models/LLM, offline, "
                    "under ComfyUI's memory manager (offloaded when the UNet needs the memory). auto: bf16/fp16 where "
-                   "the device runs them, fp32 on CPU. One instance is shared while anything holds it.")
+                   "the device runs them, fp32 on CPU. int8/nf4: quantized by bitsandbytes while loading, about "
+                   "1/2 or 1/4 of fp16's memory; such an LLM stays on its device. One instance is shared while "
+                   "anything holds it.")
 
     @classmethod
     def VALIDATE_INPUTS(cls, llm_name):
