@@ -10,6 +10,7 @@ once per load:
   checkpoint conversions, lazy imports inside transformers); importing transformers' modeling code
   (~0.6 s on a host that has not yet) is done before the clock starts, as it is not loading.
 - later load: the same folder again after the first load was freed: what every load after the first costs.
+"file bytes read" rows (context): the file copied into memory with readinto, which a mapped load does not need.
 "before" rows: the same pack loader with the direct reader switched off (transformers' from_pretrained).
 Warm: the files are already in the page cache. --cold empties the page cache before each load (needs root), so
 both sides read from disk, as a first load does. Peak = resident memory above the level before the load.
@@ -31,7 +32,8 @@ from pathlib import Path
 
 from common import PeakRSS, boot, module, table
 
-RAW = "raw safetensors read"
+RAW = "raw safetensors read"  # safetensors.torch.load_file: memory-mapped, every page touched; the target's base
+BYTES = "file bytes read (context)"  # the file read into memory as bytes: what copying the data costs
 PACK = {"LLM": "Load LLM (pack)", "VLM": "Load Idefics2 (pack)", "mapper": "Load Mapper (pack)"}
 BEFORE = " before: from_pretrained"
 # bitsandbytes choices of Load LLM (when bitsandbytes is installed): weights = the packed bytes ComfyUI accounts.
@@ -65,7 +67,7 @@ def drop_page_cache():
 def child(label, kind, path, cold):
     host, pack, scratch = boot()
     # Imports are not part of the measurement.
-    import torch  # noqa: F401
+    import torch
     from safetensors.torch import load_file
     from transformers import Idefics2Model, LlamaForCausalLM  # noqa: F401  (and transformers.modeling_utils)
     if label in QUANTIZED:
@@ -76,6 +78,11 @@ def child(label, kind, path, cold):
     def load():
         if kind == RAW:
             return None, list(load_file(path).values())
+        if kind == BYTES:
+            with open(path, "rb") as f:
+                data = bytearray(Path(path).stat().st_size)
+                f.readinto(data)
+            return data, [torch.frombuffer(data, dtype=torch.uint8)]
         if label == "LLM":
             handle = module(pack, "loaders.llm").load_llm("bench", Path(path), "fp32")
             return handle, list(handle.patcher.model.parameters())
@@ -151,7 +158,7 @@ def to_bf16(file):
 def kinds(label):
     if label in QUANTIZED:
         return RAW, f"Load LLM (pack) {QUANTIZED[label]}"
-    return (RAW, PACK[label]) if label == "mapper" else (RAW, PACK[label] + BEFORE, PACK[label])
+    return (RAW, PACK[label]) if label == "mapper" else (RAW, BYTES, PACK[label] + BEFORE, PACK[label])
 
 
 def summary(values, fmt):
@@ -194,7 +201,7 @@ def main():
         for _ in range(args.runs):
             for label, raw_file, target in cases:
                 for kind in kinds(label):
-                    path = raw_file if kind == RAW else target
+                    path = raw_file if kind in (RAW, BYTES) else target
                     if not args.cold:
                         raw_file.read_bytes()  # into the page cache
                     for load, r in zip(("first", "later"), measure(label, kind, path, args.cold)):

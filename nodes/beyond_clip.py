@@ -102,8 +102,10 @@ def _encode_uncached(llm, mapper, text, *, hidden_layer, template, allow_empty):
                     enc.prompt_tokens, enc.truncated_to,
                     "the mapper's token count" if enc.truncated_to == mapper.config.num_tokens else "the LLM's context",
                     text[:60])
+    if next(mapper.parameters()).device != enc.hidden.device:  # .to() walks every module even when nothing moves
+        mapper.to(enc.hidden.device)
     with torch.no_grad():
-        tokens, pooled = mapper.to(enc.hidden.device)(enc.hidden, enc.last_token)
+        tokens, pooled = mapper(enc.hidden, enc.last_token)
     return conditioning(tokens, pooled)
 
 
