@@ -1,6 +1,6 @@
 """Hugging Face causal-LM folders from models/LLM, loaded offline, under ComfyUI's memory manager."""
 import gc
-import importlib.util
+import importlib
 import json
 import logging
 import os
