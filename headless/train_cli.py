@@ -222,8 +222,11 @@ def train_distilled(args, host, pack):
                             ddp=world > 1, on_step=on_step, checkpoint_every=args.checkpoint_every, is_main=rank == 0,
                             cache_path=cache_path, **extra)
     checksum = bt.parameter_checksum(mapper)
-    print(f"rank {rank}/{world}: weights {checksum}, held-out loss {trainer.initial_val_loss:.6f} -> "
-          f"{trainer.last_val_loss():.6f}, step {trainer.step}", flush=True)
+    # One write with its newline: every rank prints this line into the same pipe, and print() may write the text
+    # and the newline separately (unbuffered output), letting another rank's line land between them.
+    sys.stdout.write(f"rank {rank}/{world}: weights {checksum}, held-out loss {trainer.initial_val_loss:.6f} -> "
+                     f"{trainer.last_val_loss():.6f}, step {trainer.step}\n")
+    sys.stdout.flush()
     status = 0
     if world > 1:
         sums = [None] * world
