@@ -5,7 +5,6 @@ transformers' own merge and of the LoRA with peft; the shipped workflows end to 
 Idefics2 folder and the small SDXL-like model; the stock LoRA loaders reading the MUMU UNet LoRA; bad input.
 """
 import copy
-import inspect
 import json
 import logging
 import shutil
@@ -129,11 +128,14 @@ def test_perceiverless_encoding_matches_transformers_own_merge(host, mumu, files
     with torch.no_grad():
         ours = mumu.encode(vlm.patcher.model.inner, seq, pixels, hidden_layer=-1)
         features = reference.connector.modality_projection(reference.vision_model(pixel_values=pixels).last_hidden_state)
-        per_occurrence = torch.cat([features[s.image] for s in seq.spans])
-        kwarg = ("mm_encoder_outputs" if "mm_encoder_outputs" in inspect.signature(reference.forward).parameters
-                 else "image_hidden_states")
-        theirs = reference(input_ids=seq.input_ids, output_hidden_states=True, use_cache=False,
-                           **{kwarg: per_occurrence}).hidden_states[-1]
+        per_occurrence = torch.stack([features[s.image] for s in seq.spans])
+        # transformers' own merge of precomputed image features (its forward's keyword for them has changed
+        # name and type across releases; the merger itself has kept its signature since 4.40)
+        merged = reference.inputs_merger(input_ids=seq.input_ids,
+                                         inputs_embeds=reference.text_model.get_input_embeddings()(seq.input_ids),
+                                         image_hidden_states=per_occurrence)
+        theirs = reference.text_model(inputs_embeds=merged, output_hidden_states=True,
+                                      use_cache=False).hidden_states[-1]
     assert ours.shape == (1, seq.input_ids.shape[1], 64)
     err = (ours - theirs).abs().max().item()
     print(f"\nperceiver-less encoding vs transformers' merge: max abs error {err:.2e}")
