@@ -191,6 +191,15 @@ def _from_pretrained(cls, path, dtype, **extra):
     return cls.from_pretrained(str(path), **kwargs)
 
 
+def _keep_packing(model):
+    """bitsandbytes' CPU backend (0.50) repacks nf4 weights for its AVX512-bf16 kernel at the first forward (their
+    scales become bf16) and unpacks them whenever state_dict() is called, which ComfyUI does each time it loads a
+    model: the outputs then change from one load to the next. Its plain kernel keeps the weights as loaded."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def load_llm(name: str, path: Path, dtype_choice: str = "auto", progress=None) -> LoadedLLM:
     """progress(step) is called after each of the 4 steps; it may raise to stop (interruption)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -239,6 +248,8 @@ def load_llm(name: str, path: Path, dtype_choice: str = "auto", progress=None) -
         if model is None:
             gc.collect()  # nothing half-loaded stays in memory
     model.eval().requires_grad_(False)
+    if quantized:
+        _keep_packing(model)
     progress and progress(3)
     # The patcher's size is the state dict's bytes: for a quantized model, its packed weights.
     hosted = patching.wrap(model, device, device) if quantized else patching.wrap(model)

@@ -243,3 +243,33 @@ def train_cli(host, command, *args, nproc=1):
                             cwd=PACK_DIR, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
+
+
+# ------------------------------------------------------------------------------------ pictures kept as they are
+
+GOLDEN_PIXELS = PACK_DIR / "tests" / "golden_pixels.json"
+
+
+def _environment_key(host) -> str:
+    import transformers
+    return f"host {host.version} | torch {torch.__version__.split('+')[0]} | transformers {transformers.__version__}"
+
+
+def check_golden_pixels(host, name: str, saved: SavedImage):
+    """The decoded picture of a shipped workflow is byte-identical to what the pack drew when the golden file was
+    recorded (before the code was restructured): saved workflows keep their pictures. Pixels depend on the host,
+    torch and transformers, so each combination has its own record; BEYOND_CLIP_RECORD_PIXELS=1 records this one."""
+    import hashlib
+    import json
+    import os
+    digest = hashlib.sha256(saved.pixels).hexdigest()
+    key = _environment_key(host)
+    records = json.loads(GOLDEN_PIXELS.read_text()) if GOLDEN_PIXELS.is_file() else {}
+    if os.environ.get("BEYOND_CLIP_RECORD_PIXELS") == "1":
+        records.setdefault(key, {})[name] = digest
+        GOLDEN_PIXELS.write_text(json.dumps(records, indent=1, sort_keys=True) + "\n")
+        return
+    expected = records.get(key, {}).get(name)
+    if expected is None:
+        pytest.skip(f"no recorded picture of {name} for {key} (recorded: {sorted(records)})")
+    assert digest == expected, f"{name}: the picture differs from the one recorded for {key}"

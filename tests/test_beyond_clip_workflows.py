@@ -5,7 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import PACK_DIR, pack_module, pixel_change, run_saved_image
+from PIL import Image
+
+from conftest import SavedImage, PACK_DIR, check_golden_pixels, pack_module, pixel_change, run_saved_image
 
 WORKFLOWS = PACK_DIR / "workflows"
 
@@ -49,6 +51,7 @@ def test_shipped_workflow_end_to_end(host, pack, tiny_llama, mapper_files, name,
     prompt = workflow_prompt(host, pack, name, arch=arch, llm=tiny_llama, mapper=mapper_files[target],
                              prefix=f"t_{arch}")
     first = run_saved_image(host, prompt)
+    check_golden_pixels(host, name, first)
     encode_id = node_of(prompt, "BeyondCLIP_TextEncode")
     positive, negative = host.node_output(encode_id)
     tokens, extra = positive[0]
@@ -84,6 +87,9 @@ def test_router_workflow_draws_a_picture_request_and_answers_a_question(host, pa
     prompt, ui, (positive, _, answer, route, p_draw) = run("Draw a cozy cabin in a snowy pine forest at night")
     assert route == "draw" and p_draw > 0.5 and positive[0][0].shape == (1, 77, 768)
     assert len(host.saved_images(ui)) == 1
+    with Image.open(host.saved_images(ui)[0]) as drawn:
+        check_golden_pixels(host, "beyond_clip_router_sd15.json", SavedImage(png=b"", pixels=drawn.convert("RGB").tobytes(),
+                                                                             path=None, ui=ui))
     # The adapter is merged into the encoder: the conditioning differs from the plain LLM's.
     apply_id = node_of(prompt, "BeyondCLIP_ApplyRepAdapter")
     assert host.node_output(apply_id)[0].adapter.mode == "merged"

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from conftest import PACK_DIR, pack_module, pixel_change, run_saved_image
+from conftest import PACK_DIR, check_golden_pixels, pack_module, pixel_change, run_saved_image
 
 WORKFLOWS = PACK_DIR / "workflows"
 LLM_DIM = 64  # the small OPT's width
@@ -602,6 +602,7 @@ def node_of(prompt, class_type):
 def test_workflow_generate_sd15(host, pack, tiny_opt, release, towers):
     prompt = workflow_prompt(host, pack, "gill_generate_sd15.json", llm=tiny_opt, prefix="gill_gen")
     first = run_saved_image(host, prompt)
+    check_golden_pixels(host, "gill_generate_sd15.json", first)
     tokens, extra = host.node_output(node_of(prompt, "BeyondCLIP_GILLEncode"))[0][0]
     assert tokens.shape == (1, 77, 768) and tokens.dtype == torch.float32 and torch.isfinite(tokens).all()
     assert run_saved_image(host, prompt).png == first.png, "same seed and prompt: byte-identical image"
@@ -622,6 +623,7 @@ def test_workflow_multimodal_story(host, pack, tiny_opt, release, towers):
     encode_id = node_of(prompt, "BeyondCLIP_GILLEncode")
     assert prompt[encode_id]["inputs"]["prompt"].count("<image>") == 4 == len(names)
     first = run_saved_image(host, prompt)
+    check_golden_pixels(host, "gill_multimodal_story.json", first)
     tokens = host.node_output(encode_id)[0][0][0]
     assert tokens.shape == (1, 77, 768)
     assert run_saved_image(host, prompt).png == first.png
@@ -648,7 +650,9 @@ def test_workflow_retrieve_or_generate(host, pack, tiny_opt, release, towers):
                              prefix="gill_ret")
     sampler, switch, build = (node_of(prompt, k) for k in ("KSampler", "BeyondCLIP_GILLGenerateOrRetrieve",
                                                            "BeyondCLIP_GILLBuildIndex"))
-    path = run_saved_image(host, prompt).path
+    retrieved_picture = run_saved_image(host, prompt)
+    check_golden_pixels(host, "gill_retrieve_or_generate.json/retrieve", retrieved_picture)
+    path = retrieved_picture.path
     image, decision, p = host.node_output(switch)
     assert decision == "retrieve" and 0.0 <= p <= 1.0
     retrieved, scores, _ = host.node_output(node_of(prompt, "BeyondCLIP_GILLRetrieve"))
@@ -668,6 +672,7 @@ def test_workflow_retrieve_or_generate(host, pack, tiny_opt, release, towers):
     prompt = workflow_prompt(host, pack, "gill_retrieve_or_generate.json", llm=tiny_opt, threshold=1.0,
                              prefix="gill_ret")
     first = run_saved_image(host, prompt)
+    check_golden_pixels(host, "gill_retrieve_or_generate.json/generate", first)
     image, decision, _ = host.node_output(switch)
     assert decision == "generate" and image.shape == (1, 64, 64, 3)
     assert torch.equal(image, host.node_output(node_of(prompt, "VAEDecode"))[0])

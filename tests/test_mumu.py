@@ -12,7 +12,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import PACK_DIR, host_module, pack_module, pixel_change, run_saved_image
+from conftest import PACK_DIR, check_golden_pixels, host_module, pack_module, pixel_change, run_saved_image
 
 WORKFLOWS = PACK_DIR / "workflows"
 ENCODE = "BeyondCLIP_MUMUEncode"
@@ -227,6 +227,7 @@ def test_shipped_workflow_end_to_end(host, pack, tiny_idefics2, mumu_connector_f
     encode = prompt[node_of(prompt, ENCODE)]["inputs"]
     assert ("<image>" not in encode["prompt"]) == named
     first = run_saved_image(host, prompt)
+    check_golden_pixels(host, name, first)
     positive, negative = host.node_output(node_of(prompt, ENCODE))
     tokens, extra = positive[0]
     assert tokens.dtype == torch.float32 and tokens.shape[0] == 1 and tokens.shape[2] == 2048

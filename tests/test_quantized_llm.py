@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from conftest import forget_everything, pack_module, pixel_change, run_saved_image
+from conftest import check_golden_pixels, forget_everything, pack_module, pixel_change, run_saved_image
 from test_beyond_clip_nodes import encode_graph, positive_tokens, run_error
 from test_beyond_clip_workflows import node_of, workflow_prompt
 
@@ -74,6 +74,7 @@ def test_shipped_nf4_workflow_end_to_end(host, pack, tiny_llama, mapper_files):
     loader = node_of(prompt, "BeyondCLIP_LLMLoader")
     assert prompt[loader]["inputs"]["dtype"] == "nf4 (bitsandbytes)"
     first = run_saved_image(host, prompt)
+    check_golden_pixels(host, "beyond_clip_sdxl_nf4.json", first)
     assert type(host.node_output(loader)[0].patcher.model.inner.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
     encode_id = node_of(prompt, "BeyondCLIP_TextEncode")
     positive, negative = host.node_output(encode_id)

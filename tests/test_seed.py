@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import PACK_DIR, host_module, pack_module, pixel_change, run_saved_image
+from conftest import PACK_DIR, check_golden_pixels, host_module, pack_module, pixel_change, run_saved_image
 
 WORKFLOWS = PACK_DIR / "workflows"
 # Small sizes, same classes and layout as the official files (ViT-g 1408/39, BERT-base 768/12, 8192 x 32).
@@ -538,6 +538,7 @@ def test_reconstruct_workflow_end_to_end(host, pack, official, seed_mods):
     b = put_input_image(host, "seed_b.png", 12, size=(40, 90), channels=4)  # another size, with alpha
     prompt = workflow_prompt(host, pack, "seed_reconstruct_sd15.json", [a], "seed_rec")
     first = run_saved_image(host, prompt)
+    check_golden_pixels(host, "seed_reconstruct_sd15.json", first)
     ui = first.ui
     tok_id, det_id = node_of(prompt, "BeyondCLIP_SEEDTokenize"), node_of(prompt, "BeyondCLIP_SEEDDetokenize")
     tokens, text = host.node_output(tok_id)
@@ -596,6 +597,7 @@ def test_mix_workflow_takes_a_prefix_of_a_and_the_rest_of_b(host, pack, official
     b = put_input_image(host, "seed_mix_b.png", 22, size=(120, 50))
     prompt = workflow_prompt(host, pack, "seed_mix.json", [a, b], "seed_mix")
     first = run_saved_image(host, prompt)
+    check_golden_pixels(host, "seed_mix.json", first)
     ta = host.node_output(node_of(prompt, "BeyondCLIP_SEEDTokenize", 0))[0].codes
     tb = host.node_output(node_of(prompt, "BeyondCLIP_SEEDTokenize", 1))[0].codes
     mix_id, det_id = node_of(prompt, "BeyondCLIP_SEEDMixCodes"), node_of(prompt, "BeyondCLIP_SEEDDetokenize")

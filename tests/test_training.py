@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import PACK_DIR, train_cli, forget_everything, pack_module, pixel_change, run_saved_image
+from conftest import PACK_DIR, check_golden_pixels, forget_everything, pack_module, pixel_change, run_saved_image, train_cli
 
 COLOURS = ["red", "blue", "green", "yellow", "black", "white", "orange", "purple"]
 THINGS = ["fox", "cat", "dog", "house", "boat", "tree", "car", "bird"]
@@ -176,6 +176,7 @@ def test_shipped_training_workflow_end_to_end(host, pack, tiny_llama, caption_fi
     train_id = next(i for i, n in prompt.items() if n["class_type"] == "BeyondCLIP_TrainMapper")
     encode_id = next(i for i, n in prompt.items() if n["class_type"] == "BeyondCLIP_TextEncode")
     first = run_saved_image(host, prompt)
+    check_golden_pixels(host, "beyond_clip_train_sd15.json", first)
     mapper, name, val_loss = host.node_output(train_id)
     assert name == "workflow-mapper.safetensors" and val_loss < history(host, "workflow")["initial_val_loss"] / 10
     positive = host.node_output(encode_id)[0][0][0]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import forget_everything, pack_module, pixel_change, run_saved_image
+from conftest import check_golden_pixels, forget_everything, pack_module, pixel_change, run_saved_image
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 40, 220), "green": (30, 200, 40)}
 SHAPES = ["square", "dot"]
@@ -107,6 +107,7 @@ def test_mumu_stage2_trains_the_three_parts_and_drives_ksampler(host, pack, tiny
     host.run({k: g[k] for k in ("1", "2", "6", "20")})
     assert same(snapshot(vlm.patcher.model.inner), vlm_before) and same(snapshot(unet), unet_before)
     first = run_saved_image(host, g)  # resumes at the last step: nothing more is trained
+    check_golden_pixels(host, "mumu_train_sdxl.json", first)
     h = history(host, "mumu-s2")
     vals = [e["val_loss"] for e in h["history"] if "val_loss" in e]
     print(f"\nMUMU stage 2: {host.node_output('20')[3]}; held-out loss every 4 steps {[round(v, 4) for v in vals]}")
