@@ -19,11 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import InputError
+
 PLACEHOLDER = "<image>"
 GENERATE, RETRIEVE = "generate", "retrieve"  # decision classes 0 and 1 of the reference decision model
 
 
-class GILLInputError(ValueError):
+class GILLInputError(InputError):
     """Something about the prompt or the inputs that the user can fix."""
 
 

@@ -7,11 +7,13 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import InputError
+
 TEMPLATES = ("none", "llama-2-chat")
 
 
-class PromptError(ValueError):
-    pass
+class PromptError(InputError):
+    """A prompt the LLM cannot encode as asked."""
 
 
 @dataclass

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import InputError
+
 IMAGE_TOKEN = "<image>"
 FAKE_TOKEN = "<fake_token_around_image>"
 POSITIONAL = "image"  # the name of the positional placeholder <image>
@@ -30,8 +32,8 @@ NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 SDXL_WIDTH, SDXL_POOLED = 2048, 1280
 
 
-class PromptError(ValueError):
-    pass
+class PromptError(InputError):
+    """A MUMU prompt or reference image that cannot be encoded as given."""
 
 
 # ---------------------------------------------------------------------------------------------- prompt syntax

@@ -1,9 +1,12 @@
 """The pack's own weight files: one safetensors file per bridge, self-describing through its metadata.
 
 metadata = {"format": "beyond_clip.bridge", "format_version": "1", "kind": <kind>, "config": <json>}
-Tensors are read memory-mapped, straight into the dtype they were saved in.
+Tensors are read memory-mapped, straight into the dtype they were saved in. This module is the one place that
+reads that metadata (read_metadata, kind_of), the one place that decides whether an output file may be written
+(writable_path), and the one strict loader (load_state_into).
 """
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -15,29 +18,72 @@ from .errors import LoadError
 FORMAT = "beyond_clip.bridge"
 FORMAT_VERSION = "1"
 
-# kind -> what a person calls it, for messages. Each family's loader module registers its kinds here.
-KINDS = {}
+# kind -> what a person calls it, for messages and for dropdowns that list one kind.
+KINDS = {
+    "beyond_clip_mapper": "Beyond CLIP mapper",
+    "repadapter": "RepAdapter",
+    "gill": "GILL model",
+    "seed_v1": "SEED v1 tokenizer",
+    "mumu_connector": "MUMU connector",
+}
 
 
-def register_kind(kind: str, label: str) -> str:
-    KINDS[kind] = label
-    return kind
+def label(kind: str) -> str:
+    return KINDS.get(kind, repr(kind))
+
+
+def read_metadata(path):
+    """The safetensors metadata of `path` (a dict, {} when it has none), or None when the file is missing or not
+    a readable safetensors file. Reads the header only."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError):
+        return None
+
+
+def kind_of(path):
+    """The bridge kind of a pack file ('beyond_clip_mapper', ...), or None for any other file."""
+    meta = read_metadata(path)
+    if not meta or meta.get("format") != FORMAT:
+        return None
+    return meta.get("kind")
 
 
 def save_bridge(path, kind: str, config: dict, state_dict: dict):
+    """Write a bridge file atomically: a crash mid-write leaves the previous file (or none), never half a file."""
     if kind not in KINDS:
         raise ValueError(f"unknown bridge kind {kind!r}")
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, "config": json.dumps(config)}
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=metadata)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def writable_path(path, kind: str) -> Path:
+    """`path` when it may be written: absent, or a pack file of this `kind` (a re-run replaces its own result).
+    Anything else there (another kind, another tool's file, a folder) is never replaced: LoadError."""
+    path = Path(path)
+    if path.is_dir():
+        raise LoadError(f"{path} is a folder; choose another output name.")
+    if path.exists() and kind_of(path) != kind:
+        raise LoadError(f"{path} exists and is not a {label(kind)} written by this pack; choose another output "
+                        f"name (the pack never replaces other files).")
+    return path
 
 
 def read_bridge(path, kind: str):
     """(config dict, state dict) of a bridge file of `kind`, or LoadError saying what is wrong and what to do."""
     path = Path(path)
     if not path.is_file():
-        raise LoadError(f"{path}: no such file. Put the {KINDS[kind]} file in models/bridges/.")
+        raise LoadError(f"{path}: no such file. Put the {label(kind)} file in models/bridges/.")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
@@ -50,13 +96,16 @@ def read_bridge(path, kind: str):
                                 f"version of the pack reads {FORMAT_VERSION!r}. Update the pack.")
             found = metadata.get("kind")
             if found != kind:
-                raise LoadError(f"{path} holds a {KINDS.get(found, repr(found))}, not a {KINDS[kind]}. "
-                                f"Load it with the matching node, or choose a {KINDS[kind]} file here.")
+                raise LoadError(f"{path} holds a {label(found)}, not a {label(kind)}. "
+                                f"Load it with the matching node, or choose a {label(kind)} file here.")
             try:
                 config = json.loads(metadata["config"])
             except (KeyError, ValueError) as e:
                 raise LoadError(f"{path}: its config metadata is missing or not JSON ({e}). The file is "
                                 f"damaged; write it again.") from None
+            if not isinstance(config, dict):
+                raise LoadError(f"{path}: its config metadata is not a JSON object. The file is damaged; write it "
+                                f"again.")
             state_dict = {k: f.get_tensor(k) for k in f.keys()}
     except SafetensorError as e:
         raise LoadError(f"{path} is not a readable safetensors file ({e}); it is truncated or corrupt. "

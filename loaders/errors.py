@@ -1,6 +1,4 @@
-class LoadError(RuntimeError):
-    """A model file or folder could not be used. The message names the file and says what to do."""
+"""The pack's errors (defined in bridges/errors.py, which everything may import)."""
+from ..bridges.errors import InputError, LoadError, PackError
 
-
-# ComfyUI shows an error's module path to the user; ours would be the pack's install path.
-LoadError.__module__ = "beyond_clip"
+__all__ = ["InputError", "LoadError", "PackError"]

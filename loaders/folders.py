@@ -4,6 +4,7 @@ from pathlib import Path
 
 import folder_paths
 
+from .bridge_files import kind_of
 from .errors import LoadError
 
 LLM = "LLM"  # Hugging Face model folders (config.json, weights, tokenizer files), the convention of LLM packs
@@ -56,8 +57,39 @@ def resolve_model_dir(name, folder_name=LLM) -> Path:
                     f"extra_model_paths.yaml under '{folder_name}', then refresh.")
 
 
-def list_bridge_files(extension=".safetensors"):
-    return sorted(f for f in folder_paths.get_filename_list(BRIDGES) if f.endswith(extension))
+def list_bridge_files(extension=".safetensors", kind=None):
+    """Files in models/bridges with this extension; with `kind`, only the pack's bridge files of that kind (read
+    from each file's header, remembered while the file is unchanged)."""
+    names = sorted(f for f in folder_paths.get_filename_list(BRIDGES) if f.endswith(extension))
+    if kind is None:
+        return names
+    return [n for n in names if _kind_of_listed(n) == kind]
+
+
+_KIND_SEEN = {}  # path -> ((size, mtime_ns), kind): dropdowns are listed often, headers change rarely
+
+
+def _kind_of_listed(name):
+    path = folder_paths.get_full_path(BRIDGES, name)
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    stamp = (st.st_size, st.st_mtime_ns)
+    seen = _KIND_SEEN.get(path)
+    if seen is None or seen[0] != stamp:
+        seen = _KIND_SEEN[path] = (stamp, kind_of(path))
+    return seen[1]
+
+
+def not_found_message(what, name, choices, where):
+    """The one way the pack says a chosen file or folder is missing: what it looked for, where, what is there."""
+    listed = ", ".join(choices[:5]) + (f" (+{len(choices) - 5} more)" if len(choices) > 5 else "") if choices \
+        else "none"
+    return (f"{what} '{name}' is not in {where} (found: {listed}). Put it there, or pick one that is present, "
+            f"then refresh the page.")
 
 
 def resolve_bridge_file(name) -> Path:

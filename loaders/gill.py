@@ -21,11 +21,11 @@ from safetensors.torch import save_file
 from ..bridges.gill import GILLConfig, GILLModel, squash_224
 from ..bridges.retrieval import ImageIndex, fingerprint
 from . import patcher as patching
-from .bridge_files import FORMAT, load_state_into, read_bridge, register_kind, save_bridge
+from .bridge_files import kind_of, load_state_into, read_bridge, save_bridge
 from .encode_cache import file_identity
 from .errors import LoadError
 
-KIND = register_kind("gill", "GILL model")
+KIND = "gill"
 CKPT, DECISION, ARGS = "pretrained_ckpt.pth.tar", "decision_model.pth.tar", "model_args.json"
 # Tensors that every GILL checkpoint has: without them a file is some other model's.
 SIGNATURE = ("input_embeddings.weight", "gen_text_hidden_fcs.0.fc.weight", "gen_text_hidden_fcs.0.model.weight",
@@ -180,12 +180,7 @@ def convert_official(folder, out_path) -> Path:
 
 
 def is_gill_file(path) -> bool:
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError):
-        return False
-    return meta.get("format") == FORMAT and meta.get("kind") == KIND
+    return kind_of(path) == KIND
 
 
 # ---- CLIP vision features ---------------------------------------------------------------------------------

@@ -2,11 +2,11 @@
 import torch
 
 from ..bridges.mapper import BeyondCLIPMapper, MapperConfig
-from .bridge_files import load_state_into, read_bridge, register_kind, save_bridge
+from .bridge_files import load_state_into, read_bridge, save_bridge
 from .encode_cache import file_identity
 from .errors import LoadError
 
-KIND = register_kind("beyond_clip_mapper", "Beyond CLIP mapper")
+KIND = "beyond_clip_mapper"
 
 
 def save_mapper(path, mapper: BeyondCLIPMapper):

@@ -23,12 +23,12 @@ import torch
 
 from ..bridges import mumu as bridge
 from . import patcher as patching
-from .bridge_files import load_state_into, read_bridge, register_kind, save_bridge
+from .bridge_files import load_state_into, read_bridge, save_bridge
 from .errors import LoadError
 from .encode_cache import file_identity
 from .llm import check_folder, choose_dtype
 
-KIND = register_kind("mumu_connector", "MUMU connector")
+KIND = "mumu_connector"
 LORA_MODES = ("merged", "unmerged")
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")

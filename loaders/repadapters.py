@@ -11,11 +11,11 @@ import torch
 
 from ..bridges.repadapter import AdapterSet, RepAdapter, attached, merge_factors
 from . import patcher as patching
-from .bridge_files import load_state_into, read_bridge, register_kind, save_bridge
+from .bridge_files import load_state_into, read_bridge, save_bridge
 from .encode_cache import file_identity
 from .errors import LoadError
 
-KIND = register_kind("repadapter", "RepAdapter")
+KIND = "repadapter"
 MODES = ("merged", "unmerged")
 
 

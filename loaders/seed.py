@@ -11,6 +11,7 @@ models/bridges/seed-v1[-<folder>].safetensors (kind 'seed_v1', LAVIS key names, 
 later loads read that file, memory-mapped.
 """
 import gc
+import json
 import logging
 import os
 import re
@@ -22,11 +23,11 @@ import torch
 
 from ..bridges.seed import SeedConfig, SeedTokenizer
 from . import patcher as patching
-from .bridge_files import read_bridge, register_kind, save_bridge
+from .bridge_files import FORMAT, read_bridge, read_metadata, save_bridge
 from .encode_cache import file_identity
 from .errors import LoadError
 
-KIND = register_kind("seed_v1", "SEED v1 tokenizer")
+KIND = "seed_v1"
 TOKENIZER_FILE = "seed_tokenizer.pth"
 QFORMER_FILE = "causal_qformer.pth"
 VIT_FILE = "eva_vit_g.pth"
@@ -320,18 +321,16 @@ def is_fresh(converted: Path, tokenizer_path: Path) -> bool:
 
 
 def read_bridge_config(path: Path):
-    from safetensors import safe_open
-    import json
+    """(config, metadata) of a converted SEED file, from its header only; LoadError when it is not one."""
+    meta = read_metadata(path)
+    if meta is None:
+        raise LoadError(f"{path}: not a readable safetensors file")
+    if meta.get("format") != FORMAT or meta.get("kind") != KIND:
+        raise LoadError(f"{path} is not a SEED v1 file")
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-        if meta.get("kind") != KIND:
-            raise LoadError(f"{path} is not a SEED v1 file")
         return json.loads(meta["config"]), meta
-    except Exception as e:  # noqa: BLE001 - any unreadable header means "not ours / not fresh"
-        if isinstance(e, LoadError):
-            raise
-        raise LoadError(f"{path}: unreadable ({e})") from None
+    except (KeyError, ValueError) as e:
+        raise LoadError(f"{path}: its config metadata is missing or not JSON ({e})") from None
 
 
 # ---------------------------------------------------------------------------------------------- loading

@@ -23,7 +23,7 @@ from ..bridges.retrieval import fingerprint
 from ..bridges.training import (DistillData, DistillTrainer, MapperStudent, TrainConfig, parameter_checksum,
                                 resume_mismatch, seeded_init)
 from . import folders
-from .bridge_files import KINDS, FORMAT
+from .bridge_files import writable_path
 from .errors import LoadError
 from .mappers import KIND as MAPPER_KIND, save_mapper
 
@@ -92,15 +92,8 @@ def bridge_path(name: str, kind: str = MAPPER_KIND, extension=".safetensors") ->
     """models/bridges/<name><extension>; refuses to replace a file that is not a bridge of this kind."""
     base = Path(folder_paths.get_folder_paths(folders.BRIDGES)[0])
     path = base / f"{check_name(name, 'output name')}{extension}"
-    if path.exists() and extension == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                meta = f.metadata() or {}
-        except (SafetensorError, OSError):
-            meta = {}
-        if meta.get("format") != FORMAT or meta.get("kind") != kind:
-            raise LoadError(f"{path} exists and is not a {KINDS.get(kind, kind)} written by this pack; choose "
-                            f"another output name (training never replaces other files).")
+    if extension == ".safetensors":
+        return writable_path(path, kind)
     return path
 
 
