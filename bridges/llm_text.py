@@ -34,7 +34,8 @@ def apply_template(text: str, template: str) -> str:
 
 
 def context_length(model) -> int:
-    config = model.config
+    """The LLM's context in tokens, from a model or its config."""
+    config = getattr(model, "config", model)
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:
@@ -42,7 +43,7 @@ def context_length(model) -> int:
     return 2048
 
 
-def _pad_id(tokenizer) -> int:
+def pad_id(tokenizer) -> int:
     for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id):
         if tid is not None:
             return tid
@@ -59,38 +60,56 @@ def tokenize(tokenizer, text: str, max_tokens: int):
     return ids, n, 0
 
 
-def encode(model, tokenizer, text: str, *, hidden_layer: int = -1, num_tokens: int = 0,
-           template: str = "none", allow_empty: bool = False) -> EncodedPrompt:
-    """Hidden states of `text` at `hidden_layer` (python index into hidden_states: -1 is the last layer,
-    0 the embeddings).
+@dataclass
+class PromptIds:
+    ids: torch.Tensor  # (1, T) long
+    last_token: int  # index of the last real (not padding) token
+    prompt_tokens: int  # tokens of the prompt before any cut or padding
+    truncated_to: int = 0  # non-zero when the prompt was cut to this many tokens
 
-    num_tokens > 0 gives exactly that many tokens: a longer prompt is cut, a shorter one padded on the right
-    with the pad token *attended to*, as CLIP pads with end-of-text tokens that SD's UNet attends to; in a
-    causal LM those positions see the whole prompt and carry its summary, and no attention mask is needed
-    downstream (SD ignores masks, so every emitted token must mean something).
-    """
-    if not text.strip() and not allow_empty:
-        raise PromptError("the prompt is empty: write a prompt (for an empty negative use the 'zeros' or "
-                          "encoded-empty negative choice)")
-    limit = context_length(model)
-    if num_tokens:
-        limit = min(limit, num_tokens)
+
+def prompt_ids(tokenizer, text: str, *, context: int, num_tokens: int = 0, template: str = "none") -> PromptIds:
+    """The token ids an LLM reads for `text`: the template applied, cut to the context (and to num_tokens), and
+    with num_tokens > 0 padded on the right to exactly that many with the pad token, which is attended to (as
+    CLIP pads with end-of-text tokens that SD's UNet attends to: in a causal LM those positions see the whole
+    prompt and carry its summary, and no attention mask is needed downstream, since SD ignores masks)."""
+    limit = min(context, num_tokens) if num_tokens else context
     ids, n, truncated_to = tokenize(tokenizer, apply_template(text, template), limit)
     last_token = ids.shape[1] - 1
     if num_tokens and ids.shape[1] < num_tokens:
-        pad = torch.full((1, num_tokens - ids.shape[1]), _pad_id(tokenizer), dtype=ids.dtype)
+        pad = torch.full((1, num_tokens - ids.shape[1]), pad_id(tokenizer), dtype=ids.dtype)
         ids = torch.cat([ids, pad], dim=1)
-    device = next(model.parameters()).device
-    # The decoder alone gives the same hidden states without the LM head's logits over the whole vocabulary.
+    return PromptIds(ids=ids, last_token=last_token, prompt_tokens=n, truncated_to=truncated_to)
+
+
+def hidden_states(model, *, ids: torch.Tensor = None, embeds: torch.Tensor = None, layer: int = -1) -> torch.Tensor:
+    """The hidden states at `layer` (an index into hidden_states: -1 is the last layer, 0 the embeddings) of a
+    causal LM for token ids or input embeddings (B, T[, D]), every position attended to. Runs the decoder alone
+    where the model has one: the same states, without logits over the whole vocabulary."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    out = (decoder or model)(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device),
-                             output_hidden_states=True, use_cache=False)
+    source = ids if ids is not None else embeds
+    mask = torch.ones(source.shape[:2], dtype=torch.long, device=source.device)
+    inputs = {"input_ids": ids} if ids is not None else {"inputs_embeds": embeds}
+    out = (decoder or model)(**inputs, attention_mask=mask, output_hidden_states=True, use_cache=False)
     layers = len(out.hidden_states)
-    if not -layers <= hidden_layer < layers:
-        raise PromptError(f"hidden_layer {hidden_layer} is out of range: this LLM has {layers} hidden states "
+    if not -layers <= layer < layers:
+        raise PromptError(f"hidden_layer {layer} is out of range: this LLM has {layers} hidden states "
                           f"(0 = embeddings, {layers - 1} or -1 = last layer)")
-    hidden = out.hidden_states[hidden_layer].float()
-    return EncodedPrompt(hidden=hidden, last_token=last_token, prompt_tokens=n, truncated_to=truncated_to)
+    return out.hidden_states[layer]
+
+
+def encode(model, tokenizer, text: str, *, hidden_layer: int = -1, num_tokens: int = 0,
+           template: str = "none", allow_empty: bool = False) -> EncodedPrompt:
+    """Hidden states (float32) of `text` at `hidden_layer`; num_tokens > 0 gives exactly that many tokens
+    (see prompt_ids)."""
+    if not text.strip() and not allow_empty:
+        raise PromptError("the prompt is empty: write a prompt (for an empty negative use the 'zeros' or "
+                          "encoded-empty negative choice)")
+    p = prompt_ids(tokenizer, text, context=context_length(model), num_tokens=num_tokens, template=template)
+    device = next(model.parameters()).device
+    hidden = hidden_states(model, ids=p.ids.to(device), layer=hidden_layer).float()
+    return EncodedPrompt(hidden=hidden, last_token=p.last_token, prompt_tokens=p.prompt_tokens,
+                         truncated_to=p.truncated_to)
 
 
 def chat(model, tokenizer, text: str, *, max_new_tokens: int = 256, template: str = "none",
@@ -113,6 +132,6 @@ def chat(model, tokenizer, text: str, *, max_new_tokens: int = 256, template: st
     device = next(model.parameters()).device
     generated = model.generate(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device),
                                max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                               pad_token_id=_pad_id(tokenizer),
+                               pad_token_id=pad_id(tokenizer),
                                stopping_criteria=StoppingCriteriaList([_Callback()]))
     return tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True).strip()

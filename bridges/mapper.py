@@ -72,9 +72,15 @@ class BeyondCLIPMapper(nn.Module):
         self.pooled = (_mlp(config.in_dim, config.hidden_dim, config.pooled_dim, 2, config.activation)
                        if config.pooled_dim else None)
 
-    def forward(self, hidden: torch.Tensor, last_token: int):
-        """hidden: (B, N, in_dim); last_token: index of the prompt's last real token.
+    def forward(self, hidden: torch.Tensor, last_token):
+        """hidden: (B, N, in_dim); last_token: index of the prompt's last real token, one int for the batch or a
+        LongTensor (B,) (a batch of prompts that end at different tokens).
         Returns (tokens (B, N, out_dim), pooled (B, pooled_dim) or None)."""
         tokens = self.tokens(hidden)
-        pooled = self.pooled(hidden[:, last_token]) if self.pooled is not None else None
-        return tokens, pooled
+        if self.pooled is None:
+            return tokens, None
+        if torch.is_tensor(last_token):
+            last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_token.to(hidden.device)]
+        else:
+            last = hidden[:, last_token]
+        return tokens, self.pooled(last)

@@ -15,13 +15,13 @@ No positional embedding is added in the connector: the Idefics2 states already e
 Pure torch + transformers modules; no file I/O, no ComfyUI.
 """
 import re
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import hooks
 from .errors import InputError
 
 IMAGE_TOKEN = "<image>"
@@ -262,8 +262,9 @@ class AttentionPool(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.proj = nn.Linear(width, out_dim)
 
-    def forward(self, x):
-        pooled, _ = self.attn(self.query.expand(x.shape[0], -1, -1), x, x, need_weights=False)
+    def forward(self, x, key_padding_mask=None):
+        pooled, _ = self.attn(self.query.expand(x.shape[0], -1, -1), x, x, key_padding_mask=key_padding_mask,
+                              need_weights=False)
         return self.proj(self.norm(pooled[:, 0]))
 
 
@@ -283,13 +284,16 @@ class MUMUConnector(nn.Module):
         self.out_proj = nn.Linear(w, config.out_dim)
         self.pool = AttentionPool(w, config.heads, config.pooled_dim) if config.pooled_dim else None
 
-    def forward(self, hidden: torch.Tensor):
-        """hidden (B, L, in_dim) -> tokens (B, L, out_dim), pooled (B, pooled_dim) or None. Non-causal: no mask."""
+    def forward(self, hidden: torch.Tensor, valid: torch.Tensor = None):
+        """hidden (B, L, in_dim) -> tokens (B, L, out_dim), pooled (B, pooled_dim) or None. Non-causal. valid
+        (B, L) bool marks the real tokens of a padded batch: the padding is masked out of the self-attention and
+        of the pooling, so each prompt is encoded as it would be alone (training batches captions this way)."""
+        pad = None if valid is None else ~valid
         x = self.in_proj(self.in_norm(hidden.to(self.in_proj.weight.dtype)))
         for layer in self.layers:
-            x = layer(x)
+            x = layer(x) if pad is None else layer(x, src_key_padding_mask=pad)
         x = self.out_norm(x)
-        pooled = self.pool(x) if self.pool is not None else None
+        pooled = self.pool(x, key_padding_mask=pad) if self.pool is not None else None
         return self.out_proj(x), pooled
 
 
@@ -348,15 +352,6 @@ def _lora_hook(factor: LoRAFactor, strength: float):
     return hook
 
 
-@contextmanager
 def lora_attached(model, factors: dict, strength: float = 1.0):
-    """Run `model` with each named Linear computing W x + s B A x beside it (peft's unmerged forward).
-    Forward hooks only; removed on exit, also when the body raises."""
-    handles = []
-    try:
-        for path, factor in factors.items():
-            handles.append(model.get_submodule(path).register_forward_hook(_lora_hook(factor, strength)))
-        yield model
-    finally:
-        for handle in handles:
-            handle.remove()
+    """Run `model` with each named Linear computing W x + s B A x beside it (peft's unmerged forward)."""
+    return hooks.attached(model, {path: _lora_hook(factor, strength) for path, factor in factors.items()})

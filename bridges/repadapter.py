@@ -2,15 +2,16 @@
 
 Two forms of the same adapters:
 - unmerged (trainable): `attached(model, adapters)` feeds every target linear `adapter(x)` instead of x;
-- merged (inference): `merge_into(model, adapters)` folds them into the linears' weights, so the
-  adapted model costs exactly what the plain one does.
+- merged (inference): `merge_factors` gives each linear's exact low-rank weight and bias change, which
+  loaders/repadapters.py hands to ComfyUI as weight patches, so the adapted model costs exactly what the plain one
+  does. (`merge_into` applies the same merge in place; the tests use it as an oracle.)
 The adapter is linear (no activation), so the merge is exact in eval mode (dropout off).
 """
-from contextlib import contextmanager
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import hooks
 
 
 class RepAdapter(nn.Module):
@@ -122,21 +123,9 @@ def _input_hook(adapter):
     return hook
 
 
-@contextmanager
 def attached(model, adapters):
-    """Run `model` with each target linear seeing `adapter(x)` as its (positional) input.
-
-    Forward pre-hooks only: the model's modules and weights are untouched, and the hooks are
-    removed on exit, also when the body raises.
-    """
-    handles = []
-    try:
-        for path, adapter in adapters.items():
-            handles.append(model.get_submodule(path).register_forward_pre_hook(_input_hook(adapter)))
-        yield model
-    finally:
-        for handle in handles:
-            handle.remove()
+    """Run `model` with each target linear seeing `adapter(x)` as its (positional) input (forward pre-hooks)."""
+    return hooks.attached(model, {path: _input_hook(adapter) for path, adapter in adapters.items()}, kind="pre")
 
 
 @torch.no_grad()

@@ -121,63 +121,37 @@ def _checkpoint_clip(path):
     return clip
 
 
-def _llm_student(args, pack):
-    """(student, identity) of a Beyond CLIP mapper run: the LLM's hidden states of each caption."""
+def _build_cache(args, pack, run):
+    """The run's cache from --llm/--idefics2, --checkpoint and --captions, through the same spec the Train node
+    uses (so either reuses the other's cache)."""
     import torch
-    llm_mod, text = _mod(pack, "loaders.llm"), _mod(pack, "bridges.llm_text")
-    llm = llm_mod.load_llm(args.llm.name, args.llm, args.dtype)
-    model = _mod(pack, "loaders.patcher").load_to_device(llm.patcher)
-
-    def student(caption):
-        with torch.no_grad():
-            enc = text.encode(model, llm.tokenizer, caption, hidden_layer=args.hidden_layer, num_tokens=77,
-                              template=args.template)
-        return enc.hidden.cpu(), enc.last_token
-    return student, {"student": "beyond_clip", "llm": llm.identity, "hidden_layer": args.hidden_layer,
-                     "template": args.template, "num_tokens": 77}
-
-
-def _idefics2_student(args, pack, lines):
-    """(student, identity) of a MUMU connector run, as the Train Connector node builds them."""
-    training = _mod(pack, "loaders.training")
-    vlm = _mod(pack, "loaders.mumu").load_idefics2(args.idefics2.name, args.idefics2, args.dtype)
-    student, length = training.mumu_student(vlm, lines, args.hidden_layer, args.image_resolution)
-    return student, {"student": "mumu", **training.mumu_identity(vlm, lines), "hidden_layer": args.hidden_layer,
-                     "image_resolution": args.image_resolution, "length": length}
-
-
-def _build_cache(args, host, pack, run):
-    import torch
-    training = _mod(pack, "loaders.training")
-    captions = training.read_captions(args.captions)
+    inputs, run_folder = _mod(pack, "loaders.training_inputs"), _mod(pack, "loaders.run_folder")
+    captions = inputs.read_captions(args.captions)
     clip = _checkpoint_clip(args.checkpoint)
     if args.train_command == "connector":
         for i, line in enumerate(captions):
-            training.parse_mumu_caption(line, f"{args.captions}, caption {i + 1}: ")
-        student, identity = _idefics2_student(args, pack, captions)
-        teacher = training.mumu_teacher(clip)
+            inputs.parse_mumu_caption(line, f"{args.captions}, caption {i + 1}: ")
+        vlm = _mod(pack, "loaders.mumu").load_idefics2(args.idefics2.name, args.idefics2, args.dtype)
+        spec = _mod(pack, "engine.train_mumu").connector_cache_spec(vlm, clip, captions, args.hidden_layer,
+                                                                    args.image_resolution)
     else:
-        student, identity = _llm_student(args, pack)
-        teacher = training.clip_teacher(clip)
-    identity["clip"] = training.clip_identity(clip)
+        llm = _mod(pack, "loaders.llm").load_llm(args.llm.name, args.llm, args.dtype)
+        spec = _mod(pack, "engine.train_beyond_clip").mapper_cache_spec(llm, clip, args.hidden_layer, args.template)
 
     def progress(done, total):
         if done % 100 == 0 or done == total:
             print(f"cache: {done}/{total} captions", flush=True)
 
     with torch.no_grad():
-        _, path = training.build_cache(run, captions, student, teacher, identity, args.cache_precision, progress)
+        _, path = run_folder.build_cache(run, captions, spec.input_fn, spec.teacher, spec.identity,
+                                         args.cache_precision, progress)
     return path
 
 
-def train_distilled(args, host, pack):
-    """mapper or connector: distillation on the run's cache, one process or several (DDP)."""
+def _resolve_cache(args, pack, run, rank, world):
+    """Rank 0 builds the cache (or finds the run's newest); every rank gets its path."""
     import torch.distributed as dist
-    training = _mod(pack, "loaders.training")
-    bt = _mod(pack, "bridges.training")
-    MapperConfig = _mod(pack, "bridges.mapper").MapperConfig
-    rank, world, device = _distributed(args.device)
-    run = training.run_dir(args.run_name)
+    run_folder = _mod(pack, "loaders.run_folder")
     cache_path = None
     if rank == 0:
         source = args.idefics2 if args.train_command == "connector" else args.llm
@@ -185,69 +159,90 @@ def train_distilled(args, host, pack):
             if not (source and args.checkpoint and args.captions):
                 what = "--idefics2" if args.train_command == "connector" else "--llm"
                 raise SystemExit(f"error: building a cache needs {what}, --checkpoint and --captions together")
-            cache_path = _build_cache(args, host, pack, run)
+            cache_path = _build_cache(args, pack, run)
         else:
-            cache_path = training.find_cache(run)
+            cache_path = run_folder.find_cache(run)
     if world > 1:
         box = [str(cache_path) if cache_path else None]
         dist.broadcast_object_list(box, src=0)
         cache_path = Path(box[0])
-    data = training.read_cache(cache_path)
-    about = training.cache_about(cache_path)
+    return cache_path
+
+
+def _training_for(args, pack, data, about, cache_path, rank):
+    """(train function, model config, output path, extra arguments) of the command."""
+    folders = _mod(pack, "loaders.folders")
     hidden_layer = int(about.get("hidden_layer", args.hidden_layer))
-    settings = bt.TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                              loss=getattr(args, "loss", "mse"), val_fraction=args.val_fraction, seed=args.seed,
-                              eval_every=args.eval_every)
     if args.train_command == "connector":
         if about.get("student") != "mumu":
             raise SystemExit(f"error: {cache_path} holds {about.get('student')!r} states, not Idefics2's: give "
                              f"--idefics2, --checkpoint and --captions to build the connector's cache")
         config = _mod(pack, "bridges.mumu").ConnectorConfig(in_dim=data.inputs.shape[-1], width=args.width,
                                                             depth=args.depth, heads=args.heads, hidden_layer=hidden_layer)
-        out_path = training.bridge_path(args.out, kind=_mod(pack, "loaders.mumu").KIND) if rank == 0 else None
-        train, extra = training.train_connector, {"probes": args.probes}
-    else:
-        config = MapperConfig(in_dim=data.inputs.shape[-1], target=training.target_of(data), hidden_dim=args.hidden_dim,
-                              depth=args.depth, activation=args.activation, num_tokens=data.targets.shape[1],
-                              hidden_layer=hidden_layer)
-        out_path = training.bridge_path(args.out) if rank == 0 else None
-        train, extra = training.train_mapper, {}
+        out_path = folders.bridge_output_path(args.out, kind=_mod(pack, "loaders.mumu").KIND) if rank == 0 else None
+        return _mod(pack, "engine.train_mumu").train_connector, config, out_path, {"probes": args.probes}
+    config = _mod(pack, "bridges.mapper").MapperConfig(
+        in_dim=data.inputs.shape[-1], target=_mod(pack, "engine.training").target_of(data), hidden_dim=args.hidden_dim,
+        depth=args.depth, activation=args.activation, num_tokens=data.targets.shape[1], hidden_layer=hidden_layer)
+    out_path = folders.bridge_output_path(args.out, kind=_mod(pack, "loaders.mappers").KIND) if rank == 0 else None
+    return _mod(pack, "engine.train_beyond_clip").train_mapper, config, out_path, {}
+
+
+def _agree(checksum, rank, world) -> int:
+    """0 when every rank ended with the same weights, else 3 (and says so)."""
+    import torch.distributed as dist
+    sums = [None] * world
+    dist.all_gather_object(sums, checksum)
+    status = 0
+    if len(set(sums)) != 1:
+        print(f"error: the ranks ended with different weights: {sums}", file=sys.stderr, flush=True)
+        status = 3
+    elif rank == 0:
+        print(f"all {world} ranks hold identical weights ({checksum})", flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+    return status
+
+
+def train_distilled(args, host, pack):
+    """mapper or connector: distillation on the run's cache, one process or several (DDP)."""
+    run_folder = _mod(pack, "loaders.run_folder")
+    trainer_mod = _mod(pack, "bridges.training.trainer")
+    rank, world, device = _distributed(args.device)
+    run = run_folder.run_dir(args.run_name)
+    cache_path = _resolve_cache(args, pack, run, rank, world)
+    data = run_folder.read_cache(cache_path)
+    about = run_folder.cache_about(cache_path)
+    settings = _mod(pack, "bridges.training.data").TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, loss=getattr(args, "loss", "mse"),
+        val_fraction=args.val_fraction, seed=args.seed, eval_every=args.eval_every)
+    train, config, out_path, extra = _training_for(args, pack, data, about, cache_path, rank)
 
     def on_step(step, loss, val):
         if rank == 0 and (step % args.log_every == 0 or val is not None or step == args.steps):
             print(f"step {step}/{args.steps} loss {loss:.6f}" + (f" held-out {val:.6f}" if val is not None else ""),
                   flush=True)
 
-    mapper, trainer = train(run, data, config, settings, out_path, resume=not args.no_resume, device=device,
-                            ddp=world > 1, on_step=on_step, checkpoint_every=args.checkpoint_every, is_main=rank == 0,
-                            cache_path=cache_path, **extra)
-    checksum = bt.parameter_checksum(mapper)
+    module, trainer = train(run, data, config, settings, out_path, device=device, ddp=world > 1,
+                            resume=not args.no_resume, on_step=on_step, checkpoint_every=args.checkpoint_every,
+                            is_main=rank == 0, cache_path=cache_path, **extra)
+    checksum = trainer_mod.parameter_checksum(module)
     # One write with its newline: every rank prints this line into the same pipe, and print() may write the text
     # and the newline separately (unbuffered output), letting another rank's line land between them.
     sys.stdout.write(f"rank {rank}/{world}: weights {checksum}, held-out loss {trainer.initial_val_loss:.6f} -> "
                      f"{trainer.last_val_loss():.6f}, step {trainer.step}\n")
     sys.stdout.flush()
-    status = 0
-    if world > 1:
-        sums = [None] * world
-        dist.all_gather_object(sums, checksum)
-        if len(set(sums)) != 1:
-            print(f"error: the ranks ended with different weights: {sums}", file=sys.stderr, flush=True)
-            status = 3
-        elif rank == 0:
-            print(f"all {world} ranks hold identical weights ({checksum})", flush=True)
-        dist.barrier()
-        dist.destroy_process_group()
+    status = _agree(checksum, rank, world) if world > 1 else 0
     if rank == 0:
         print(f"wrote {out_path}")
     return status
 
 
 def train_router(args, host, pack):
-    routers, training = _mod(pack, "loaders.routers"), _mod(pack, "loaders.training")
+    routers = _mod(pack, "loaders.routers")
     texts, labels = routers.read_labelled_tsv(args.examples)
-    router = _mod(pack, "bridges.router").NaiveBayesRouter(alpha=args.alpha).fit(texts, labels)
-    path = training.bridge_path(args.out, extension=routers.EXTENSION)
+    router, _, _ = _mod(pack, "engine.train_beyond_clip").train_router(texts, labels, alpha=args.alpha)
+    path = _mod(pack, "loaders.folders").bridge_output_path(args.out, extension=routers.EXTENSION)
     routers.save_router(path, router)
     print(f"wrote {path} ({len(texts)} examples)")
     return 0
@@ -262,12 +257,12 @@ def run(args):
         except HostError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        loaders_errors = _mod(pack, "loaders.errors")
+        errors = _mod(pack, "bridges.errors")
         try:
             if args.train_command in ("mapper", "connector"):
                 return train_distilled(args, host, pack)
             return train_router(args, host, pack)
-        except (loaders_errors.LoadError, ValueError) as e:
+        except (errors.PackError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
 

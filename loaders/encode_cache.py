@@ -73,6 +73,9 @@ class EncodingCache:
         self.hits = 0
         self.misses = 0
 
+    def clear(self):
+        self.items.clear()
+
     def get(self, key):
         if key in self.items:
             self.items.move_to_end(key)

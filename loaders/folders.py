@@ -1,11 +1,12 @@
 """Where the pack's model files live, through ComfyUI's folder registry (so extra_model_paths.yaml works)."""
 import os
+import re
 from pathlib import Path
 
 import folder_paths
 
-from .bridge_files import kind_of
-from .errors import LoadError
+from .bridge_files import kind_of, writable_path
+from .errors import InputError, LoadError
 
 LLM = "LLM"  # Hugging Face model folders (config.json, weights, tokenizer files), the convention of LLM packs
 BRIDGES = "bridges"  # the pack's own small weights: mappers, adapters, routers
@@ -57,6 +58,28 @@ def resolve_model_dir(name, folder_name=LLM) -> Path:
                     f"extra_model_paths.yaml under '{folder_name}', then refresh.")
 
 
+_NAME = re.compile(r"^[\w.\- ]+$")
+
+
+def check_output_name(name: str, what: str, extension: str = ".safetensors") -> str:
+    """A file name the user typed for something the pack writes: letters, digits, spaces, '.', '-', '_', no folders;
+    the extension is dropped if given."""
+    name = name.strip()
+    if name.endswith(extension):
+        name = name[: -len(extension)]
+    if not name or not _NAME.match(name) or name.startswith("."):
+        raise InputError(f"{what} {name!r}: use letters, digits, spaces, '.', '-' or '_' only (no folders)")
+    return name
+
+
+def bridge_output_path(name: str, what: str = "output name", extension: str = ".safetensors", kind=None) -> Path:
+    """models/bridges/<name><extension> (the first bridges folder); with `kind`, refused when a file of another kind
+    (or another tool's) is there (bridge_files.writable_path)."""
+    base = Path(folder_paths.get_folder_paths(BRIDGES)[0])
+    path = base / f"{check_output_name(name, what, extension)}{extension}"
+    return writable_path(path, kind) if kind else path
+
+
 def list_bridge_files(extension=".safetensors", kind=None):
     """Files in models/bridges with this extension; with `kind`, only the pack's bridge files of that kind (read
     from each file's header, remembered while the file is unchanged)."""
@@ -82,6 +105,15 @@ def _kind_of_listed(name):
     if seen is None or seen[0] != stamp:
         seen = _KIND_SEEN[path] = (stamp, kind_of(path))
     return seen[1]
+
+
+def check_bridge_choice(name, kind, what):
+    """True when `name` is a file in models/bridges (its loader says what is wrong with it, if anything), else the
+    message a loader node shows, listing the files of `kind` there."""
+    path = folder_paths.get_full_path(BRIDGES, name)
+    if path is not None and os.path.isfile(path):
+        return True
+    return not_found_message(what, name, list_bridge_files(kind=kind), f"models/{BRIDGES}")
 
 
 def not_found_message(what, name, choices, where):

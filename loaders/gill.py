@@ -21,9 +21,11 @@ from safetensors.torch import save_file
 from ..bridges.gill import GILLConfig, GILLModel, squash_224
 from ..bridges.retrieval import ImageIndex, fingerprint
 from . import patcher as patching
-from .bridge_files import kind_of, load_state_into, read_bridge, save_bridge
+from .bridge_files import kind_of, load_state_into, read_bridge, save_bridge, writable_path
 from .encode_cache import file_identity
 from .errors import LoadError
+from .handles import Handle
+from .images import is_image_file, load_image
 
 KIND = "gill"
 CKPT, DECISION, ARGS = "pretrained_ckpt.pth.tar", "decision_model.pth.tar", "model_args.json"
@@ -31,29 +33,14 @@ CKPT, DECISION, ARGS = "pretrained_ckpt.pth.tar", "decision_model.pth.tar", "mod
 SIGNATURE = ("input_embeddings.weight", "gen_text_hidden_fcs.0.fc.weight", "gen_text_hidden_fcs.0.model.weight",
              "gen_text_hidden_fcs.0.query_embs", "gen_text_hidden_fcs.0.tfm.encoder.layers.0.linear1.weight",
              "ret_text_hidden_fcs.0.model.weight", "visual_embeddings.weight", "visual_fc.weight")
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 INDEX_FORMAT = "beyond_clip.gill_index"
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class LoadedGILL:
+@dataclass(eq=False)
+class LoadedGILL(Handle):
     """What the GILL socket carries: the trained GILL parts under ComfyUI's memory manager."""
-    patcher: object
-    config: GILLConfig
-    name: str
-    source: str
-    identity: str = ""  # the file(s) and precision: keys the encoding caches
-
-    @property
-    def module(self) -> GILLModel:
-        return self.patcher.model.inner
-
-    def on_device(self) -> GILLModel:
-        return patching.load_to_device(self.patcher)
-
-    def describe(self) -> str:
-        return f"GILL '{self.name}'"
+    what = "GILL"
 
 
 # ---- the official release ---------------------------------------------------------------------------------
@@ -152,7 +139,7 @@ def _build(config: GILLConfig, sd: dict, path, name: str) -> LoadedGILL:
     model = GILLModel(config)
     load_state_into(model, sd, path, "GILL model")
     model = model.float().eval().requires_grad_(False)
-    return LoadedGILL(patcher=patching.wrap(model), config=config, name=name, source=str(path),
+    return LoadedGILL(patcher=patching.wrap(model), config=config, source=str(path), name=name,
                       identity=f"{file_identity(path)}:float32")
 
 
@@ -172,9 +159,9 @@ def load_gill(path, name: str = None) -> LoadedGILL:
 
 def convert_official(folder, out_path) -> Path:
     """Write the release as one pack file (tensors kept in their saved dtype)."""
+    out_path = writable_path(Path(out_path), KIND)
     config, sd = read_official(folder)
     _build(config, sd, folder, "check")  # refuses anything that would not load back
-    out_path = Path(out_path)
     save_bridge(out_path, KIND, config.to_dict(), sd)
     return out_path
 
@@ -229,7 +216,7 @@ def scan_images(root: Path) -> list:
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for f in filenames:
-            if Path(f).suffix.lower() in IMAGE_EXTENSIONS:
+            if is_image_file(f):
                 found.append((Path(dirpath) / f).relative_to(root).as_posix())
     return sorted(found)
 
@@ -241,17 +228,6 @@ def folder_state(root: Path) -> list:
         st = (root / rel).stat()
         state.append((rel, st.st_size, st.st_mtime_ns))
     return state
-
-
-def load_image(path: Path) -> torch.Tensor:
-    """(1, H, W, 3) float32 in [0, 1]; raises OSError/ValueError for files that are not readable images."""
-    import numpy as np
-    from PIL import Image, ImageOps
-
-    with Image.open(path) as img:
-        img.load()
-        img = ImageOps.exif_transpose(img).convert("RGB")
-        return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]
 
 
 def index_files(index_dir: Path, name: str) -> tuple:
@@ -293,7 +269,7 @@ def write_index(index_dir: Path, index: ImageIndex):
 
 def index_fingerprint(gill: LoadedGILL, clip_vision) -> str:
     """Which vision tower and which retrieval head made an index's rows."""
-    head = gill.module.visual_fc
+    head = gill.inner.visual_fc
     return f"tower={vision_fingerprint(clip_vision)};head={fingerprint(dict(head.state_dict()))}"
 
 
@@ -305,20 +281,14 @@ def _mismatch(found: str, expected: str) -> str:
     return "another GILL model (another retrieval head)"
 
 
-def build_index(gill: LoadedGILL, clip_vision, root: Path, index_dir: Path, name: str, rebuild: bool = False,
-                progress=None, batch_size: int = 8):
-    """Embed the images of `root` into the index `name`, reusing the rows of unchanged files.
-
-    progress(done, total) is called after each image (and may raise to stop). Returns (ImageIndex, report
-    dict with added/kept/removed/skipped). Unreadable files are skipped and listed, never fatal."""
-    check_vision(gill, clip_vision)
-    fp = index_fingerprint(gill, clip_vision)
+def reusable_rows(index_dir: Path, name: str, root: Path, fingerprint: str, rebuild: bool):
+    """(the existing index or None, the folder's state, {path: embedding row} of files unchanged since)."""
     old = None
     if not rebuild and index_files(index_dir, name)[0].is_file():
         old = read_index(index_dir, name)
-        if old.fingerprint != fp:
-            raise LoadError(f"the image index '{name}' was built with {_mismatch(old.fingerprint, fp)}; its "
-                            f"embeddings cannot be mixed with new ones. Set mode to 'rebuild', or choose another "
+        if old.fingerprint != fingerprint:
+            raise LoadError(f"the image index '{name}' was built with {_mismatch(old.fingerprint, fingerprint)}; "
+                            f"its embeddings cannot be mixed with new ones. Set mode to 'rebuild', or choose another "
                             f"index name.")
         if Path(old.root) != root:
             log.info("GILL: index '%s' moves from %s to %s", name, old.root, root)
@@ -328,38 +298,18 @@ def build_index(gill: LoadedGILL, clip_vision, root: Path, index_dir: Path, name
         stamps = {p: tuple(s) for p, s in zip(old.paths, old.stamps)}
         rows = {p: i for i, p in enumerate(old.paths)}
         kept = {rel: old.embeddings[rows[rel]] for rel, size, mtime in state if stamps.get(rel) == (size, mtime)}
-    todo = [(rel, size, mtime) for rel, size, mtime in state if rel not in kept]
-    model = gill.on_device()
-    new, skipped, batch = {}, [], []
+    return old, state, kept
 
-    def flush():
-        if not batch:
-            return
-        pooled = torch.cat([clip_pooled(clip_vision, img) for _, img in batch])
-        with torch.no_grad():
-            emb = model.image_retrieval_embedding(pooled.to(model.visual_fc.weight.device)).float().cpu()
-        for (rel, _), row in zip(batch, emb):
-            new[rel] = row
-        batch.clear()
 
-    for i, (rel, size, mtime) in enumerate(todo):
-        try:
-            batch.append((rel, load_image(root / rel)))
-        except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three for broken or unknown files
-            skipped.append(f"{rel}: {type(e).__name__}: {str(e)[:120]}")
-        if len(batch) >= batch_size:
-            flush()
-        if progress is not None:
-            progress(i + 1, len(todo))
-    flush()
+def write_built_index(index_dir, name, root, fingerprint, state, kept, new, skipped, old, dim):
+    """Write the index of the kept and newly embedded rows; (ImageIndex, report)."""
     stamps = {rel: (size, mtime) for rel, size, mtime in state}
     paths = [rel for rel, _, _ in state if rel in kept or rel in new]
     if not paths:
         raise LoadError(f"no readable images in {root}" + (f" (skipped: {'; '.join(skipped[:5])})" if skipped else
-                        f"; put .png/.jpg/.webp files there") + ".")
-    dim = gill.config.ret_dim
+                        "; put .png/.jpg/.webp files there") + ".")
     embeddings = torch.stack([kept[p] if p in kept else new[p] for p in paths]).reshape(len(paths), dim)
-    index = ImageIndex(name=name, root=str(root), paths=paths, embeddings=embeddings.float(), fingerprint=fp,
+    index = ImageIndex(name=name, root=str(root), paths=paths, embeddings=embeddings.float(), fingerprint=fingerprint,
                        stamps=[stamps[p] for p in paths], skipped=skipped)
     write_index(index_dir, index)
     removed = len(old.paths) - sum(1 for p in old.paths if p in stamps) if old is not None else 0
@@ -369,7 +319,7 @@ def build_index(gill: LoadedGILL, clip_vision, root: Path, index_dir: Path, name
 
 def check_index(gill: LoadedGILL, index: ImageIndex):
     """An index searched with [IMG0] queries of this GILL must have been made with this GILL's retrieval head."""
-    head = "head=" + fingerprint(dict(gill.module.visual_fc.state_dict()))
+    head = "head=" + fingerprint(dict(gill.inner.visual_fc.state_dict()))
     if head not in index.fingerprint.split(";"):
         raise LoadError(f"the image index '{index.name}' was built with another GILL model (another retrieval "
                         f"head); rebuild it with {gill.describe()}.")
@@ -385,8 +335,8 @@ def retrieve_images(index: ImageIndex, query: torch.Tensor, k: int):
     for i, score in zip(indices, scores):
         rel = index.paths[i]
         try:
-            found.append((load_image(Path(index.root) / rel), rel, score))
-        except (OSError, ValueError, SyntaxError):
+            found.append((load_image(Path(index.root) / rel)[None], rel, score))
+        except LoadError:
             missing.append(rel)
             continue
         if len(found) == k:

@@ -4,7 +4,9 @@ A handle holds the module under ComfyUI's memory manager (a ModelPatcher around 
 it came from and an identity that changes whenever the file, the precision or an applied adapter changes (the
 encoding caches key on it; "" means "do not cache"). `module()` is the one way to run it: ComfyUI loads it onto its
 device (freeing memory from other models first, applying weight patches) and the module comes back ready.
+Loaders share one live handle per (file, settings) while anything holds it (`shared`).
 """
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +37,29 @@ class Handle:
         return f"{self.what} '{self.name or Path(self.source).name or 'built in memory'}'"
 
 
-def host(module: torch.nn.Module, load_device=None, offload_device=None):
+def modules(*handles) -> list:
+    """Load several handles in one call, so making room for one never unloads another; their modules, in order."""
+    return patching.load_all([h.patcher for h in handles])
+
+
+def hosted(module: torch.nn.Module, load_device=None, offload_device=None, pinned=False):
     """A ModelPatcher for a module (see loaders/patcher.py)."""
-    return patching.wrap(module, load_device, offload_device)
+    return patching.wrap(module, load_device, offload_device, pinned=pinned)
+
+
+_LIVE = weakref.WeakValueDictionary()
+
+
+def shared(key: tuple, build):
+    """The live handle for `key` when one exists (a second loader node, or a re-run after the executor dropped its
+    cache, gets the same model while anything still holds it), else build() and remember it."""
+    live = _LIVE.get(key)
+    if live is None:
+        live = build()
+        _LIVE[key] = live
+    return live
+
+
+def forget_all():
+    """Tests: every loader builds again."""
+    _LIVE.clear()

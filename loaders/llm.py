@@ -4,7 +4,6 @@ import importlib
 import json
 import logging
 import os
-import weakref
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -16,6 +15,7 @@ from . import direct_weights
 from . import patcher as patching
 from .encode_cache import file_identity
 from .errors import LoadError
+from .handles import Handle, shared
 
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 # bitsandbytes quantizes while transformers loads, on the device the LLM runs on: such an LLM stays there (moving
@@ -26,19 +26,17 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.mo
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class LoadedLLM:
-    """What the LLM socket carries between nodes. `base` is the same LLM without adapters (for chat)."""
-    patcher: object
-    tokenizer: object
-    name: str
-    path: Path
-    dtype: torch.dtype
-    hidden_size: int
-    identity: str = ""  # changes with the folder's files, the dtype and the adapter: keys encoding caches
-    quantized: str = ""  # one of QUANTIZED, or "" 
+@dataclass(eq=False)
+class LoadedLLM(Handle):
+    """What the LLM socket carries. `base` is the same LLM without adapters (for chat)."""
+    tokenizer: object = None
+    path: Path = None
+    dtype: torch.dtype = torch.float32
+    hidden_size: int = 0
+    quantized: str = ""  # one of QUANTIZED, or ""
     adapter: object = None  # an AppliedAdapter when one is applied
     base: "LoadedLLM" = field(default=None, repr=False)
+    what = "LLM"
 
     def with_adapter(self, patcher, adapter) -> "LoadedLLM":
         return replace(self, patcher=patcher, adapter=adapter, base=self.base or self,
@@ -47,11 +45,6 @@ class LoadedLLM:
     def describe(self) -> str:
         extra = f" + {self.adapter.describe()}" if self.adapter else ""
         return f"LLM '{self.name}'{extra}"
-
-
-# One live instance per (folder, dtype, files' identity): a second loader node, or a re-run after the
-# executor dropped its cache, gets the same model while anything still holds it.
-_LIVE = weakref.WeakValueDictionary()
 
 
 def choose_dtype(choice: str, device) -> torch.dtype:
@@ -202,8 +195,6 @@ def _keep_packing(model):
 
 def load_llm(name: str, path: Path, dtype_choice: str = "auto", progress=None) -> LoadedLLM:
     """progress(step) is called after each of the 4 steps; it may raise to stop (interruption)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     config = check_folder(path)
     device = mm.text_encoder_device()
     extra, quantized = {}, ""
@@ -213,10 +204,13 @@ def load_llm(name: str, path: Path, dtype_choice: str = "auto", progress=None) -
         extra = {"quantization_config": qconfig, "device_map": {"": device}}
     else:
         dtype = choose_dtype(dtype_choice, device)
-    key = (str(path.resolve()), dtype, quantized, file_identity(path))
-    live = _LIVE.get(key)
-    if live is not None:
-        return live
+    key = ("llm", str(path.resolve()), dtype, quantized, file_identity(path))
+    return shared(key, lambda: _load(name, path, dtype, quantized, extra, config, device, progress))
+
+
+def _load(name, path, dtype, quantized, extra, config, device, progress) -> LoadedLLM:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     progress and progress(1)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
@@ -252,13 +246,12 @@ def load_llm(name: str, path: Path, dtype_choice: str = "auto", progress=None) -
         _keep_packing(model)
     progress and progress(3)
     # The patcher's size is the state dict's bytes: for a quantized model, its packed weights.
-    hosted = patching.wrap(model, device, device) if quantized else patching.wrap(model)
+    hosted = patching.wrap(model, pinned=bool(quantized))
     if quantized:  # already on the device: ComfyUI counts it there from now on
         patching.load_to_device(hosted)
-    llm = LoadedLLM(patcher=hosted, tokenizer=tokenizer, name=name, path=path, dtype=dtype, quantized=quantized,
-                    identity=f"{file_identity(path)}:{dtype}:{quantized}",
-              hidden_size=int(model.config.hidden_size if hasattr(model.config, "hidden_size")
-                              else model.get_input_embeddings().weight.shape[1]))
+    width = getattr(model.config, "hidden_size", None) or model.get_input_embeddings().weight.shape[1]
+    llm = LoadedLLM(patcher=hosted, config=model.config, source=str(path), name=name, tokenizer=tokenizer, path=path,
+                    dtype=dtype, quantized=quantized, identity=f"{file_identity(path)}:{dtype}:{quantized}",
+                    hidden_size=int(width))
     progress and progress(4)
-    _LIVE[key] = llm
     return llm

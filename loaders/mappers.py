@@ -1,10 +1,15 @@
 """Beyond CLIP mapper files (models/bridges/*.safetensors, kind 'beyond_clip_mapper')."""
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
 
 from ..bridges.mapper import BeyondCLIPMapper, MapperConfig
+from . import patcher as patching
 from .bridge_files import load_state_into, read_bridge, save_bridge
 from .encode_cache import file_identity
 from .errors import LoadError
+from .handles import Handle
 
 KIND = "beyond_clip_mapper"
 
@@ -13,7 +18,13 @@ def save_mapper(path, mapper: BeyondCLIPMapper):
     save_bridge(path, KIND, mapper.config.to_dict(), mapper.state_dict())
 
 
-def load_mapper(path) -> BeyondCLIPMapper:
+@dataclass(eq=False)
+class LoadedMapper(Handle):
+    """A Beyond CLIP mapper under ComfyUI's memory manager, on the text-encoder device beside the LLM."""
+    what = "mapper"
+
+
+def load_mapper(path) -> LoadedMapper:
     config, state_dict = read_bridge(path, KIND)
     try:
         with torch.device("meta"):  # the file's tensors become the parameters: no random init, no copy
@@ -21,6 +32,10 @@ def load_mapper(path) -> BeyondCLIPMapper:
     except (TypeError, ValueError) as e:
         raise LoadError(f"{path}: its mapper config is not valid ({e}). Write the file again.") from None
     load_state_into(mapper, state_dict, path, "Beyond CLIP mapper")
-    mapper.source = str(path)
-    mapper.identity = file_identity(path)
-    return mapper.eval().requires_grad_(False)
+    return host_mapper(mapper.eval().requires_grad_(False), path)
+
+
+def host_mapper(mapper: BeyondCLIPMapper, path=None) -> LoadedMapper:
+    """A mapper module as a handle; from a file (`path`) it carries the file's identity, else none (no caching)."""
+    return LoadedMapper(patcher=patching.wrap(mapper), config=mapper.config, source=str(path) if path else "",
+                        identity=file_identity(path) if path else "", name=Path(path).name if path else "")

@@ -13,7 +13,6 @@ import gc
 import json
 import logging
 import re
-import weakref
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,9 +21,13 @@ import comfy.model_management as mm
 import torch
 
 from ..bridges import mumu as bridge
+import folder_paths
+
+from . import folders
 from . import patcher as patching
-from .bridge_files import load_state_into, read_bridge, save_bridge
+from .bridge_files import load_state_into, read_bridge, read_metadata, save_bridge
 from .errors import LoadError
+from .handles import Handle, shared
 from .encode_cache import file_identity
 from .llm import check_folder, choose_dtype
 
@@ -37,23 +40,21 @@ log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------------ Idefics2
 
-@dataclass
-class LoadedIdefics2:
+@dataclass(eq=False)
+class LoadedIdefics2(Handle):
     """What the MUMU VLM socket carries. `lora` is an AppliedLoRA when one is applied."""
-    patcher: object
-    tokenizer: object
-    name: str
-    path: Path
-    dtype: torch.dtype
-    hidden_size: int  # text model width: what the connector reads
-    patch_size: int
-    max_resolution: int  # the vision tower's native image size; larger inputs would reuse positions
-    context: int
-    image_mean: tuple
-    image_std: tuple
-    identity: str = ""  # the folder's files, the dtype and the LoRA: keys the encoding caches
+    tokenizer: object = None
+    path: Path = None
+    dtype: torch.dtype = torch.float32
+    hidden_size: int = 0  # text model width: what the connector reads
+    patch_size: int = 14
+    max_resolution: int = 0  # the vision tower's native image size; larger inputs would reuse positions
+    context: int = 0
+    image_mean: tuple = ()
+    image_std: tuple = ()
     lora: object = None
     base: "LoadedIdefics2" = field(default=None, repr=False)
+    what = "Idefics2"
 
     def with_lora(self, patcher, lora) -> "LoadedIdefics2":
         source = lora.lora.source  # its files as they are now, just after they were read
@@ -67,9 +68,6 @@ class LoadedIdefics2:
     def describe(self) -> str:
         extra = f" + {self.lora.describe()}" if self.lora else ""
         return f"Idefics2 '{self.name}'{extra}"
-
-
-_LIVE = weakref.WeakValueDictionary()
 
 
 def _check_processor(path: Path, processor, config: dict):
@@ -113,8 +111,6 @@ def _load_weights(cls, path, dtype):
 def load_idefics2(name: str, path: Path, dtype_choice: str = "auto", progress=None) -> LoadedIdefics2:
     """Idefics2Model + tokenizer + image normalisation, offline; the perceiver is removed (MUMU does not use
     it). progress(step) after each of 4 steps."""
-    from transformers import AutoProcessor, Idefics2Model
-
     config = check_folder(path)
     if config.get("model_type") != "idefics2":
         kind = config.get("model_type", "unknown")
@@ -123,10 +119,13 @@ def load_idefics2(name: str, path: Path, dtype_choice: str = "auto", progress=No
                         f"the perceiver; other VLMs (Idefics3, LLaVA, ...) differ. Choose an Idefics2 folder.")
     device = mm.text_encoder_device()
     dtype = choose_dtype(dtype_choice, device)
-    key = (str(path.resolve()), dtype, file_identity(path))
-    live = _LIVE.get(key)
-    if live is not None:
-        return live
+    key = ("idefics2", str(path.resolve()), dtype, file_identity(path))
+    return shared(key, lambda: _load(name, path, dtype, config, progress))
+
+
+def _load(name, path, dtype, config, progress) -> LoadedIdefics2:
+    from transformers import AutoProcessor, Idefics2Model
+
     progress and progress(1)
     try:
         processor = AutoProcessor.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
@@ -163,12 +162,12 @@ def load_idefics2(name: str, path: Path, dtype_choice: str = "auto", progress=No
     model.eval().requires_grad_(False)
     progress and progress(3)
     text, vision = model.config.text_config, model.config.vision_config
-    vlm = LoadedIdefics2(patcher=patching.wrap(model), tokenizer=tokenizer, name=name, path=path, dtype=dtype,
-                         hidden_size=int(text.hidden_size), patch_size=int(vision.patch_size),
-                         max_resolution=int(vision.image_size), context=int(text.max_position_embeddings),
-                         image_mean=mean, image_std=std, identity=f"{key[2]}:{dtype}")
+    vlm = LoadedIdefics2(patcher=patching.wrap(model), config=model.config, source=str(path), name=name,
+                         tokenizer=tokenizer, path=path, dtype=dtype, hidden_size=int(text.hidden_size),
+                         patch_size=int(vision.patch_size), max_resolution=int(vision.image_size),
+                         context=int(text.max_position_embeddings), image_mean=mean, image_std=std,
+                         identity=f"{file_identity(path)}:{dtype}")
     progress and progress(4)
-    _LIVE[key] = vlm
     return vlm
 
 
@@ -193,40 +192,34 @@ def save_connector(path, connector: bridge.MUMUConnector):
     save_bridge(path, KIND, connector.config.to_dict(), connector.state_dict())
 
 
-def load_connector(path) -> bridge.MUMUConnector:
+@dataclass(eq=False)
+class LoadedConnector(Handle):
+    """A MUMU connector under ComfyUI's memory manager (16 layers of width 1024 is ~0.2 B parameters)."""
+    what = "MUMU connector"
+
+
+def load_connector(path) -> LoadedConnector:
     config, state_dict = read_bridge(path, KIND)
     try:
-        connector = bridge.MUMUConnector(bridge.ConnectorConfig.from_dict(config))
+        with torch.device("meta"):  # the file's tensors become the parameters: no random init, no copy
+            connector = bridge.MUMUConnector(bridge.ConnectorConfig.from_dict(config))
     except (TypeError, ValueError) as e:
         raise LoadError(f"{path}: its MUMU connector config is not valid ({e}). Write the file again.") from None
     load_state_into(connector, state_dict, path, "MUMU connector")
-    connector.source = str(path)
-    connector.identity = file_identity(path)
-    return connector.eval().requires_grad_(False)
+    return host_connector(connector.eval().requires_grad_(False), path)
 
 
-def check_connector_fits(vlm: LoadedIdefics2, connector: bridge.MUMUConnector):
+def host_connector(connector: bridge.MUMUConnector, path=None) -> LoadedConnector:
+    """A connector module as a handle; from a file (`path`) it carries the file's identity, else none (no caching)."""
+    return LoadedConnector(patcher=patching.wrap(connector), config=connector.config,
+                           source=str(path) if path else "", identity=file_identity(path) if path else "",
+                           name=Path(path).name if path else "")
+
+
+def check_connector_fits(vlm: LoadedIdefics2, connector: LoadedConnector):
     if connector.config.in_dim != vlm.hidden_size:
-        raise LoadError(f"MUMU connector {getattr(connector, 'source', '')} reads {connector.config.in_dim}-wide "
-                        f"Idefics2 hidden states, but {vlm.describe()} produces {vlm.hidden_size}. Use a connector "
-                        f"trained for this Idefics2.")
-
-
-@dataclass
-class HostedConnector:
-    """A connector under ComfyUI's memory manager (16 layers of width 1024 is ~0.2 B parameters)."""
-    patcher: object
-    config: bridge.ConnectorConfig
-    source: str
-    identity: str = ""  # the file: keys the encoding caches
-
-    def module(self) -> bridge.MUMUConnector:
-        return patching.load_to_device(self.patcher)
-
-
-def host_connector(connector: bridge.MUMUConnector) -> HostedConnector:
-    return HostedConnector(patching.wrap(connector), connector.config, getattr(connector, "source", ""),
-                           getattr(connector, "identity", ""))
+        raise LoadError(f"{connector.describe()} reads {connector.config.in_dim}-wide Idefics2 hidden states, but "
+                        f"{vlm.describe()} produces {vlm.hidden_size}. Use a connector trained for this Idefics2.")
 
 
 # ---------------------------------------------------------------------------------- Idefics2 LoRA (peft)
@@ -298,14 +291,8 @@ IDEFICS2_LORA_KIND = "mumu_idefics2_lora"
 UNET_LORA_KIND = "mumu_unet_lora"
 
 
-def _written_kind(path: Path):
-    """The 'beyond_clip_kind' a safetensors file was written with, or None (absent, unreadable, foreign)."""
-    from safetensors import SafetensorError, safe_open
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return (f.metadata() or {}).get("beyond_clip_kind")
-    except (OSError, SafetensorError):
-        return None
+def _written_kind(path):
+    return (read_metadata(path) or {}).get("beyond_clip_kind")
 
 
 def check_replaceable(path: Path, kind: str):
@@ -313,6 +300,18 @@ def check_replaceable(path: Path, kind: str):
     if Path(path).exists() and _written_kind(path) != kind:
         raise LoadError(f"{path} exists and was not written by this pack's training; choose another output name "
                         f"(training never replaces other files).")
+
+
+def stage2_output_paths(output_name: str) -> dict:
+    """Where MUMU stage 2 writes, each listed by its loader at once: the connector in models/bridges, the Idefics2
+    LoRA as a peft folder in models/LLM, the UNet LoRA in models/loras. Files of others are never replaced."""
+    name = folders.check_output_name(output_name, "output name")
+    paths = {"connector": folders.bridge_output_path(name, kind=KIND),
+             "idefics2_lora": Path(folder_paths.get_folder_paths(folders.LLM)[0]) / f"{name}-idefics2-lora",
+             "unet_lora": Path(folder_paths.get_folder_paths("loras")[0]) / f"{name}-unet-lora.safetensors"}
+    check_replaceable(paths["unet_lora"], UNET_LORA_KIND)
+    check_replaceable(paths["idefics2_lora"] / PEFT_WEIGHTS[0], IDEFICS2_LORA_KIND)
+    return paths
 
 
 def save_idefics2_lora(folder: Path, factors: dict, alpha: float, base_model: str = ""):
@@ -359,7 +358,7 @@ def load_idefics2_lora(folder: Path, vlm: LoadedIdefics2) -> IdefLoRA:
     """Resolve a peft LoRA's layers in `vlm` (saved from Idefics2ForConditionalGeneration ('model.' prefix) or
     Idefics2Model) and check every shape before anything is applied."""
     config, pairs = read_peft_lora(folder)
-    model = vlm.patcher.model.inner
+    model = vlm.inner
     factors, unknown, wrong, unused = {}, [], [], 0
     for path, (a, b) in sorted(pairs.items()):
         if ".perceiver_resampler." in f".{path}":

@@ -23,21 +23,41 @@ class HostedModule(torch.nn.Module):
 PREFIX = "inner."
 
 
-def wrap(module: torch.nn.Module, load_device=None, offload_device=None):
+def wrap(module: torch.nn.Module, load_device=None, offload_device=None, pinned=False):
+    """A ModelPatcher for `module`, on the text-encoder devices unless given. pinned: the module stays on the
+    device it is on (bitsandbytes-quantized weights are not moved between devices)."""
+    if pinned:
+        load_device = offload_device = next(module.parameters()).device
     load_device = load_device or mm.text_encoder_device()
     offload_device = offload_device or mm.text_encoder_offload_device()
     hosted = HostedModule(module.to(offload_device))
     return comfy.model_patcher.ModelPatcher(hosted, load_device=load_device, offload_device=offload_device)
 
 
-def load_to_device(patcher) -> torch.nn.Module:
-    """Ask ComfyUI to place the whole model (with its weight patches applied) on its load device, freeing
-    memory from other models first. Returns the inner module, ready to run."""
+def _load_models(patchers):
+    # Models that are not built from comfy.ops cannot be partly loaded: always whole (2025 hosts ask).
     if "force_full_load" in inspect.signature(mm.load_models_gpu).parameters:
-        mm.load_models_gpu([patcher], force_full_load=True)
+        mm.load_models_gpu(list(patchers), force_full_load=True)
     else:
-        mm.load_models_gpu([patcher])
-    return patcher.model.inner
+        mm.load_models_gpu(list(patchers))
+
+
+def load_all(patchers) -> list:
+    """Ask ComfyUI to place each whole model (with its weight patches applied) on its load device, in one call
+    (making room for one never unloads another). Returns the inner modules, ready to run."""
+    _load_models(patchers)
+    return [p.model.inner for p in patchers]
+
+
+def load_to_device(patcher) -> torch.nn.Module:
+    return load_all([patcher])[0]
+
+
+def load_for_training(*patchers):
+    """The models gradients run through, placed whole on the device together (ComfyUI's own MODEL patchers
+    too). Returns the device."""
+    _load_models(patchers)
+    return mm.get_torch_device()
 
 
 def refresh_keys(patcher):

@@ -6,6 +6,7 @@ plain LLM (for chat) and the adapted one share one copy of the weights.
 """
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -14,6 +15,7 @@ from . import patcher as patching
 from .bridge_files import load_state_into, read_bridge, save_bridge
 from .encode_cache import file_identity
 from .errors import LoadError
+from .handles import Handle
 
 KIND = "repadapter"
 MODES = ("merged", "unmerged")
@@ -24,7 +26,14 @@ def save_repadapter(path, adapters: AdapterSet, hidden_dim, groups, scale):
     save_bridge(path, KIND, config, adapters.state_dict())
 
 
-def load_repadapter(path) -> AdapterSet:
+@dataclass(eq=False)
+class LoadedRepAdapter(Handle):
+    """RepAdapter weights (an AdapterSet: one adapter per LLM linear layer) under ComfyUI's memory manager.
+    config: hidden_dim, groups, scale, targets."""
+    what = "RepAdapter"
+
+
+def load_repadapter(path) -> LoadedRepAdapter:
     config, state_dict = read_bridge(path, KIND)
     try:
         targets, hidden_dim, groups = config["targets"], int(config["hidden_dim"]), int(config["groups"])
@@ -33,39 +42,42 @@ def load_repadapter(path) -> AdapterSet:
         for target in targets:
             in_features = state_dict[f"{target}.conv_A.weight"].shape[1]
             adapters.add(target, RepAdapter(in_features, hidden_dim, groups, scale, dropout=0.0))
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
         raise LoadError(f"{path}: its RepAdapter config does not match its tensors ({type(e).__name__}: {e}). "
                         f"Write the file again.") from None
     load_state_into(adapters, state_dict, path, "RepAdapter set")
-    adapters.source = str(path)
-    adapters.identity = file_identity(path)
-    return adapters.eval().requires_grad_(False)
+    return host_repadapter(adapters.eval().requires_grad_(False), config, path)
+
+
+def host_repadapter(adapters: AdapterSet, config: dict, path=None) -> LoadedRepAdapter:
+    return LoadedRepAdapter(patcher=patching.wrap(adapters), config=config, source=str(path) if path else "",
+                            identity=file_identity(path) if path else "", name=Path(path).name if path else "")
 
 
 @dataclass
 class AppliedAdapter:
-    adapters: AdapterSet
+    adapters: LoadedRepAdapter
     mode: str
 
     def attach(self, model):
         """The context to run the LLM in: hooks for unmerged adapters; nothing for merged ones (the weights
-        already carry them)."""
+        already carry them). The adapters go where the LLM is."""
         if self.mode == "merged":
             return nullcontext()
         device = next(model.parameters()).device
-        return attached(model, self.adapters.to(device))
+        return attached(model, self.adapters.inner.to(device))
 
     def describe(self):
-        return f"RepAdapter {getattr(self.adapters, 'source', '')} ({self.mode})"
+        return f"{self.adapters.describe()} ({self.mode})"
 
     @property
     def identity(self):
-        return f"repadapter:{getattr(self.adapters, 'identity', id(self.adapters))}:{self.mode}"
+        return f"repadapter:{self.adapters.identity or id(self.adapters)}:{self.mode}"
 
 
-def _check_fits(llm, adapters):
-    model = llm.patcher.model.inner
-    for target, adapter in adapters.items():
+def _check_fits(llm, adapters: LoadedRepAdapter):
+    model = llm.inner
+    for target, adapter in adapters.inner.items():
         try:
             linear = model.get_submodule(target)
         except AttributeError:
@@ -77,7 +89,7 @@ def _check_fits(llm, adapters):
                             f"adapter trained for this LLM.")
 
 
-def apply_repadapter(llm, adapters: AdapterSet, mode: str):
+def apply_repadapter(llm, adapters: LoadedRepAdapter, mode: str):
     """A new LLM handle with the adapters; the given handle is unchanged."""
     if mode not in MODES:
         raise ValueError(f"unknown RepAdapter mode {mode!r}; choose one of {MODES}")
@@ -90,10 +102,10 @@ def apply_repadapter(llm, adapters: AdapterSet, mode: str):
     if mode == "unmerged":
         return llm.with_adapter(llm.patcher, AppliedAdapter(adapters, mode))
     # Load the plain LLM first so its weights are the originals (ComfyUI undoes other clones' patches).
-    model = patching.load_to_device(llm.patcher)
+    model = llm.module()
     clone = llm.patcher.clone()
     patches = {}
-    for target, adapter in adapters.items():
+    for target, adapter in adapters.inner.items():
         linear = model.get_submodule(target)
         if linear.bias is None:
             # LLaMA's linears have no bias but the merge needs one: a zero bias changes nothing for the

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import re
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from . import patcher as patching
 from .bridge_files import FORMAT, read_bridge, read_metadata, save_bridge
 from .encode_cache import file_identity
 from .errors import LoadError
+from .handles import Handle, shared
 
 KIND = "seed_v1"
 TOKENIZER_FILE = "seed_tokenizer.pth"
@@ -335,21 +335,12 @@ def read_bridge_config(path: Path):
 
 # ---------------------------------------------------------------------------------------------- loading
 
-@dataclass
-class LoadedSeed:
-    """What the SEED_MODEL socket carries."""
-    patcher: object
-    config: SeedConfig
-    name: str
-    path: Path
-    vision_dtype: torch.dtype
-    identity: str = ""  # the file and the vision tower's precision: keys the encoding caches
-
-    def describe(self):
-        return f"SEED tokenizer '{self.name}'"
-
-
-_LIVE = weakref.WeakValueDictionary()
+@dataclass(eq=False)
+class LoadedSeed(Handle):
+    """What the SEED_MODEL socket carries: tokenizer and de-tokenizer (the vision tower in `vision_dtype`)."""
+    path: Path = None
+    vision_dtype: torch.dtype = torch.float32
+    what = "SEED tokenizer"
 
 
 def build_model(config: SeedConfig, lavis_sd: dict, path, vision_dtype=torch.float32) -> SeedTokenizer:
@@ -378,12 +369,14 @@ def load_seed(path: Path, vision_dtype=torch.float32, name=None, progress=None) 
     """A converted SEED file (see prepare() for official files) as a ModelPatcher-hosted model; the vision
     tower in `vision_dtype`, everything else fp32."""
     path = Path(path)
-    stat = path.stat() if path.exists() else None
-    key = (str(path.resolve()), vision_dtype, stat and (stat.st_size, stat.st_mtime_ns))
-    live = _LIVE.get(key)
-    if live is not None:
-        return live
-    meta, model = None, None
+    if not path.is_file():
+        read_bridge(path, KIND)  # raises the missing-file message
+    key = ("seed", str(path.resolve()), vision_dtype, file_identity(path))
+    return shared(key, lambda: _load(path, vision_dtype, name, progress))
+
+
+def _load(path: Path, vision_dtype, name, progress) -> LoadedSeed:
+    model = None
     try:
         config, lavis_sd = read_bridge(path, KIND)
         progress and progress(4)
@@ -398,10 +391,8 @@ def load_seed(path: Path, vision_dtype=torch.float32, name=None, progress=None) 
         if model is None:
             gc.collect()  # nothing half-loaded stays in memory
     progress and progress(5)
-    loaded = LoadedSeed(patcher=patching.wrap(model), config=seed_config, name=name or path.name, path=path,
-                        vision_dtype=vision_dtype, identity=f"{file_identity(path)}:{vision_dtype}")
-    _LIVE[key] = loaded
-    return loaded
+    return LoadedSeed(patcher=patching.wrap(model), config=seed_config, source=str(path), name=name or path.name,
+                      path=path, vision_dtype=vision_dtype, identity=f"{file_identity(path)}:{vision_dtype}")
 
 
 def find_official(roots, depth=SEARCH_DEPTH):

@@ -1,19 +1,18 @@
-"""Beyond CLIP nodes: an LLM as the text encoder of SD1.x / SDXL, RepAdapter, and the chat/draw router."""
+"""Beyond CLIP nodes: an LLM as the text encoder, a learnt mapper into SD1.x / SDXL text space, RepAdapters merged
+into the LLM's weights, and the router that sends a request to chat or to drawing."""
 import logging
-from contextlib import nullcontext
-
-import torch
 
 from ..bridges import llm_text
-from ..loaders import folders
-from ..loaders.errors import LoadError
+from ..engine import beyond_clip as beyond_clip_engine
+from ..engine import llm as llm_engine
+from ..engine.conditioning import zero_conditioning_like
+from ..loaders import folders, routers
 from ..loaders.llm import LLM_DTYPES, load_llm
-from ..loaders import routers
+from ..loaders.mappers import KIND as MAPPER_KIND
 from ..loaders.mappers import load_mapper
-from ..loaders.patcher import load_to_device
+from ..loaders.repadapters import KIND as REPADAPTER_KIND
 from ..loaders.repadapters import MODES, apply_repadapter, load_repadapter
-from .common import (CATEGORY, LLM_TYPE, MAPPER_TYPE, REPADAPTER_TYPE, Progress, check_width_against_model,
-                     conditioning, missing_file_message, reuse_encoding, zero_conditioning_like)
+from .common import CATEGORY, LLM_TYPE, MAPPER_TYPE, REPADAPTER_TYPE, Progress, ui_text
 
 log = logging.getLogger(__name__)
 NEGATIVE_MODES = ("encode negative text", "zeros")
@@ -43,7 +42,7 @@ class LLMLoader:
     def VALIDATE_INPUTS(cls, llm_name):
         choices = folders.list_model_dirs(folders.LLM)
         if llm_name not in choices:
-            return missing_file_message("LLM folder", llm_name, choices, folders.LLM)
+            return folders.not_found_message("LLM folder", llm_name, choices, f"models/{folders.LLM}")
         return True
 
     def load(self, llm_name, dtype):
@@ -55,7 +54,8 @@ class LLMLoader:
 class MapperLoader:
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"mapper_name": (folders.list_bridge_files(), {"tooltip": "A Beyond CLIP mapper in models/bridges"})}}
+        return {"required": {"mapper_name": (folders.list_bridge_files(kind=MAPPER_KIND),
+                                             {"tooltip": "A Beyond CLIP mapper in models/bridges"})}}
 
     RETURN_TYPES = (MAPPER_TYPE,)
     RETURN_NAMES = ("mapper",)
@@ -66,47 +66,10 @@ class MapperLoader:
 
     @classmethod
     def VALIDATE_INPUTS(cls, mapper_name):
-        choices = folders.list_bridge_files()
-        if mapper_name not in choices:
-            return missing_file_message("mapper file", mapper_name, choices, folders.BRIDGES)
-        return True
+        return folders.check_bridge_choice(mapper_name, MAPPER_KIND, "mapper file")
 
     def load(self, mapper_name):
         return (load_mapper(folders.resolve_bridge_file(mapper_name)),)
-
-
-def _check_mapper_fits(llm, mapper):
-    cfg = mapper.config
-    if cfg.in_dim != llm.hidden_size:
-        raise LoadError(f"mapper {getattr(mapper, 'source', '')} reads {cfg.in_dim}-wide hidden states, but "
-                        f"{llm.describe()} produces {llm.hidden_size}. Use a mapper trained for this LLM.")
-
-
-def encode_text(llm, mapper, text, *, hidden_layer, template, allow_empty=False, disk_cache=False):
-    """LLM + mapper -> CONDITIONING for one text; identical requests from any graph are served from the caches."""
-    return reuse_encoding(
-        "beyond_clip", [llm.identity, mapper.identity], [text, hidden_layer, template, allow_empty],
-        lambda: {"conditioning": _encode_uncached(llm, mapper, text, hidden_layer=hidden_layer, template=template,
-                                                  allow_empty=allow_empty)},
-        disk=disk_cache, about={"llm": llm.describe(), "mapper": mapper.source})["conditioning"]
-
-
-def _encode_uncached(llm, mapper, text, *, hidden_layer, template, allow_empty):
-    model = load_to_device(llm.patcher)
-    adapter = llm.adapter.attach(model) if llm.adapter is not None else nullcontext()
-    with torch.no_grad(), adapter:
-        enc = llm_text.encode(model, llm.tokenizer, text, hidden_layer=hidden_layer,
-                              num_tokens=mapper.config.num_tokens, template=template, allow_empty=allow_empty)
-    if enc.truncated_to:
-        log.warning("Beyond CLIP: the prompt has %d tokens; only the first %d are used (%s). Prompt start: %r",
-                    enc.prompt_tokens, enc.truncated_to,
-                    "the mapper's token count" if enc.truncated_to == mapper.config.num_tokens else "the LLM's context",
-                    text[:60])
-    if next(mapper.parameters()).device != enc.hidden.device:  # .to() walks every module even when nothing moves
-        mapper.to(enc.hidden.device)
-    with torch.no_grad():
-        tokens, pooled = mapper(enc.hidden, enc.last_token)
-    return conditioning(tokens, pooled)
 
 
 class TextEncode:
@@ -146,33 +109,34 @@ class TextEncode:
 
     def encode(self, llm, mapper, prompt, negative_prompt, negative, hidden_layer, template, cache_to_disk=False,
                model=None):
-        _check_mapper_fits(llm, mapper)
-        if model is not None:
-            check_width_against_model(model, mapper.config.out_dim, bool(mapper.config.pooled_dim),
-                                      f"mapper {getattr(mapper, 'source', '')}")
-        if hidden_layer != mapper.config.hidden_layer:
-            log.warning("Beyond CLIP: the mapper was trained on hidden layer %d, encoding with layer %d",
-                        mapper.config.hidden_layer, hidden_layer)
-        progress = Progress(2)
-        positive = encode_text(llm, mapper, prompt, hidden_layer=hidden_layer, template=template,
-                               disk_cache=cache_to_disk)
-        progress.step()
-        if negative == "zeros":
-            neg = zero_conditioning_like(positive)
-        else:
-            neg = encode_text(llm, mapper, negative_prompt, hidden_layer=hidden_layer, template=template,
-                              allow_empty=True, disk_cache=cache_to_disk)
-        progress.step()
-        return (positive, neg)
+        return encode_pair(llm, mapper, prompt, negative_prompt, negative, hidden_layer, template, cache_to_disk,
+                           model)
+
+
+def encode_pair(llm, mapper, prompt, negative_prompt, negative, hidden_layer, template, cache_to_disk=False,
+                model=None):
+    """(positive, negative) CONDITIONING: the prompt, and the negative text encoded or zeros."""
+    beyond_clip_engine.check_mapper_fits(llm, mapper, model)
+    if hidden_layer != mapper.config.hidden_layer:
+        log.warning("Beyond CLIP: the mapper was trained on hidden layer %d, encoding with layer %d",
+                    mapper.config.hidden_layer, hidden_layer)
+    progress = Progress(2)
+    positive = beyond_clip_engine.encode_conditioning(llm, mapper, prompt, hidden_layer=hidden_layer,
+                                                      template=template, disk_cache=cache_to_disk)
+    progress.step()
+    if negative == "zeros":
+        neg = zero_conditioning_like(positive)
+    else:
+        neg = beyond_clip_engine.encode_conditioning(llm, mapper, negative_prompt, hidden_layer=hidden_layer,
+                                                     template=template, allow_empty=True, disk_cache=cache_to_disk)
+    progress.step()
+    return positive, neg
 
 
 def chat_reply(llm, prompt, max_new_tokens, template):
-    """The plain LLM (no adapter) answers, greedily."""
-    base = llm.base or llm
-    model = load_to_device(base.patcher)
+    """The plain LLM (no adapter) answers greedily, with a progress bar per token."""
     progress = Progress(max_new_tokens)
-    return llm_text.chat(model, base.tokenizer, prompt, max_new_tokens=max_new_tokens, template=template,
-                         on_token=progress.step)
+    return llm_engine.chat(llm, prompt, max_new_tokens=max_new_tokens, template=template, on_token=progress.step)
 
 
 class Chat:
@@ -196,13 +160,14 @@ class Chat:
         if not prompt.strip():
             raise ValueError("the chat prompt is empty: write a question or instruction")
         answer = chat_reply(llm, prompt, max_new_tokens, template)
-        return {"ui": {"text": [answer]}, "result": (answer,)}
+        return ui_text(answer, answer)
 
 
 class RepAdapterLoader:
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"adapter_name": (folders.list_bridge_files(), {"tooltip": "A RepAdapter file in models/bridges"})}}
+        return {"required": {"adapter_name": (folders.list_bridge_files(kind=REPADAPTER_KIND),
+                                              {"tooltip": "A RepAdapter file in models/bridges"})}}
 
     RETURN_TYPES = (REPADAPTER_TYPE,)
     RETURN_NAMES = ("repadapter",)
@@ -212,10 +177,7 @@ class RepAdapterLoader:
 
     @classmethod
     def VALIDATE_INPUTS(cls, adapter_name):
-        choices = folders.list_bridge_files()
-        if adapter_name not in choices:
-            return missing_file_message("RepAdapter file", adapter_name, choices, folders.BRIDGES)
-        return True
+        return folders.check_bridge_choice(adapter_name, REPADAPTER_KIND, "RepAdapter file")
 
     def load(self, adapter_name):
         return (load_repadapter(folders.resolve_bridge_file(adapter_name)),)
@@ -281,7 +243,7 @@ class Assistant:
     def VALIDATE_INPUTS(cls, router):
         choices = _router_choices()
         if router not in choices:
-            return missing_file_message("router file", router, choices, folders.BRIDGES)
+            return folders.not_found_message("router file", router, choices, f"models/{folders.BRIDGES}")
         return True
 
     def run(self, llm, mapper, router, prompt, max_new_tokens, template, model=None):
@@ -297,8 +259,8 @@ class Assistant:
             log.info("Beyond CLIP: routed to chat; this ComfyUI cannot skip the image branch, so it is encoded too")
         else:
             answer = ""
-        positive, negative = TextEncode().encode(llm, mapper, prompt, "", NEGATIVE_MODES[0], mapper.config.hidden_layer,
-                                                 template, model=model)
+        positive, negative = encode_pair(llm, mapper, prompt, "", NEGATIVE_MODES[0], mapper.config.hidden_layer,
+                                         template, model=model)
         shown = answer if route == "chat" else f"(route: draw, p_draw={p_draw:.2f})"
         return {"ui": {"text": [shown]},
                 "result": (positive, negative, answer, route, p_draw)}

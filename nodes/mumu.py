@@ -2,27 +2,25 @@
 the MUMU connector into SDXL conditioning. The MUMU UNet LoRA goes through ComfyUI's stock LoraLoaderModelOnly."""
 import logging
 
-import torch
-
-from ..bridges import mumu as bridge
+from ..bridges import contract
+from ..bridges import mumu as mumu_bridge
+from ..bridges.errors import InputError
+from ..engine import mumu as mumu_engine
+from ..engine.conditioning import check_fits_model, zero_conditioning_like
 from ..loaders import folders
-from ..loaders import mumu as files
+from ..loaders import mumu as mumu_files
 from ..loaders.llm import DTYPES
-from ..loaders.patcher import load_to_device
-from .common import (CACHE_TO_DISK, CATEGORY, Progress, check_width_against_model, conditioning, missing_file_message,
-                     reuse_encoding, zero_conditioning_like)
+from .common import CACHE_TO_DISK, CATEGORY, CONNECTOR_TYPE, MUMU_IMAGES_TYPE, VLM_TYPE, Progress
 
+CATEGORY = CATEGORY + "/MUMU"
 log = logging.getLogger(__name__)
-VLM_TYPE = "BEYOND_CLIP_MUMU_VLM"
-CONNECTOR_TYPE = "BEYOND_CLIP_MUMU_CONNECTOR"
-IMAGES_TYPE = "BEYOND_CLIP_MUMU_IMAGES"
 NEGATIVE_MODES = ("encode negative text", "zeros")
 TRAINED_MAX_IMAGES = 4  # MUMU inserted at most 4 images per prompt in training
-SIZE_KEYS = ("width", "height", "target_width", "target_height")
+SIZE_INPUTS = ("width", "height", "target_width", "target_height")
 
 
 def _lora_dirs():
-    return folders.list_model_dirs(folders.LLM, marker=files.PEFT_CONFIG)
+    return folders.list_model_dirs(folders.LLM, marker=mumu_files.PEFT_CONFIG)
 
 
 class LoadIdefics2:
@@ -37,20 +35,20 @@ class LoadIdefics2:
     RETURN_TYPES = (VLM_TYPE,)
     RETURN_NAMES = ("idefics2",)
     FUNCTION = "load"
-    CATEGORY = CATEGORY + "/MUMU"
+    CATEGORY = CATEGORY
     DESCRIPTION = "Loads Idefics2 offline without its perceiver (one token per image patch), as MUMU uses it."
 
     @classmethod
     def VALIDATE_INPUTS(cls, idefics2_name):
         choices = folders.list_model_dirs(folders.LLM)
         if idefics2_name not in choices:
-            return missing_file_message("Idefics2 folder", idefics2_name, choices, folders.LLM)
+            return folders.not_found_message("Idefics2 folder", idefics2_name, choices, f"models/{folders.LLM}")
         return True
 
     def load(self, idefics2_name, dtype):
         progress = Progress(4)
         path = folders.resolve_model_dir(idefics2_name, folders.LLM)
-        return (files.load_idefics2(idefics2_name, path, dtype, progress=progress.step),)
+        return (mumu_files.load_idefics2(idefics2_name, path, dtype, progress=progress.step),)
 
 
 class Idefics2LoRA:
@@ -61,7 +59,7 @@ class Idefics2LoRA:
             "lora_name": (_lora_dirs(), {"tooltip": "A peft LoRA folder (adapter_config.json + adapter_model."
                                                     "safetensors) in models/LLM"}),
             "strength": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05}),
-            "mode": (files.LORA_MODES, {"default": "merged",
+            "mode": (mumu_files.LORA_MODES, {"default": "merged",
                                         "tooltip": "merged: folded into the weights as ComfyUI patches (no extra "
                                                    "cost); unmerged: runs beside the layers, as in training"}),
         }}
@@ -69,42 +67,39 @@ class Idefics2LoRA:
     RETURN_TYPES = (VLM_TYPE,)
     RETURN_NAMES = ("idefics2",)
     FUNCTION = "apply"
-    CATEGORY = CATEGORY + "/MUMU"
+    CATEGORY = CATEGORY
     DESCRIPTION = "Applies MUMU's Idefics2 LoRA (peft format). The plain Idefics2 stays usable beside it."
 
     @classmethod
     def VALIDATE_INPUTS(cls, lora_name):
         choices = _lora_dirs()
         if lora_name not in choices:
-            return missing_file_message("Idefics2 LoRA folder", lora_name, choices, folders.LLM)
+            return folders.not_found_message("Idefics2 LoRA folder", lora_name, choices, f"models/{folders.LLM}")
         return True
 
     def apply(self, idefics2, lora_name, strength, mode):
-        lora = files.load_idefics2_lora(folders.resolve_model_dir(lora_name, folders.LLM), idefics2)
-        return (files.apply_idefics2_lora(idefics2, lora, strength, mode),)
+        lora = mumu_files.load_idefics2_lora(folders.resolve_model_dir(lora_name, folders.LLM), idefics2)
+        return (mumu_files.apply_idefics2_lora(idefics2, lora, strength, mode),)
 
 
 class LoadConnector:
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"connector_name": (folders.list_bridge_files(),
+        return {"required": {"connector_name": (folders.list_bridge_files(kind=mumu_files.KIND),
                                                 {"tooltip": "A MUMU connector file in models/bridges"})}}
 
     RETURN_TYPES = (CONNECTOR_TYPE,)
     RETURN_NAMES = ("connector",)
     FUNCTION = "load"
-    CATEGORY = CATEGORY + "/MUMU"
+    CATEGORY = CATEGORY
     DESCRIPTION = "Loads a MUMU connector (Idefics2 hidden states -> SDXL tokens + pooled vector)."
 
     @classmethod
     def VALIDATE_INPUTS(cls, connector_name):
-        choices = folders.list_bridge_files()
-        if connector_name not in choices:
-            return missing_file_message("connector file", connector_name, choices, folders.BRIDGES)
-        return True
+        return folders.check_bridge_choice(connector_name, mumu_files.KIND, "connector file")
 
     def load(self, connector_name):
-        return (files.host_connector(files.load_connector(folders.resolve_bridge_file(connector_name))),)
+        return (mumu_files.load_connector(folders.resolve_bridge_file(connector_name)),)
 
 
 class ReferenceImage:
@@ -116,57 +111,23 @@ class ReferenceImage:
                 "name": ("STRING", {"default": "", "tooltip": "Bind to <name> in the prompt; leave empty to bind "
                                                               "to the next <image> in order"}),
             },
-            "optional": {"images": (IMAGES_TYPE, {"tooltip": "Images added before this one (chain any number)"})},
+            "optional": {"images": (MUMU_IMAGES_TYPE, {"tooltip": "Images added before this one (chain any number)"})},
         }
 
-    RETURN_TYPES = (IMAGES_TYPE,)
+    RETURN_TYPES = (MUMU_IMAGES_TYPE,)
     RETURN_NAMES = ("images",)
     FUNCTION = "add"
-    CATEGORY = CATEGORY + "/MUMU"
+    CATEGORY = CATEGORY
     DESCRIPTION = "Adds a reference image for the MUMU prompt, by name (<man>) or by position (<image>)."
 
     def add(self, image, name, images=None):
-        name = bridge.check_image_name(name)
+        name = mumu_bridge.check_image_name(name)
         label = f"'{name}'" if name else f"#{len(images or []) + 1} (unnamed)"
         if image.ndim != 4 or image.shape[0] != 1:
-            raise ValueError(f"reference image {label} holds a batch of {image.shape[0] if image.ndim == 4 else '?'} "
+            raise InputError(f"reference image {label} holds a batch of {image.shape[0] if image.ndim == 4 else '?'} "
                              f"images; each placeholder stands for one image. Split the batch (e.g. ImageFromBatch) "
                              f"and add each image with its own node.")
         return (list(images or []) + [(name, image[0])],)
-
-
-def _encode_cached(vlm, connector, text, images, grid, resolution, budget, disk):
-    """-> CONDITIONING without size keys, from the caches for a request any graph made before."""
-    def compute():
-        tokens, pooled, summary = _encode(vlm, connector, text, images, grid, resolution, budget)
-        log.info("MUMU: %s", summary)
-        return {"conditioning": conditioning(tokens, pooled)}
-
-    image_size = (grid, resolution) if images else None  # a text-only encoding is the same at every size
-    return reuse_encoding("mumu", [vlm.identity, connector.identity], [text, images, image_size, budget],
-                          compute, disk=disk, about={"idefics2": vlm.describe(), "connector": connector.source}
-                          )["conditioning"]
-
-
-def _encode(vlm, connector, text, images, grid, resolution, budget):
-    """-> (tokens (1, N, 2048), pooled (1, 1280), summary)."""
-    segments = bridge.bind_placeholders(text, [n for n, _ in images])
-    seq = bridge.build_sequence(vlm.tokenizer, segments, grid, context=vlm.context)
-    pixels = (torch.stack([bridge.prepare_image(img, resolution, vlm.image_mean, vlm.image_std) for _, img in images])
-              if images else None)
-    model = load_to_device(vlm.patcher)
-    with torch.no_grad(), vlm.attach(model):
-        hidden = bridge.encode(model, seq, pixels, connector.config.hidden_layer)
-    module = connector.module()
-    device = next(module.parameters()).device
-    with torch.no_grad():
-        tokens, pooled = module(hidden.to(device))
-    tokens, pooled_grid = bridge.fit_token_budget(tokens, seq, budget)
-    summary = (f"{len(seq.spans)} image(s) x {grid * grid} tokens + {seq.text_tokens} text tokens = "
-               f"{seq.input_ids.shape[1]}")
-    if pooled_grid:
-        summary += f", pooled to {pooled_grid * pooled_grid} per image = {tokens.shape[1]} (token_budget {budget})"
-    return tokens, pooled, summary
 
 
 class Encode:
@@ -197,7 +158,7 @@ class Encode:
                 "target_height": ("INT", {"default": 1024, "min": 0, "max": 16384, "step": 8}),
             },
             "optional": {
-                "images": (IMAGES_TYPE,),
+                "images": (MUMU_IMAGES_TYPE,),
                 "model": ("MODEL", {"tooltip": "Connect the MODEL you sample with to check it is SDXL before sampling"}),
                 "cache_to_disk": CACHE_TO_DISK,
             },
@@ -206,36 +167,37 @@ class Encode:
     RETURN_TYPES = ("CONDITIONING", "CONDITIONING")
     RETURN_NAMES = ("positive", "negative")
     FUNCTION = "encode"
-    CATEGORY = CATEGORY + "/MUMU"
+    CATEGORY = CATEGORY
     DESCRIPTION = ("Encodes a prompt with words and reference images (Idefics2 without perceiver -> MUMU connector) "
                    "into SDXL conditioning.")
 
     def encode(self, idefics2, connector, prompt, negative_prompt, negative, image_resolution, token_budget,
                width, height, target_width, target_height, images=None, model=None, cache_to_disk=False):
-        files.check_connector_fits(idefics2, connector)
+        mumu_files.check_connector_fits(idefics2, connector)
         if model is not None:
-            check_width_against_model(model, connector.config.out_dim, bool(connector.config.pooled_dim),
-                                      f"MUMU connector {connector.source}")
+            check_fits_model(model, connector.config.out_dim, connector.config.pooled_dim, connector.describe())
         if not prompt.strip():
-            raise ValueError("the MUMU prompt is empty: write words, with <image> or <name> where each image goes")
+            raise InputError("the MUMU prompt is empty: write words, with <image> or <name> where each image goes")
         images = list(images or [])
         if len(images) > TRAINED_MAX_IMAGES:
             log.warning("MUMU: %d reference images; MUMU was trained with at most %d per prompt",
                         len(images), TRAINED_MAX_IMAGES)
-        grid, resolution = files.grid_for(idefics2, image_resolution)
+        grid, resolution = mumu_files.grid_for(idefics2, image_resolution)
         progress = Progress(2)
-        positive = _encode_cached(idefics2, connector, prompt, images, grid, resolution, token_budget, cache_to_disk)
+        positive = mumu_engine.encode_conditioning(idefics2, connector, prompt, images, grid, resolution, token_budget,
+                                                   disk_cache=cache_to_disk)
         progress.step()
         if negative == "zeros":
             neg = zero_conditioning_like(positive)
         else:
-            neg = _encode_cached(idefics2, connector, negative_prompt, [], grid, resolution, 0, cache_to_disk)
+            neg = mumu_engine.encode_conditioning(idefics2, connector, negative_prompt, [], grid, resolution, 0,
+                                                  disk_cache=cache_to_disk)
         progress.step()
-        size = dict(zip(SIZE_KEYS, (width, height, target_width, target_height)))
+        size = dict(zip(SIZE_INPUTS, (width, height, target_width, target_height)))
         if all(size.values()):  # else ComfyUI uses the latent's size
             size.update(crop_w=0, crop_h=0)  # MUMU pads to square and never crops
-            for cond in (positive, neg):
-                cond[0][1].update(size)
+            size = {key: size[key] for key in contract.SIZE_KEYS}
+            positive, neg = ([[tokens, {**extra, **size}] for tokens, extra in cond] for cond in (positive, neg))
         return (positive, neg)
 
 

@@ -1,20 +1,19 @@
 """SEED nodes: an image becomes 32 discrete causal codes; codes (from an image, typed, or mixed) become SD1.x
 conditioning through SEED's de-tokenizer."""
-import torch
+import comfy.model_management as mm
 
 from ..bridges import seed as seed_bridge
+from ..bridges.errors import InputError
+from ..engine import seed as seed_engine
+from ..engine.conditioning import check_fits_model, conditioning, zero_conditioning_like
 from ..loaders import folders
 from ..loaders import seed as seed_files
 from ..loaders.errors import LoadError
 from ..loaders.llm import DTYPES, choose_dtype
-from ..loaders.patcher import load_to_device
-from .common import (CACHE_TO_DISK, CATEGORY, Progress, check_width_against_model, conditioning, reuse_encoding,
-                     zero_conditioning_like)
+from .common import CACHE_TO_DISK, CATEGORY, SEED_MODEL_TYPE, SEED_TOKENS_TYPE, Progress, ui_text
 
-SEED_MODEL_TYPE = "BEYOND_CLIP_SEED"
-SEED_TOKENS_TYPE = "SEED_TOKENS"
+CATEGORY = CATEGORY + "/SEED"
 NEGATIVE_MODES = ("CLIP empty text", "zeros")
-BATCH = 8  # images per vision-tower pass
 
 
 def _roots():
@@ -23,13 +22,7 @@ def _roots():
 
 def seed_choices():
     """Converted SEED files in models/bridges, and official seed_tokenizer.pth files below it."""
-    converted = []
-    for name in folders.list_bridge_files():
-        try:
-            seed_files.read_bridge_config(folders.resolve_bridge_file(name))
-            converted.append(name)
-        except LoadError:
-            continue
+    converted = folders.list_bridge_files(kind=seed_files.KIND)
     return converted + [label for label, _, _ in seed_files.find_official(_roots())]
 
 
@@ -66,31 +59,18 @@ class SeedLoader:
     def VALIDATE_INPUTS(cls, seed_model):
         choices = seed_choices()
         if seed_model not in choices:
-            listed = ", ".join(choices[:5]) or "none"
-            return (f"SEED tokenizer '{seed_model}' is not in models/bridges (found: {listed}). Put "
-                    f"{seed_files.TOKENIZER_FILE}, {seed_files.QFORMER_FILE} and {seed_files.VIT_FILE} in "
-                    f"models/bridges/seed/, then refresh the page.")
+            return (folders.not_found_message("SEED tokenizer", seed_model, choices, "models/bridges") +
+                    f" The official files go side by side in models/bridges/seed/: {seed_files.TOKENIZER_FILE}, "
+                    f"{seed_files.QFORMER_FILE} and {seed_files.VIT_FILE}.")
         return True
 
     def load(self, seed_model, dtype):
-        import comfy.model_management as mm
         progress = Progress(5)
         path, official, root = resolve_choice(seed_model)
         if official is not None:
             path = seed_files.prepare(official, root, progress=progress.step)
         vision_dtype = choose_dtype(dtype, mm.text_encoder_device())
         return (seed_files.load_seed(path, vision_dtype, name=seed_model, progress=progress.step),)
-
-
-def tokenize(seed, images, progress=None):
-    model = load_to_device(seed.patcher)
-    pixels = seed_bridge.preprocess(images, seed.config.image_size)
-    codes = []
-    with torch.no_grad():
-        for start in range(0, pixels.shape[0], BATCH):
-            codes.append(model.encode(pixels[start:start + BATCH]).cpu())
-            progress and progress()
-    return seed_bridge.SeedCodes(torch.cat(codes), seed.config.codebook_size)
 
 
 class SeedTokenize:
@@ -109,27 +89,22 @@ class SeedTokenize:
 
     def tokenize(self, seed_model, image, cache_to_disk=False):
         if image.shape[0] == 0:
-            raise ValueError("the image batch is empty: connect at least one image")
-
-        def compute():
-            return {"codes": tokenize(seed_model, image, Progress(-(-image.shape[0] // BATCH)).step).codes}
-
-        codes = reuse_encoding("seed_codes", [seed_model.identity], [image], compute, disk=cache_to_disk,
-                               about={"seed": seed_model.describe()})["codes"]
-        tokens = seed_bridge.SeedCodes(codes, seed_model.config.codebook_size)
+            raise InputError("the image batch is empty: connect at least one image")
+        progress = Progress(-(-image.shape[0] // seed_engine.BATCH))
+        tokens = seed_engine.tokenize_cached(seed_model, image, disk_cache=cache_to_disk, progress=progress.step)
         text = tokens.text()
-        return {"ui": {"text": [text]}, "result": (tokens, text)}
+        return ui_text(text, tokens, text)
 
 
 def _negative(mode, clip, positive, width):
     if mode == "zeros":
         return zero_conditioning_like(positive)
     if clip is None:
-        raise ValueError("negative = 'CLIP empty text' needs the CLIP of your SD1.x checkpoint: connect the "
+        raise InputError("negative = 'CLIP empty text' needs the CLIP of your SD1.x checkpoint: connect the "
                          "checkpoint loader's CLIP output, or choose negative = 'zeros'")
     cond, pooled = clip.encode_from_tokens(clip.tokenize(""), return_pooled=True)
     if cond.shape[-1] != width:
-        raise ValueError(f"the connected CLIP gives {cond.shape[-1]}-wide tokens, but SEED makes {width}-wide SD1.x "
+        raise InputError(f"the connected CLIP gives {cond.shape[-1]}-wide tokens, but SEED makes {width}-wide SD1.x "
                          f"conditioning: connect the CLIP of an SD1.x checkpoint")
     return conditioning(cond, pooled)
 
@@ -163,18 +138,11 @@ class SeedDetokenize:
     def detokenize(self, seed_model, seed_tokens, negative, clip=None, model=None, cache_to_disk=False):
         config = seed_model.config
         if model is not None:
-            check_width_against_model(model, config.out_dim, False, "the SEED de-tokenizer")
+            check_fits_model(model, config.out_dim, 0, "the SEED de-tokenizer")
         seed_bridge.check_codes(seed_tokens.codes, config)
         progress = Progress(2)
-
-        def compute():
-            net = load_to_device(seed_model.patcher)
-            with torch.no_grad():
-                return {"positive": conditioning(net.decode(seed_tokens.codes))}
-
         # the negative is the checkpoint's own CLIP (or zeros): ComfyUI's CLIP objects carry no file identity
-        positive = reuse_encoding("seed_conditioning", [seed_model.identity], [seed_tokens.codes], compute,
-                                  disk=cache_to_disk, about={"seed": seed_model.describe()})["positive"]
+        positive = seed_engine.detokenize_conditioning(seed_model, seed_tokens.codes, disk_cache=cache_to_disk)
         progress.step()
         neg = _negative(negative, clip, positive, config.out_dim)
         progress.step()
@@ -218,7 +186,7 @@ class SeedMixCodes:
     def mix(self, seed_tokens_a, seed_tokens_b, codes_from_a):
         sizes = {seed_tokens_a.codebook_size, seed_tokens_b.codebook_size} - {None}
         if len(sizes) > 1:
-            raise ValueError(f"the two code sets come from tokenizers with different codebooks ({sorted(sizes)} "
+            raise InputError(f"the two code sets come from tokenizers with different codebooks ({sorted(sizes)} "
                              f"entries)")
         mixed = seed_bridge.mix_codes(seed_tokens_a.codes, seed_tokens_b.codes, codes_from_a)
         tokens = seed_bridge.SeedCodes(mixed, next(iter(sizes), None))

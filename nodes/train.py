@@ -1,31 +1,37 @@
-"""Train nodes: distil a Beyond CLIP mapper from the checkpoint's own CLIP, train the chat/draw router and
-GILL's generate-or-retrieve decision. Results go into models/bridges, where the loader nodes list them."""
+"""Train nodes: every bridge the pack trains, for your own LLM / VLM and your own checkpoint. Beyond CLIP's mapper
+(stage 1) and RepAdapters (stage 2), the chat/draw router, GILL's mapper and decision model, MUMU's connector
+(stage 1) and MUMU stage 2. Results go where the loader nodes list them at once; runs keep their caches and
+checkpoints in output/beyond_clip_training/<run>/ and resume after an interrupt."""
 import logging
-from contextlib import contextmanager
 
 import comfy.model_management as mm
-import torch
+import comfy.sd
+import comfy.utils
 
 from ..bridges import llm_text
+from ..bridges.errors import InputError
 from ..bridges.gill import GENERATE, RETRIEVE
 from ..bridges.mapper import ACTIVATIONS, MapperConfig
 from ..bridges.mumu import ConnectorConfig
-from ..bridges.router import NaiveBayesRouter
-from ..bridges.training import (LOSSES, TrainConfig, classification_report, fell_by, split_indices,
-                                train_linear_classifier)
+from ..bridges.training.data import LOSSES, TrainConfig
+from ..bridges.training.trainer import fell_by
+from ..engine import train_beyond_clip, train_gill, train_mumu
+from ..engine.beyond_clip import check_mapper_fits
+from ..engine.conditioning import check_fits_model
+from ..engine.training import (ComfyDenoiser, build_latent_cache, clone_norm_inputs, leave_inference_mode,
+                               target_of, training_context)
+from ..loaders import folders, mumu as mumu_files, repadapters, routers, run_folder
 from ..loaders import gill as gill_files
-from ..loaders import mumu as mumu_files
-from ..loaders import routers, training
-from ..loaders.bridge_files import save_bridge
+from ..loaders import training_inputs as inputs
 from ..loaders.errors import LoadError
+from ..loaders.mappers import KIND as MAPPER_KIND
 from ..loaders.mappers import load_mapper
-from ..loaders.patcher import load_to_device
-from .common import CATEGORY, LLM_TYPE, MAPPER_TYPE, Progress
-from .gill import GILL_TYPE, encode_img_states
-from .mumu import CONNECTOR_TYPE, VLM_TYPE
+from ..loaders.patcher import load_for_training
+from .common import CATEGORY, CONNECTOR_TYPE, GILL_TYPE, LLM_TYPE, MAPPER_TYPE, VLM_TYPE, LazyProgress, Progress, ui_text
 
+CATEGORY = CATEGORY + "/training"
 log = logging.getLogger(__name__)
-CACHE_PRECISIONS = tuple(training.CACHE_DTYPES)
+CACHE_PRECISIONS = tuple(run_folder.CACHE_DTYPES)
 
 
 def _show(unique_id, text):
@@ -40,35 +46,8 @@ def _show(unique_id, text):
 
 def _file_choice(name, choices, what):
     if name not in choices:
-        listed = ", ".join(choices[:5]) if choices else "none"
-        return f"{what} '{name}' is not in ComfyUI's input folder (found: {listed}). Put it there and refresh."
+        return folders.not_found_message(what, name, choices, "ComfyUI's input folder")
     return True
-
-
-def _file_stamp(name):
-    try:
-        st = training.resolve_input_file(name).stat()
-        return f"{st.st_size}:{st.st_mtime_ns}"
-    except LoadError:
-        return name
-
-
-@contextmanager
-def _training_context():
-    """Nodes run under inference mode; training must leave it (and turn grad back on)."""
-    with torch.inference_mode(False), torch.enable_grad():
-        yield
-
-
-def _llm_student(llm, hidden_layer, num_tokens, template):
-    model = load_to_device(llm.patcher)
-
-    def student(text):
-        with torch.no_grad():
-            enc = llm_text.encode(model, llm.tokenizer, text, hidden_layer=hidden_layer, num_tokens=num_tokens,
-                                  template=template)
-        return enc.hidden.cpu(), enc.last_token
-    return student
 
 
 def _train_settings(steps, batch_size, learning_rate, loss, val_fraction, seed, eval_every):
@@ -85,15 +64,21 @@ def _run_with_progress(unique_id, steps, train):
         progress.step(step)
         _show(unique_id, f"step {step}/{steps}  loss {loss:.5f}" + (f"  held-out {val:.5f}" if val is not None else ""))
 
-    with _training_context():
+    with training_context():
         return train(on_step)
 
 
-def _summary(trainer, out_name):
+def _summary(trainer, out_name, what="captions"):
     first, last = trainer.initial_val_loss, trainer.last_val_loss()
     return (f"wrote models/bridges/{out_name}: {trainer.step} steps, held-out loss {first:.5f} -> {last:.5f} "
             f"({fell_by(trainer.history):.1f}x lower) on {len(trainer.val_idx)} held-out / "
-            f"{len(trainer.train_idx)} training captions")
+            f"{len(trainer.train_idx)} training {what}")
+
+
+def _cache(run, texts, spec, precision="fp32"):
+    caching = Progress(len(texts))
+    return run_folder.build_cache(run, texts, spec.input_fn, spec.teacher, spec.identity, precision,
+                                  progress=lambda done, total: caching.step(done))
 
 
 class ReadsCaptions:
@@ -102,11 +87,13 @@ class ReadsCaptions:
 
     @classmethod
     def VALIDATE_INPUTS(cls, captions):
-        return _file_choice(captions, training.input_files(), "caption file")
+        return _file_choice(captions, inputs.input_files(cls.CAPTION_EXTENSIONS), "caption file")
 
     @classmethod
     def IS_CHANGED(cls, captions, **kwargs):
-        return _file_stamp(captions)
+        return inputs.file_stamp(captions)
+
+    CAPTION_EXTENSIONS = inputs.TEXT_EXTENSIONS
 
 
 class ReadsExamples:
@@ -114,11 +101,11 @@ class ReadsExamples:
 
     @classmethod
     def VALIDATE_INPUTS(cls, examples):
-        return _file_choice(examples, training.input_files(training.TABLE_EXTENSIONS), "examples file")
+        return _file_choice(examples, inputs.input_files(inputs.TABLE_EXTENSIONS), "examples file")
 
     @classmethod
     def IS_CHANGED(cls, examples, **kwargs):
-        return _file_stamp(examples)
+        return inputs.file_stamp(examples)
 
 
 class ReadsPairs:
@@ -126,23 +113,14 @@ class ReadsPairs:
 
     @classmethod
     def VALIDATE_INPUTS(cls, pairs):
-        return _file_choice(pairs, training.pair_sources(), "image-caption set")
+        return _file_choice(pairs, inputs.pair_sources(), "image-caption set")
 
     @classmethod
     def IS_CHANGED(cls, pairs, **kwargs):
         try:
-            return ";".join(f"{p}:{_file_stamp(p)}:{c}" for p, c in training.read_pairs(pairs, crops=True))
+            return ";".join(f"{p}:{inputs.file_stamp(p)}:{c}" for p, c in inputs.read_pairs(pairs, crops=True))
         except LoadError:
             return pairs
-
-
-def _load_for_training(*patchers):
-    """Everything gradients run through on the device together, as ordinary tensors: the frozen models are
-    loaded whole (no partial loading: the backward pass needs every weight)."""
-    import inspect
-    full = {"force_full_load": True} if "force_full_load" in inspect.signature(mm.load_models_gpu).parameters else {}
-    mm.load_models_gpu(list(patchers), **full)
-    return mm.get_torch_device()
 
 
 # What every distillation run takes, in this order (workflow files store widget values by position).
@@ -163,7 +141,7 @@ class TrainMapper(ReadsCaptions):
             "required": {
                 "llm": (LLM_TYPE, {"tooltip": "The LLM whose hidden states the mapper will read"}),
                 "clip": ("CLIP", {"tooltip": "The teacher: the CLIP of the checkpoint you will sample with"}),
-                "captions": (training.input_files(), {"tooltip": "A .txt file in ComfyUI's input folder, one "
+                "captions": (inputs.input_files(), {"tooltip": "A .txt file in ComfyUI's input folder, one "
                                                                  "caption per line"}),
                 "run_name": ("STRING", {"default": "beyond_clip_mapper", "tooltip": "output/beyond_clip_training/"
                                         "<run_name>/ keeps the target cache and the checkpoint to resume from"}),
@@ -189,7 +167,7 @@ class TrainMapper(ReadsCaptions):
     RETURN_NAMES = ("mapper", "mapper_name", "val_loss")
     OUTPUT_NODE = True
     FUNCTION = "train"
-    CATEGORY = CATEGORY + "/training"
+    CATEGORY = CATEGORY
     DESCRIPTION = ("Beyond CLIP stage 1: trains a mapper so LLM(caption) -> mapper matches the checkpoint's own CLIP "
                    "encoding of the caption (SD1.x: 77x768; SDXL: 77x2048 + pooled 1280). Targets are cached in the "
                    "run folder; the held-out loss is reported; interrupt and run again to resume.")
@@ -198,30 +176,26 @@ class TrainMapper(ReadsCaptions):
     def train(self, llm, clip, captions, run_name, output_name, steps, batch_size, learning_rate, loss, hidden_dim,
               depth, activation, hidden_layer, template, val_fraction, seed, resume, checkpoint_every, eval_every,
               cache_precision, unique_id=None):
-        texts = training.read_captions(training.resolve_input_file(captions))
-        run = training.run_dir(run_name)
-        out_path = training.bridge_path(output_name)
+        texts = inputs.read_captions(inputs.resolve_input_file(captions))
+        run = run_folder.run_dir(run_name)
+        out_path = folders.bridge_output_path(output_name, kind=MAPPER_KIND)
         settings = _train_settings(steps, batch_size, learning_rate, loss, val_fraction, seed, eval_every)
-        caching = Progress(len(texts))
-        identity = {"student": "beyond_clip", "llm": llm.identity, "clip": training.clip_identity(clip),
-                    "hidden_layer": hidden_layer, "template": template, "num_tokens": 77}
-        data, cache_path = training.build_cache(
-            run, texts, _llm_student(llm, hidden_layer, 77, template), training.clip_teacher(clip), identity,
-            cache_precision, progress=lambda done, total: caching.step(done))
-        config = MapperConfig(in_dim=llm.hidden_size, target=training.target_of(data), hidden_dim=hidden_dim,
-                              depth=depth, activation=activation, num_tokens=77, hidden_layer=hidden_layer)
-        _, trainer = _run_with_progress(unique_id, steps, lambda on_step: training.train_mapper(
-            run, data, config, settings, out_path, resume=resume, device=mm.get_torch_device(),
-            on_step=on_step, checkpoint_every=checkpoint_every, cache_path=cache_path))
-        text = _summary(trainer, out_path.name)
-        return {"ui": {"text": [text]}, "result": (load_mapper(out_path), out_path.name, trainer.last_val_loss())}
+        spec = train_beyond_clip.mapper_cache_spec(llm, clip, hidden_layer, template)
+        data, cache_path = _cache(run, texts, spec, cache_precision)
+        config = MapperConfig(in_dim=llm.hidden_size, target=target_of(data), hidden_dim=hidden_dim, depth=depth,
+                              activation=activation, num_tokens=train_beyond_clip.MAPPER_TOKENS,
+                              hidden_layer=hidden_layer)
+        _, trainer = _run_with_progress(unique_id, steps, lambda on_step: train_beyond_clip.train_mapper(
+            run, data, config, settings, out_path, device=mm.get_torch_device(), resume=resume, on_step=on_step,
+            checkpoint_every=checkpoint_every, cache_path=cache_path))
+        return ui_text(_summary(trainer, out_path.name), load_mapper(out_path), out_path.name, trainer.last_val_loss())
 
 
 class TrainRouter(ReadsExamples):
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "examples": (training.input_files(training.TABLE_EXTENSIONS), {
+            "examples": (inputs.input_files(inputs.TABLE_EXTENSIONS), {
                 "tooltip": "A tab-separated file in ComfyUI's input folder with the header 'label<TAB>text' and "
                            "labels 'chat' or 'draw'"}),
             "output_name": ("STRING", {"default": "my_router", "tooltip": "Written as models/bridges/<name>.router.json"}),
@@ -235,38 +209,22 @@ class TrainRouter(ReadsExamples):
     RETURN_NAMES = ("router_name", "val_accuracy")
     OUTPUT_NODE = True
     FUNCTION = "train"
-    CATEGORY = CATEGORY + "/training"
+    CATEGORY = CATEGORY
     DESCRIPTION = ("Trains the Beyond CLIP chat/draw router (naive Bayes) on your labelled instructions, reports the "
                    "held-out accuracy, then refits on every example and writes it where the Router node lists it.")
 
 
     def train(self, examples, output_name, alpha, bigrams, val_fraction, seed):
-        texts, labels = routers.read_labelled_tsv(training.resolve_input_file(examples))
-        unknown = sorted(set(labels) - {"chat", "draw"})
-        if unknown or len(set(labels)) < 2:
-            raise LoadError(f"{examples}: labels must be 'chat' and 'draw' (both present); found {sorted(set(labels))}")
-        train_idx, val_idx = split_indices(len(texts), val_fraction, seed)
-        report = ""
-        accuracy = float("nan")
-        if len(val_idx):
-            held = NaiveBayesRouter(alpha, bigrams).fit([texts[i] for i in train_idx], [labels[i] for i in train_idx])
-            predicted = [int(held.predict(texts[i])[0] == "draw") for i in val_idx]
-            stats = classification_report(predicted, [int(labels[i] == "draw") for i in val_idx])
-            accuracy = stats["accuracy"]
-            report = f"held-out accuracy {accuracy:.3f}, F1(draw) {stats['f1']:.3f} on {stats['n']} examples; "
-        router = NaiveBayesRouter(alpha, bigrams).fit(texts, labels)  # the file holds the fit on everything
-        path = training.bridge_path(output_name, extension=routers.EXTENSION)
-        routers.save_router(path, router)
+        texts, labels = routers.read_labelled_tsv(inputs.resolve_input_file(examples))
+        try:
+            router, report, accuracy = train_beyond_clip.train_router(texts, labels, alpha=alpha, bigrams=bigrams,
+                                                                      val_fraction=val_fraction, seed=seed)
+        except ValueError as e:
+            raise LoadError(f"{examples}: {e}") from None
+        path = folders.bridge_output_path(output_name, extension=routers.EXTENSION)
+        routers.save_router(path, router)  # the file holds the fit on every example
         text = report + f"wrote models/bridges/{path.name} ({len(texts)} examples)"
-        return {"ui": {"text": [text]}, "result": (path.name, accuracy)}
-
-
-def _decision_labels(labels, source):
-    wanted = {GENERATE: 0, RETRIEVE: 1}
-    bad = sorted(set(labels) - set(wanted))
-    if bad or len(set(labels)) < 2:
-        raise LoadError(f"{source}: labels must be '{GENERATE}' and '{RETRIEVE}' (both present); found {sorted(set(labels))}")
-    return torch.tensor([wanted[label] for label in labels])
+        return ui_text(text, path.name, accuracy)
 
 
 class TrainGILLDecision(ReadsExamples):
@@ -275,7 +233,7 @@ class TrainGILLDecision(ReadsExamples):
         return {"required": {
             "llm": (LLM_TYPE, {"tooltip": "The LLM the GILL model was trained on"}),
             "gill": (GILL_TYPE,),
-            "examples": (training.input_files(training.TABLE_EXTENSIONS), {
+            "examples": (inputs.input_files(inputs.TABLE_EXTENSIONS), {
                 "tooltip": f"A tab-separated file in ComfyUI's input folder, header 'label<TAB>text', labels "
                            f"'{GENERATE}' or '{RETRIEVE}'"}),
             "output_name": ("STRING", {"default": "my_gill", "tooltip": "The GILL model with the new decision model, "
@@ -290,41 +248,22 @@ class TrainGILLDecision(ReadsExamples):
     RETURN_NAMES = ("gill", "gill_name", "val_f1")
     OUTPUT_NODE = True
     FUNCTION = "train"
-    CATEGORY = CATEGORY + "/training"
+    CATEGORY = CATEGORY
     DESCRIPTION = ("Trains GILL's generate-or-retrieve decision model (Dropout + Linear on the [IMG0] state, as the "
                    "reference) on your labelled prompts, reports held-out F1 for 'retrieve', and writes the GILL "
                    "model with it into models/bridges.")
 
 
     def train(self, llm, gill, examples, output_name, steps, learning_rate, val_fraction, seed):
-        texts, labels = routers.read_labelled_tsv(training.resolve_input_file(examples))
-        y = _decision_labels(labels, examples)
-        out_path = training.bridge_path(output_name, kind=gill_files.KIND)
+        texts, labels = routers.read_labelled_tsv(inputs.resolve_input_file(examples))
+        out_path = folders.bridge_output_path(output_name, kind=gill_files.KIND)
         progress = Progress(len(texts) + 1)
-        features = []
-        for text in texts:
-            features.append(encode_img_states(llm, gill, text)[0, 0].float().cpu())
-            progress.step()
-        with _training_context():
-            x, y = torch.stack(features).clone(), y.clone()  # tensors made under inference mode cannot enter autograd
-            train_idx, val_idx = split_indices(len(texts), val_fraction, seed)
-            f1 = float("nan")
-            report = ""
-            if len(val_idx):
-                held = train_linear_classifier(x[train_idx], y[train_idx], 2, steps, learning_rate, seed)
-                with torch.no_grad():
-                    stats = classification_report(held(x[val_idx]).argmax(-1), y[val_idx])
-                f1 = stats["f1"]
-                report = f"held-out F1(retrieve) {f1:.3f}, accuracy {stats['accuracy']:.3f} on {stats['n']}; "
-            model = train_linear_classifier(x, y, 2, steps, learning_rate, seed)
+        report, f1 = train_gill.train_decision(llm, gill, texts, labels, out_path, steps=steps,
+                                               learning_rate=learning_rate, val_fraction=val_fraction, seed=seed,
+                                               source=examples, progress=progress.step)
         progress.step()
-        config = gill.config.to_dict()
-        config["decision_in"] = gill.config.llm_dim
-        state = {k: v for k, v in gill.module.state_dict().items() if not k.startswith("decision_model.")}
-        state.update({f"decision_model.{k}": v for k, v in model.state_dict().items()})
-        save_bridge(out_path, gill_files.KIND, config, state)
         text = report + f"wrote models/bridges/{out_path.name} ({len(texts)} examples)"
-        return {"ui": {"text": [text]}, "result": (gill_files.load_gill(out_path, out_path.name), out_path.name, f1)}
+        return ui_text(text, gill_files.load_gill(out_path, out_path.name), out_path.name, f1)
 
 
 class TrainGILLMapper(ReadsCaptions):
@@ -336,7 +275,7 @@ class TrainGILLMapper(ReadsCaptions):
                 "gill": (GILL_TYPE, {"tooltip": "The base GILL model: its [IMG] embeddings, retrieval heads and "
                                                 "decision model are kept; only the GILLMapper is trained"}),
                 "clip": ("CLIP", {"tooltip": "The teacher: the CLIP of the checkpoint you will sample with"}),
-                "captions": (training.input_files(), {"tooltip": "A .txt file in ComfyUI's input folder, one "
+                "captions": (inputs.input_files(), {"tooltip": "A .txt file in ComfyUI's input folder, one "
                                                                  "caption per line"}),
                 "run_name": ("STRING", {"default": "gill_mapper"}),
                 "output_name": ("STRING", {"default": "my_gill", "tooltip": "models/bridges/<name>.safetensors"}),
@@ -357,7 +296,7 @@ class TrainGILLMapper(ReadsCaptions):
     RETURN_NAMES = ("gill", "gill_name", "val_loss")
     OUTPUT_NODE = True
     FUNCTION = "train"
-    CATEGORY = CATEGORY + "/training"
+    CATEGORY = CATEGORY
     DESCRIPTION = ("GILL's generation loss, text only: a fresh GILLMapper learns to turn the [IMG] states of a caption "
                    "into the checkpoint's own CLIP encoding of it (SD1.x, or SDXL with the pooled head). The [IMG] "
                    "embeddings stay as the base model has them, or train with the mapper (train_img_tokens). Writes "
@@ -366,45 +305,39 @@ class TrainGILLMapper(ReadsCaptions):
 
     def train(self, llm, gill, clip, captions, run_name, output_name, steps, batch_size, learning_rate, loss,
               val_fraction, seed, resume, checkpoint_every, eval_every, train_img_tokens=False, unique_id=None):
-        texts = training.read_captions(training.resolve_input_file(captions))
-        run = training.run_dir(run_name)
-        out_path = training.bridge_path(output_name, kind=gill_files.KIND)
+        texts = inputs.read_captions(inputs.resolve_input_file(captions))
+        run = run_folder.run_dir(run_name)
+        out_path = folders.bridge_output_path(output_name, kind=gill_files.KIND)
         settings = _train_settings(steps, batch_size, learning_rate, loss, val_fraction, seed, eval_every)
-        caching = Progress(len(texts))
-        identity = {"student": "gill", "llm": llm.identity, "gill": gill_files.fingerprint(
-            {"img": gill.module.img_embeddings()}), "clip": training.clip_identity(clip)}
         if train_img_tokens:
             if llm.adapter is not None:
-                raise ValueError(f"{llm.describe()} has an adapter: connect the plain LLM to train the [IMG] rows")
-            student, length = training.gill_token_student(llm, texts, gill.config.num_img_tokens)
-            identity.update(student="gill_token_ids", length=length)
+                raise InputError(f"{llm.describe()} has an adapter: connect the plain LLM to train the [IMG] rows")
+            spec = train_gill.token_cache_spec(llm, gill, clip, texts)
         else:
-            def student(text):
-                return encode_img_states(llm, gill, text).cpu(), gill.config.num_img_tokens - 1
-
-        data, cache_path = training.build_cache(run, texts, student, training.clip_teacher(clip), identity, "fp32",
-                                                progress=lambda done, total: caching.step(done))
+            spec = train_gill.img_states_cache_spec(llm, gill, clip)
+        data, cache_path = _cache(run, texts, spec)
         llm_module, device = None, mm.get_torch_device()
         if train_img_tokens:  # the gradient runs back through the frozen LLM to its input rows
-            device = _load_for_training(llm.patcher)
-            with _training_context():
-                llm_module = training.leave_inference_mode(llm.patcher.model.inner)
-        _, trainer = _run_with_progress(unique_id, steps, lambda on_step: training.train_gill_mapper(
-            run, data, gill, settings, out_path, llm_module=llm_module, resume=resume, device=device,
+            device = load_for_training(llm.patcher)
+            with training_context():
+                llm_module = leave_inference_mode(llm.inner)
+        _, trainer = _run_with_progress(unique_id, steps, lambda on_step: train_gill.train_gill_mapper(
+            run, data, gill, settings, out_path, llm_module=llm_module, device=device, resume=resume,
             on_step=on_step, checkpoint_every=checkpoint_every, cache_path=cache_path))
-        text = _summary(trainer, out_path.name)
-        return {"ui": {"text": [text]}, "result": (gill_files.load_gill(out_path, out_path.name), out_path.name,
-                                                    trainer.last_val_loss())}
+        return ui_text(_summary(trainer, out_path.name), gill_files.load_gill(out_path, out_path.name), out_path.name,
+                       trainer.last_val_loss())
 
 
-class TrainMUMUConnector:
+class TrainMUMUConnector(ReadsCaptions):
+    CAPTION_EXTENSIONS = inputs.TABLE_EXTENSIONS
+
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
                 "idefics2": (VLM_TYPE, {"tooltip": "The Idefics2 the connector will read (MUMU: idefics2-8b)"}),
                 "clip": ("CLIP", {"tooltip": "The teacher: the CLIP of the SDXL checkpoint you will sample with"}),
-                "captions": (training.input_files(training.TABLE_EXTENSIONS), {
+                "captions": (inputs.input_files(inputs.TABLE_EXTENSIONS), {
                     "tooltip": "A .txt/.tsv file in ComfyUI's input folder, one caption per line. Optionally "
                                "'a <image> man on a <image> horse<TAB>man.png<TAB>horse.png': crops in the input "
                                "folder placed at the <image> placeholders (CLIP reads the words only)"}),
@@ -432,44 +365,30 @@ class TrainMUMUConnector:
     RETURN_NAMES = ("connector", "connector_name", "val_loss")
     OUTPUT_NODE = True
     FUNCTION = "train"
-    CATEGORY = CATEGORY + "/training"
+    CATEGORY = CATEGORY
     DESCRIPTION = ("MUMU stage 1 as distillation: a fresh connector learns to turn Idefics2's states of each caption "
                    "(with its crops) into what the SDXL checkpoint's own CLIP gives for the words. Idefics2 gives "
                    "one token per word piece / patch, CLIP 77: the token loss compares what cross-attention reads "
                    "from the two token sets (fixed probe queries), the pooled vector directly.")
 
-    @classmethod
-    def VALIDATE_INPUTS(cls, captions):
-        return _file_choice(captions, training.input_files(training.TABLE_EXTENSIONS), "caption file")
-
-    @classmethod
-    def IS_CHANGED(cls, captions, **kwargs):
-        return _file_stamp(captions)
-
     def train(self, idefics2, clip, captions, run_name, output_name, steps, batch_size, learning_rate, width, depth,
               heads, hidden_layer, image_resolution, probes, val_fraction, seed, resume, checkpoint_every, eval_every,
               cache_precision, unique_id=None):
-        source = training.resolve_input_file(captions)
-        lines = training.read_captions(source)
+        lines = inputs.read_captions(inputs.resolve_input_file(captions))
         for i, line in enumerate(lines):
-            training.parse_mumu_caption(line, f"{captions}, caption {i + 1}: ")
-        run = training.run_dir(run_name)
-        out_path = training.bridge_path(output_name, kind=mumu_files.KIND)
+            inputs.parse_mumu_caption(line, f"{captions}, caption {i + 1}: ")
+        run = run_folder.run_dir(run_name)
+        out_path = folders.bridge_output_path(output_name, kind=mumu_files.KIND)
         config = ConnectorConfig(in_dim=idefics2.hidden_size, width=width, depth=depth, heads=heads,
                                  hidden_layer=hidden_layer)  # checks width % heads before anything is cached
         settings = _train_settings(steps, batch_size, learning_rate, "mse", val_fraction, seed, eval_every)
-        student, length = training.mumu_student(idefics2, lines, hidden_layer, image_resolution)
-        identity = {"student": "mumu", **training.mumu_identity(idefics2, lines), "clip": training.clip_identity(clip),
-                    "hidden_layer": hidden_layer, "image_resolution": image_resolution, "length": length}
-        caching = Progress(len(lines))
-        data, cache_path = training.build_cache(run, lines, student, training.mumu_teacher(clip), identity,
-                                                cache_precision, progress=lambda done, total: caching.step(done))
-        connector, trainer = _run_with_progress(unique_id, steps, lambda on_step: training.train_connector(
-            run, data, config, settings, out_path, probes=probes, resume=resume, device=mm.get_torch_device(),
+        spec = train_mumu.connector_cache_spec(idefics2, clip, lines, hidden_layer, image_resolution)
+        data, cache_path = _cache(run, lines, spec, cache_precision)
+        _, trainer = _run_with_progress(unique_id, steps, lambda on_step: train_mumu.train_connector(
+            run, data, config, settings, out_path, probes=probes, device=mm.get_torch_device(), resume=resume,
             on_step=on_step, checkpoint_every=checkpoint_every, cache_path=cache_path))
-        text = _summary(trainer, out_path.name)
-        loaded = mumu_files.host_connector(mumu_files.load_connector(out_path))
-        return {"ui": {"text": [text]}, "result": (loaded, out_path.name, trainer.last_val_loss())}
+        return ui_text(_summary(trainer, out_path.name), mumu_files.load_connector(out_path), out_path.name,
+                       trainer.last_val_loss())
 
 
 class TrainRepAdapter(ReadsPairs):
@@ -482,7 +401,7 @@ class TrainRepAdapter(ReadsPairs):
                 "clip": ("CLIP", {"tooltip": "The teacher of the caption loss: the CLIP of the checkpoint"}),
                 "model": ("MODEL", {"tooltip": "The SD1.x or SDXL MODEL whose denoising loss trains the adapter; frozen"}),
                 "vae": ("VAE", {"tooltip": "The checkpoint's VAE: the images become latents once, cached"}),
-                "pairs": (training.pair_sources(), {"tooltip": "In ComfyUI's input folder: a folder of images with "
+                "pairs": (inputs.pair_sources(), {"tooltip": "In ComfyUI's input folder: a folder of images with "
                                                                "same-name .txt captions, or a .tsv 'image<TAB>caption'"}),
                 "run_name": ("STRING", {"default": "beyond_clip_repadapter", "tooltip": "output/beyond_clip_training/"
                                         "<run_name>/ keeps the caches and the checkpoint to resume from"}),
@@ -508,7 +427,7 @@ class TrainRepAdapter(ReadsPairs):
     RETURN_NAMES = ("llm", "repadapter_name", "val_loss")
     OUTPUT_NODE = True
     FUNCTION = "train"
-    CATEGORY = CATEGORY + "/training"
+    CATEGORY = CATEGORY
     DESCRIPTION = ("Beyond CLIP stage 2: RepAdapters on every linear layer of the LLM learn, with the mapper frozen, "
                    "loss = MSE(mapper(LLM+adapters(caption)), CLIP(caption)) + lambda * the frozen UNet's denoising "
                    "loss of the caption's image under that conditioning (SD1.x, or SDXL with the pooled vector and size "
@@ -518,49 +437,38 @@ class TrainRepAdapter(ReadsPairs):
     def train(self, llm, mapper, clip, model, vae, pairs, run_name, output_name, steps, batch_size, learning_rate,
               lambda_diffusion, hidden_dim, groups, scale, resolution, template, val_fraction, seed, resume,
               checkpoint_every, eval_every, unique_id=None):
-        from ..loaders import repadapters
-        from .beyond_clip import _check_mapper_fits
-        from .common import check_width_against_model
         if llm.adapter is not None:
-            raise ValueError(f"{llm.describe()} already has an adapter: connect the plain LLM (from Load LLM)")
-        _check_mapper_fits(llm, mapper)
-        check_width_against_model(model, mapper.config.out_dim, mapper.pooled is not None,
-                                  f"the mapper {getattr(mapper, 'source', '')}")
+            raise InputError(f"{llm.describe()} already has an adapter: connect the plain LLM (from Load LLM)")
+        check_mapper_fits(llm, mapper, model)
         if hidden_dim % groups:
-            raise ValueError(f"groups={groups} must divide hidden_dim={hidden_dim}")
-        found = training.read_pairs(pairs)
+            raise InputError(f"groups={groups} must divide hidden_dim={hidden_dim}")
+        found = inputs.read_pairs(pairs)
         texts, images = [c for _, c in found], [p for p, _ in found]
-        run = training.run_dir(run_name)
-        out_path = training.bridge_path(output_name, kind=repadapters.KIND)
+        run = run_folder.run_dir(run_name)
+        out_path = folders.bridge_output_path(output_name, kind=repadapters.KIND)
         settings = _train_settings(steps, batch_size, learning_rate, "mse", val_fraction, seed, eval_every)
-        num_tokens = mapper.config.num_tokens
-        caching = Progress(len(texts) * 2)
-        identity = {"student": "token_ids", "llm": llm.identity, "clip": training.clip_identity(clip),
-                    "template": template, "num_tokens": num_tokens}
-        data, cache_path = training.build_cache(
-            run, texts, training.token_id_student(llm, num_tokens, template), training.clip_teacher(clip), identity,
-            "fp32", progress=lambda done, total: caching.step(done))
+        spec = train_beyond_clip.token_cache_spec(llm, clip, mapper.config.num_tokens, template)
+        data, cache_path = _cache(run, texts, spec)
         latents = None
         if lambda_diffusion:
-            latents = training.build_latent_cache(run, images, vae, model, resolution,
-                                                  progress=lambda done, total: caching.step(len(texts) + done))
+            latents = build_latent_cache(run, images, vae, model, resolution, progress=LazyProgress())
         # the LLM and the UNet on the device together: the UNet is frozen but the gradient runs through it
-        device = _load_for_training(llm.patcher, model)
-        with _training_context():
-            llm_module = training.leave_inference_mode(llm.patcher.model.inner)
-            training.leave_inference_mode(model.model)
-            frozen_mapper = training.leave_inference_mode(mapper.to(device))
-        with training.clone_norm_inputs(model.model.diffusion_model):
-            _, trainer = _run_with_progress(unique_id, steps, lambda on_step: training.train_repadapter(
-                run, data, latents, llm_module, frozen_mapper, training.ComfyDenoiser(model), settings, out_path,
+        device = load_for_training(llm.patcher, model, mapper.patcher)
+        with training_context():
+            llm_module = leave_inference_mode(llm.inner)
+            leave_inference_mode(model.model)
+            frozen_mapper = leave_inference_mode(mapper.inner)
+        with clone_norm_inputs(model.model.diffusion_model):
+            _, trainer = _run_with_progress(unique_id, steps, lambda on_step: train_beyond_clip.train_repadapter(
+                run, data, latents, llm_module, frozen_mapper, ComfyDenoiser(model), settings, out_path,
                 hidden_dim=hidden_dim, groups=groups, scale=scale, hidden_layer=mapper.config.hidden_layer,
-                lambda_diffusion=lambda_diffusion, device=device, resume=resume, on_step=on_step,
-                checkpoint_every=checkpoint_every, cache_path=cache_path))
-        text = _summary(trainer, out_path.name) + (f"; last step: caption {trainer.last_parts['caption']:.5f}, "
-                                                   f"diffusion {trainer.last_parts['diffusion']:.5f}"
-                                                   if trainer.last_parts else "")
+                lambda_diffusion=lambda_diffusion, device=device, mapper_identity=mapper.identity, resume=resume,
+                on_step=on_step, checkpoint_every=checkpoint_every, cache_path=cache_path))
+        parts = trainer.task.last_parts
+        text = _summary(trainer, out_path.name) + (f"; last step: caption {parts['caption']:.5f}, diffusion "
+                                                   f"{parts['diffusion']:.5f}" if parts else "")
         adapted = repadapters.apply_repadapter(llm, repadapters.load_repadapter(out_path), "unmerged")
-        return {"ui": {"text": [text]}, "result": (adapted, out_path.name, trainer.last_val_loss())}
+        return ui_text(text, adapted, out_path.name, trainer.last_val_loss())
 
 
 class TrainMUMU(ReadsPairs):
@@ -574,7 +482,7 @@ class TrainMUMU(ReadsPairs):
                 "model": ("MODEL", {"tooltip": "The SDXL MODEL whose denoising loss trains everything; its weights "
                                                "stay frozen, a LoRA learns beside them"}),
                 "vae": ("VAE", {"tooltip": "The checkpoint's VAE: the pictures become latents once, cached"}),
-                "pairs": (training.pair_sources(), {
+                "pairs": (inputs.pair_sources(), {
                     "tooltip": "In ComfyUI's input folder: a .tsv 'picture<TAB>caption<TAB>crop.png...' whose "
                                "caption has an <image> before each word a crop shows (crops you cut yourself; no "
                                "detector is downloaded), or a folder of pictures with same-name .txt captions"}),
@@ -604,7 +512,7 @@ class TrainMUMU(ReadsPairs):
     RETURN_NAMES = ("idefics2", "connector", "model", "connector_name", "unet_lora_name", "val_loss")
     OUTPUT_NODE = True
     FUNCTION = "train"
-    CATEGORY = CATEGORY + "/training"
+    CATEGORY = CATEGORY
     DESCRIPTION = ("MUMU stage 2: the connector from stage 1 trains on, with rank-8 LoRAs on Idefics2's text attention "
                    "and on the SDXL UNet's attention, by the frozen UNet's denoising loss on your captioned pictures "
                    "(crops placed before their words). Outputs Idefics2 with its LoRA, the connector and the MODEL with "
@@ -613,43 +521,37 @@ class TrainMUMU(ReadsPairs):
     def train(self, idefics2, connector, model, vae, pairs, run_name, output_name, steps, batch_size, connector_lr,
               idefics2_lora_lr, unet_lora_lr, rank, resolution, image_resolution, val_fraction, seed, resume,
               checkpoint_every, eval_every, unique_id=None):
-        import comfy.sd
-        import comfy.utils
-        from .common import check_width_against_model
         if idefics2.lora is not None:
-            raise ValueError(f"{idefics2.describe()} already has a LoRA: connect the plain Idefics2 (Load Idefics2)")
+            raise InputError(f"{idefics2.describe()} already has a LoRA: connect the plain Idefics2 (Load Idefics2)")
         mumu_files.check_connector_fits(idefics2, connector)
-        check_width_against_model(model, connector.config.out_dim, bool(connector.config.pooled_dim),
-                                  f"the MUMU connector {connector.source}")
-        found = training.read_pairs(pairs, crops=True)
+        check_fits_model(model, connector.config.out_dim, connector.config.pooled_dim, connector.describe())
+        found = inputs.read_pairs(pairs, crops=True)
         captions, images = [c for _, c in found], [p for p, _ in found]
-        run = training.run_dir(run_name)
-        out_paths = training.mumu_output_paths(output_name)
+        run = run_folder.run_dir(run_name)
+        out_paths = mumu_files.stage2_output_paths(output_name)
         settings = _train_settings(steps, batch_size, 1.0, "mse", val_fraction, seed, eval_every)
-        examples = training.mumu_examples(idefics2, captions, image_resolution)
-        caching = Progress(len(images))
-        latents = training.build_latent_cache(run, images, vae, model, resolution,
-                                              progress=lambda done, total: caching.step(done))
-        device = _load_for_training(idefics2.patcher, model)
-        with _training_context():
-            vlm_module = training.leave_inference_mode(idefics2.patcher.model.inner)
-            training.leave_inference_mode(model.model)
-            stage1 = training.leave_inference_mode(connector.module()).to(device)
+        examples = train_mumu.stage2_examples(idefics2, captions, image_resolution)
+        latents = build_latent_cache(run, images, vae, model, resolution, progress=LazyProgress())
+        device = load_for_training(idefics2.patcher, model, connector.patcher)
+        with training_context():
+            vlm_module = leave_inference_mode(idefics2.inner)
+            leave_inference_mode(model.model)
+            stage1 = leave_inference_mode(connector.inner)
         lrs = {"connector": connector_lr, "idefics2_lora": idefics2_lora_lr, "unet_lora": unet_lora_lr}
-        with training.clone_norm_inputs(model.model.diffusion_model):
-            _, _, _, trainer = _run_with_progress(unique_id, steps, lambda on_step: training.train_mumu(
-                run, examples, latents, vlm_module, stage1, model, training.ComfyDenoiser(model), settings, out_paths,
+        with clone_norm_inputs(model.model.diffusion_model):
+            _, _, _, trainer = _run_with_progress(unique_id, steps, lambda on_step: train_mumu.train_mumu(
+                run, examples, latents, vlm_module, stage1, model, ComfyDenoiser(model), settings, out_paths,
                 rank=rank, lrs=lrs, hidden_layer=connector.config.hidden_layer, device=device, resume=resume,
                 on_step=on_step, checkpoint_every=checkpoint_every))
-        text = _summary(trainer, out_paths["connector"].name).replace(" captions", " pictures")
+        text = _summary(trainer, out_paths["connector"].name, "pictures")
         lora = mumu_files.load_idefics2_lora(out_paths["idefics2_lora"], idefics2)
         adapted = mumu_files.apply_idefics2_lora(idefics2, lora, 1.0, "unmerged")
-        hosted = mumu_files.host_connector(mumu_files.load_connector(out_paths["connector"]))
+        hosted = mumu_files.load_connector(out_paths["connector"])
         # the UNet LoRA applied as the stock LoraLoaderModelOnly applies it
         unet_lora = comfy.utils.load_torch_file(str(out_paths["unet_lora"]), safe_load=True)
         patched, _ = comfy.sd.load_lora_for_models(model, None, unet_lora, 1.0, 0)
-        return {"ui": {"text": [text]}, "result": (adapted, hosted, patched, out_paths["connector"].name,
-                                                    out_paths["unet_lora"].name, trainer.last_val_loss())}
+        return ui_text(text, adapted, hosted, patched, out_paths["connector"].name, out_paths["unet_lora"].name,
+                       trainer.last_val_loss())
 
 
 NODE_CLASS_MAPPINGS = {

@@ -71,7 +71,7 @@ def pack_module(pack, name):
 def forget_everything(host):
     """As after a restart: no cached node outputs, no cached encodings, so every node really runs."""
     host.reset_cache()
-    pack_module(host.pack, "loaders.encode_cache").MEMORY.items.clear()
+    pack_module(host.pack, "loaders.encode_cache").MEMORY.clear()
 
 
 @dataclass

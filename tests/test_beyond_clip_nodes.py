@@ -97,7 +97,7 @@ def test_loading_shows_progress_and_stops_when_interrupted(host, pack, tiny_llam
     import comfy.model_management as mm
     import comfy.utils
     host.reset_cache()
-    pack_module(pack, "loaders.llm")._LIVE.clear()
+    pack_module(pack, "loaders.handles").forget_all()
     host.progress.clear()
     host.run(encode_graph(tiny_llama, mapper_files["sd1"]))
     assert (4, 4) in host.progress and (2, 2) in host.progress  # loader (4 steps) and encoder (2 steps)
@@ -105,7 +105,7 @@ def test_loading_shows_progress_and_stops_when_interrupted(host, pack, tiny_llam
     def interrupt_at_first_step(value, total, *args, **kwargs):
         mm.interrupt_current_processing(True)
     host.reset_cache()
-    pack_module(pack, "loaders.llm")._LIVE.clear()
+    pack_module(pack, "loaders.handles").forget_all()
     comfy.utils.set_progress_bar_global_hook(interrupt_at_first_step)
     try:
         with pytest.raises(host_module.HostError, match="interrupted"):
@@ -192,7 +192,7 @@ def test_truncated_llm_weights(host, tiny_llama, mapper_files, pack):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     msg = run_error(host, encode_graph("truncated-llm", mapper_files["sd1"]))
     assert "truncated-llm" in msg and ("corrupt" in msg or "truncated" in msg)
-    assert not any("truncated-llm" in key[0] for key in pack_module(pack, "loaders.llm")._LIVE)
+    assert not any("truncated-llm" in str(key) for key in pack_module(pack, "loaders.handles")._LIVE)
 
 
 def test_folder_of_another_kind_of_model(host, mapper_files):
@@ -276,10 +276,10 @@ def test_half_precision_loads_and_emits_float32(host, tiny_llama, mapper_files):
 
 
 def test_identical_requests_from_another_graph_reuse_the_encoding(host, pack, tiny_llama, mapper_files, monkeypatch):
-    nodes_module = pack_module(pack, "nodes.beyond_clip")
+    engine = pack_module(pack, "engine.beyond_clip")
     calls = []
-    real = nodes_module._encode_uncached
-    monkeypatch.setattr(nodes_module, "_encode_uncached", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    real = engine.encode
+    monkeypatch.setattr(engine, "encode", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
     forget_everything(host)
     g = encode_graph(tiny_llama, mapper_files["sd1"], prompt="a heron in the reeds")
     host.run(g)
@@ -294,10 +294,10 @@ def test_identical_requests_from_another_graph_reuse_the_encoding(host, pack, ti
 
 
 def test_disk_cache_survives_a_restart_and_ignores_damaged_files(host, pack, tiny_llama, mapper_files, monkeypatch):
-    nodes_module = pack_module(pack, "nodes.beyond_clip")
+    engine = pack_module(pack, "engine.beyond_clip")
     calls = []
-    real = nodes_module._encode_uncached
-    monkeypatch.setattr(nodes_module, "_encode_uncached", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    real = engine.encode
+    monkeypatch.setattr(engine, "encode", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
     g = encode_graph(tiny_llama, mapper_files["sdxl"], prompt="a kingfisher on a branch")
     g["4"]["inputs"]["cache_to_disk"] = True
     forget_everything(host)
@@ -321,7 +321,7 @@ def test_memory_manager_accounts_the_llm_and_can_offload_it(host, pack, tiny_lla
     forget_everything(host)
     host.run(encode_graph(tiny_llama, mapper_files["sd1"], prompt="a tern over the waves"))
     llm = host.node_output("1")[0]
-    inner = llm.patcher.model.inner
+    inner = llm.inner
     param_bytes = sum(p.numel() * p.element_size() for p in inner.parameters())
     assert llm.patcher.model_size() == param_bytes
     loaded = [m.model for m in mm.current_loaded_models]

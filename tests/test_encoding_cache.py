@@ -135,7 +135,7 @@ def test_memory_is_bounded_by_count_and_by_bytes(cache):
 
 
 def test_outputs_are_copies_and_models_without_identity_are_not_cached(pack):
-    reuse = pack_module(pack, "nodes.common").reuse_encoding
+    reuse = pack_module(pack, "engine.cache").reuse_encoding
     calls = []
 
     def compute():
@@ -183,7 +183,7 @@ def test_gill_second_graph_reuses_the_encoding_and_changes_miss(host, tiny_opt, 
     first = gill_graph(tiny_opt, a)
     host.run(first)
     llm = host.node_output("1")[0]  # held: the loader hands the same instance to the next graph
-    opt, tower = llm.patcher.model.inner, towers(TOWER).model
+    opt, tower = llm.inner, towers(TOWER).model
     tokens, states = host.node_output("4")[0][0][0], host.node_output("4")[1]
 
     other = renamed(gill_graph(tiny_opt, a_copy))  # other ids, the same picture from another file
@@ -211,12 +211,12 @@ def test_gill_disk_cache_round_trip(host, cache, tiny_opt, release, towers):
         assert about["what"] == "gill" and about["inputs"][0] == "a lighthouse at dusk" and "gill-tiny" in about["gill"]
         assert names == {"conditioning.0.tokens", "img_states"}
         forget_everything(host)  # a restart: the file is all that is left
-        calls, _ = run_counting(host, g, [llm.patcher.model.inner])
+        calls, _ = run_counting(host, g, [llm.inner])
         assert calls == 0 and host.node_output("1")[0] is llm
         assert torch.equal(host.node_output("4")[0][0][0], tokens) and torch.equal(host.node_output("4")[1], states)
         path.write_bytes(b"not a safetensors file")
         forget_everything(host)
-        calls, _ = run_counting(host, g, [llm.patcher.model.inner])
+        calls, _ = run_counting(host, g, [llm.inner])
         assert calls > 0 and torch.equal(host.node_output("4")[0][0][0], tokens)
         assert cache.load_encoding(path, "cpu") is not None, "the damaged file is written again"
 
@@ -252,7 +252,7 @@ def test_seed_second_graph_reuses_codes_and_conditioning_and_changes_miss(host, 
     forget_everything(host)
     host.run(seed_graph(c))
     seed = host.node_output("1")[0]
-    model = seed.patcher.model.inner
+    model = seed.inner
     codes, text = host.node_output("3")[0].codes, host.node_output("3")[1]
     positive = host.node_output("4")[0][0][0]
 
@@ -297,14 +297,14 @@ def test_seed_disk_cache_round_trip(host, cache, official):
                                                                     "seed_conditioning": {"positive.0.tokens"}}
         assert all(about["inputs"][0].startswith("tensor:") for about, _ in files), "pictures and codes by content"
         forget_everything(host)
-        calls, _ = run_counting(host, g, [seed.patcher.model.inner])
+        calls, _ = run_counting(host, g, [seed.inner])
         assert calls == 0 and host.node_output("1")[0] is seed and torch.equal(host.node_output("3")[0].codes, codes)
         assert host.node_output("3")[0].codes.dtype == torch.int64
         assert torch.equal(host.node_output("4")[0][0][0], positive)
         for path in written:
             path.write_bytes(b"\0" * 64)
         forget_everything(host)
-        calls, _ = run_counting(host, g, [seed.patcher.model.inner])
+        calls, _ = run_counting(host, g, [seed.inner])
         assert calls > 0 and torch.equal(host.node_output("4")[0][0][0], positive)
         assert all(cache.load_encoding(p, "cpu") is not None for p in written)
 
@@ -328,7 +328,7 @@ def test_mumu_second_graph_reuses_the_encoding_and_changes_miss(host, tiny_idefi
     forget_everything(host)
     host.run(mumu_graph(tiny_idefics2, mumu_connector_file, [man]))
     vlm = host.node_output("1")[0]
-    model = vlm.patcher.model.inner
+    model = vlm.inner
     positive, negative = host.node_output("4")
     tokens = positive[0][0]
 
@@ -374,7 +374,7 @@ def test_mumu_disk_cache_round_trip(host, cache, tiny_idefics2, mumu_connector_f
         forget_everything(host)
         host.run(g)
         vlm = host.node_output("1")[0]  # held: the loader hands the same instance to the next runs
-        model = vlm.patcher.model.inner
+        model = vlm.inner
         (tokens, extra), = host.node_output("4")[0]
         (path,) = written_since(host, before)
         about, names = read_file(cache, path)

@@ -172,6 +172,10 @@ def gill_nodes(pack):
     return pack_module(pack, "nodes.gill")
 
 
+def gill_engine(pack):
+    return pack_module(pack, "engine.gill")
+
+
 @pytest.fixture(scope="module")
 def tiny_opt(host, pack):
     """models/LLM/tiny-opt, with attention outputs 10x the default init: otherwise each position's state is
@@ -235,10 +239,10 @@ def test_mapper_is_the_reference_textfclayer(loaded, reference):
     embs = reference.input_embeddings.weight[None].expand(3, -1, -1)
     with torch.no_grad():
         want = reference.gen_text_hidden_fcs[0](hidden, embs)
-        tokens, pooled = loaded.module.generation_embedding(hidden)
+        tokens, pooled = loaded.inner.generation_embedding(hidden)
         ret_want = reference.ret_text_hidden_fcs[0](hidden, None)[:, 0, :]
         ret_want = ret_want / ret_want.norm(dim=-1, keepdim=True)
-        ret = loaded.module.text_retrieval_embedding(hidden)
+        ret = loaded.inner.text_retrieval_embedding(hidden)
     assert tokens.shape == (3, 77, 768) and pooled is None
     err = (tokens - want).abs().max().item()
     print(f"GILLMapper vs reference TextFcLayer: max abs error {err:.2e}")
@@ -271,7 +275,7 @@ def reference_img_states(llm_model, tokenizer, reference, parts):
     ("<image> a red fox in the snow", [None, "a red fox in the snow"]),  # BOS after the image, as the reference
 ])
 def test_encode_matches_the_reference_pipeline(gill_nodes, loaded, llm, reference, towers, prompt, texts):
-    model = llm.patcher.model.inner
+    model = llm.inner
     img = as_image_tensor(picture(1, (224, 224)))
     tower = towers(0)
     with torch.no_grad():
@@ -311,10 +315,10 @@ def test_clip_vision_pooler_output_from_comfy(gill, towers):
 
 def test_prompt_longer_than_the_context_keeps_the_latest_story(pack, llm, loaded):
     bridge = pack_module(pack, "bridges.gill")
-    model = llm.patcher.model.inner
+    model = llm.inner
     parts = bridge.split_prompt("one two three " * 60 + "<image> the end")
     image_embeds = torch.randn(1, 4, LLM_DIM)
-    img = loaded.module.img_embeddings()
+    img = loaded.inner.img_embeddings()
     inputs = bridge.build_inputs(model.get_input_embeddings(), llm.tokenizer, parts, image_embeds, img, 128)
     assert inputs.tokens == 128 and inputs.dropped > 0 and inputs.images_used == 1
     bos = model.get_input_embeddings()(torch.tensor([llm.tokenizer.bos_token_id]))
@@ -333,7 +337,7 @@ def test_convert_to_safetensors_round_trip(gill, loaded, release, host, gill_nod
     with pytest.raises(ValueError, match="exists"):
         gill_nodes.GILLConvert().convert("gill-tiny", "gill-tiny-converted", False)
     again = gill.load_gill(out)
-    for (k, a), (k2, b) in zip(loaded.module.state_dict().items(), again.module.state_dict().items()):
+    for (k, a), (k2, b) in zip(loaded.inner.state_dict().items(), again.inner.state_dict().items()):
         assert k == k2 and torch.equal(a, b)
     assert again.config == loaded.config
     choices = gill_nodes.GILLLoader.INPUT_TYPES()["required"]["gill_name"][0]
@@ -399,7 +403,7 @@ def test_decision_file_saved_on_cuda_is_read_on_cpu(gill, reference, tmp_path):
         with pytest.raises(RuntimeError, match="CUDA"):
             torch.load(folder / "decision_model.pth.tar", weights_only=True)  # what the upstream loader does
     g = gill.load_gill(folder)
-    assert torch.equal(g.module.decision_model[1].weight, reference.decision_model[1].weight)
+    assert torch.equal(g.inner.decision_model[1].weight, reference.decision_model[1].weight)
 
 
 # ---- images in the prompt, retrieval ----------------------------------------------------------------------
@@ -421,14 +425,14 @@ def write_photos(folder: Path, n, start=0):
         picture(10 + i, (64 + 8 * i, 48)).save(folder / f"photo_{i}.png")
 
 
-def test_index_build_update_corrupt_files_and_towers(gill, gill_nodes, loaded, towers, host, tmp_path):
+def test_index_build_update_corrupt_files_and_towers(pack, gill, gill_nodes, loaded, towers, host, tmp_path):
     root = Path(host.folder_paths.get_input_directory()) / "gill_index_test"
     write_photos(root, 3)
     (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     (root / "sub").mkdir()
     write_photos(root / "sub", 1, start=3)
     index_dir = tmp_path / "indexes"
-    index, report = gill.build_index(loaded, towers(0), root, index_dir, "t")
+    index, report = gill_engine(pack).build_index(loaded, towers(0), root, index_dir, "t")
     assert report["added"] == 4 and report["kept"] == 0 and len(index) == 4
     assert len(report["skipped"]) == 1 and report["skipped"][0].startswith("broken.jpg")
     assert (index_dir / "t.safetensors").is_file() and (index_dir / "t.json").is_file()
@@ -436,7 +440,7 @@ def test_index_build_update_corrupt_files_and_towers(gill, gill_nodes, loaded, t
     # each row is visual_fc(pooler_output) of its image, normalized
     with torch.no_grad():
         pooled = gill.clip_pooled(towers(0), as_image_tensor(Image.open(root / "photo_1.png")))
-        row = loaded.module.image_retrieval_embedding(pooled)[0]
+        row = loaded.inner.image_retrieval_embedding(pooled)[0]
     assert torch.allclose(index.embeddings[index.paths.index("photo_1.png")], row, atol=1e-5)
     rows, scores = index.search(row, 2)
     assert index.paths[rows[0]] == "photo_1.png" and abs(scores[0] - 1) < 1e-5
@@ -444,7 +448,7 @@ def test_index_build_update_corrupt_files_and_towers(gill, gill_nodes, loaded, t
     # incremental: only the new file is embedded; a removed file leaves the index
     write_photos(root, 1, start=7)
     (root / "photo_0.png").unlink()
-    index2, report = gill.build_index(loaded, towers(0), root, index_dir, "t")
+    index2, report = gill_engine(pack).build_index(loaded, towers(0), root, index_dir, "t")
     assert (report["added"], report["kept"], report["removed"], len(index2)) == (1, 3, 1, 4)
     assert torch.equal(index2.embeddings[index2.paths.index("photo_1.png")],
                        index.embeddings[index.paths.index("photo_1.png")])
@@ -452,8 +456,8 @@ def test_index_build_update_corrupt_files_and_towers(gill, gill_nodes, loaded, t
 
     # another vision tower: refused in update mode, rebuilt on request
     with pytest.raises(Exception, match="built with another CLIP vision tower.*rebuild"):
-        gill.build_index(loaded, towers(1), root, index_dir, "t")
-    _, report = gill.build_index(loaded, towers(1), root, index_dir, "t", rebuild=True)
+        gill_engine(pack).build_index(loaded, towers(1), root, index_dir, "t")
+    _, report = gill_engine(pack).build_index(loaded, towers(1), root, index_dir, "t", rebuild=True)
     assert report["added"] == 4 and report["kept"] == 0
 
     # an index built with another GILL (another retrieval head) is not searched with this one
@@ -466,21 +470,21 @@ def test_index_build_update_corrupt_files_and_towers(gill, gill_nodes, loaded, t
     bad.mkdir()
     (bad / "a.png").write_bytes(b"nope")
     with pytest.raises(Exception, match="no readable images.*a.png"):
-        gill.build_index(loaded, towers(0), bad, index_dir, "bad")
+        gill_engine(pack).build_index(loaded, towers(0), bad, index_dir, "bad")
     empty = copy.copy(index2)
     empty.paths, empty.stamps, empty.embeddings = [], [], index2.embeddings[:0]
     with pytest.raises(Exception, match="is empty"):
         gill.check_index(loaded, empty)
 
 
-def test_retrieve_ranks_by_the_img0_embedding(gill_nodes, gill, loaded, llm, towers, host, tmp_path):
+def test_retrieve_ranks_by_the_img0_embedding(pack, gill_nodes, gill, loaded, llm, towers, host, tmp_path):
     root = tmp_path / "photos"
     write_photos(root, 5)
-    index, _ = gill.build_index(loaded, towers(0), root, tmp_path / "idx", "p")
+    index, _ = gill_engine(pack).build_index(loaded, towers(0), root, tmp_path / "idx", "p")
     _, states = gill_nodes.GILLEncode().encode(llm, loaded, "a red fox in the snow")
     out = gill_nodes.GILLRetrieve().retrieve(loaded, index, states, 3)["result"]
     images, scores, best = out
-    query = loaded.module.text_retrieval_embedding(states)[0]
+    query = loaded.inner.text_retrieval_embedding(states)[0]
     expected = sorted(((float(index.embeddings[i] @ query), p) for i, p in enumerate(index.paths)), reverse=True)[:3]
     got = [(float(line.split()[0]), line.split()[1]) for line in scores.splitlines()]
     assert [p for _, p in got] == [p for _, p in expected]
@@ -489,20 +493,20 @@ def test_retrieve_ranks_by_the_img0_embedding(gill_nodes, gill, loaded, llm, tow
     assert images.shape == (3,) + tuple(top.shape[1:]) and torch.equal(images[:1], top)
 
 
-def test_decision_threshold(gill_nodes, loaded, llm, reference):
+def test_decision_threshold(pack, gill_nodes, loaded, llm, reference):
     _, states = gill_nodes.GILLEncode().encode(llm, loaded, "a red fox in the snow")
     with torch.no_grad():
         want = reference.decision_model(states[:, 0]).softmax(-1)[0, 1].item()
-    decision, p = gill_nodes.decide(loaded, states, 0.5)
+    decision, p = gill_engine(pack).decide(loaded, states, 0.5)
     assert abs(p - want) < 1e-6 and decision == ("retrieve" if want >= 0.5 else "generate")
-    assert gill_nodes.decide(loaded, states, 0.0)[0] == "retrieve"
-    assert gill_nodes.decide(loaded, states, 1.0)[0] == "generate"
+    assert gill_engine(pack).decide(loaded, states, 0.0)[0] == "retrieve"
+    assert gill_engine(pack).decide(loaded, states, 1.0)[0] == "generate"
 
 
 def test_decision_model_that_reads_the_retrieval_score(pack, gill, gill_nodes, loaded, llm, towers, tmp_path):
     """The repository's other decision model: Linear(4097, 2) on [IMG0] + logit_scale.exp() * best cosine."""
     bridge = pack_module(pack, "bridges.gill")
-    sd = dict(loaded.module.state_dict())
+    sd = dict(loaded.inner.state_dict())
     torch.manual_seed(4)
     sd["decision_model.1.weight"] = torch.randn(2, LLM_DIM + 1) * 0.3
     cfg = bridge.GILLConfig.from_state_dict(sd)
@@ -512,15 +516,15 @@ def test_decision_model_that_reads_the_retrieval_score(pack, gill, gill_nodes, l
     g = gill.load_gill(path)
     root = tmp_path / "photos"
     write_photos(root, 3)
-    index, _ = gill.build_index(g, towers(0), root, tmp_path / "idx", "p")
+    index, _ = gill_engine(pack).build_index(g, towers(0), root, tmp_path / "idx", "p")
     _, states = gill_nodes.GILLEncode().encode(llm, g, "a red fox in the snow")
     with pytest.raises(ValueError, match="connect the image index"):
-        gill_nodes.decide(g, states, 0.5)
-    query = g.module.text_retrieval_embedding(states)[0]
+        gill_engine(pack).decide(g, states, 0.5)
+    query = g.inner.text_retrieval_embedding(states)[0]
     best = float((index.embeddings @ query).max())
     x = torch.cat([states[:, 0], (sd["logit_scale"].exp() * best).reshape(1, 1)], dim=-1)
     want = (x @ sd["decision_model.1.weight"].T + sd["decision_model.1.bias"]).softmax(-1)[0, 1].item()
-    assert abs(gill_nodes.decide(g, states, 0.5, index)[1] - want) < 1e-5
+    assert abs(gill_engine(pack).decide(g, states, 0.5, index)[1] - want) < 1e-5
 
 
 # ---- SDXL mappers ------------------------------------------------------------------------------------------

@@ -115,7 +115,7 @@ def test_perceiverless_encoding_matches_transformers_own_merge(host, mumu, files
     """Our sequence + scatter of per-patch features == Idefics2Model's inputs_merger fed the same features."""
     from transformers import Idefics2Model
     reference = Idefics2Model.from_pretrained(str(host.models_dir / "LLM" / tiny_idefics2)).eval()
-    assert vlm.patcher.model.inner.connector.perceiver_resampler is None, "the perceiver is dropped at load"
+    assert vlm.inner.connector.perceiver_resampler is None, "the perceiver is dropped at load"
     grid, res = files.grid_for(vlm, TINY_RES)
     assert grid == 8
     segments = mumu.bind_placeholders("a <man> man and his <dog> dog, <man> again", ["man", "dog"])
@@ -126,7 +126,7 @@ def test_perceiverless_encoding_matches_transformers_own_merge(host, mumu, files
         assert seq.input_ids[0, span.start - 1] == fake and seq.input_ids[0, span.start + 64] == fake
     pixels = torch.stack([mumu.prepare_image(picture(40, 30, seed=s), res, vlm.image_mean, vlm.image_std) for s in (1, 2)])
     with torch.no_grad():
-        ours = mumu.encode(vlm.patcher.model.inner, seq, pixels, hidden_layer=-1)
+        ours = mumu.encode(vlm.inner, seq, pixels, hidden_layer=-1)
         features = reference.connector.modality_projection(reference.vision_model(pixel_values=pixels).last_hidden_state)
         per_occurrence = torch.stack([features[s.image] for s in seq.spans])
         # transformers' own merge of precomputed image features (its forward's keyword for them has changed
@@ -143,7 +143,7 @@ def test_perceiverless_encoding_matches_transformers_own_merge(host, mumu, files
     # Text only, no images: the plain text model's states.
     seq = mumu.build_sequence(vlm.tokenizer, ["a dog"], grid, context=vlm.context)
     with torch.no_grad():
-        assert torch.allclose(mumu.encode(vlm.patcher.model.inner, seq, None, -2),
+        assert torch.allclose(mumu.encode(vlm.inner, seq, None, -2),
                               reference(input_ids=seq.input_ids, output_hidden_states=True).hidden_states[-2], atol=1e-5)
 
 
@@ -364,7 +364,7 @@ def test_zero_and_ten_images_and_the_context_limit(host, tiny_idefics2, mumu_con
 
 def test_images_of_any_channel_layout_and_size_through_the_node(host, pack, files, vlm, mumu_connector_file):
     nodes = pack_module(pack, "nodes.mumu")
-    connector = files.host_connector(files.load_connector(host.models_dir / "bridges" / mumu_connector_file))
+    connector = files.load_connector(host.models_dir / "bridges" / mumu_connector_file)
     rgb = picture(48, 64, seed=4)
 
     def encode(image):

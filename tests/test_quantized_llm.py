@@ -32,14 +32,14 @@ def test_quantized_llm_is_accounted_at_its_packed_size_and_encodes_like_fp32(hos
     g = encode_graph(tiny_llama, mapper_files["sdxl"], prompt="a tern over the waves")
     full = positive_tokens(host, g)
     fp32 = host.node_output("1")[0]
-    fp32_linears = {n: m.weight.numel() for n, m in fp32.patcher.model.inner.named_modules()
-                    if isinstance(m, torch.nn.Linear) and m is not fp32.patcher.model.inner.get_output_embeddings()}
+    fp32_linears = {n: m.weight.numel() for n, m in fp32.inner.named_modules()
+                    if isinstance(m, torch.nn.Linear) and m is not fp32.inner.get_output_embeddings()}
 
     g["1"]["inputs"]["dtype"] = CHOICES[kind]
     forget_everything(host)
     quantized = positive_tokens(host, g)
     llm = host.node_output("1")[0]
-    inner = llm.patcher.model.inner
+    inner = llm.inner
     layers = {n: m for n, m in inner.named_modules() if n in fp32_linears}
     assert {type(m).__name__ for m in layers.values()} == {LAYERS[kind]}, "every linear but the output is quantized"
     for name, layer in layers.items():  # a byte per weight, or half a byte
@@ -64,7 +64,7 @@ def test_quantized_llm_is_accounted_at_its_packed_size_and_encodes_like_fp32(hos
     mm.free_memory(1e30, mm.get_torch_device())
     assert next(iter(layers.values())).weight.device == llm.patcher.load_device
     host.reset_cache()
-    pack_module(pack, "loaders.encode_cache").MEMORY.items.clear()
+    pack_module(pack, "loaders.encode_cache").MEMORY.clear()
     assert torch.equal(positive_tokens(host, g), quantized)
 
 
@@ -75,7 +75,7 @@ def test_shipped_nf4_workflow_end_to_end(host, pack, tiny_llama, mapper_files):
     assert prompt[loader]["inputs"]["dtype"] == "nf4 (bitsandbytes)"
     first = run_saved_image(host, prompt)
     check_golden_pixels(host, "beyond_clip_sdxl_nf4.json", first)
-    assert type(host.node_output(loader)[0].patcher.model.inner.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    assert type(host.node_output(loader)[0].inner.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
     encode_id = node_of(prompt, "BeyondCLIP_TextEncode")
     positive, negative = host.node_output(encode_id)
     assert positive[0][0].shape == (1, 77, 2048) and positive[0][0].dtype == torch.float32

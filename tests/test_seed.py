@@ -334,7 +334,7 @@ def test_full_size_official_layout_gives_the_released_architecture(seed_mods):
 def test_parity_with_the_reference_forward(seed_mods, loaded):
     bridge, loader, _ = seed_mods
     seed, _ = loaded
-    model = seed.patcher.model.inner
+    model = seed.inner
     eva, qf, tok = official_state(0)
     pics = [picture(s, 80 + 16 * s, 60 + 30 * s) for s in range(3)]
     ref_pixels = torch.stack([ref_transform(p) for p in pics])
@@ -650,11 +650,11 @@ def test_half_precision_vision_tower(seed_mods, loaded):
     codebook and de-tokenizer stay fp32."""
     bridge, loader, _ = seed_mods
     seed = loader.load_seed(loaded[1], torch.bfloat16)
-    model = seed.patcher.model.inner
+    model = seed.inner
     assert model.vision_dtype == torch.bfloat16 and model.quantize.embedding.weight.dtype == torch.float32
     pixels = bridge.preprocess(as_image_tensor(picture(3)), 224)
     with torch.no_grad():
         codes = model.encode(pixels)
-        full = loaded[0].patcher.model.inner.encode(pixels)
+        full = loaded[0].inner.encode(pixels)
         assert codes.shape == (1, 32) and model.decode(codes).dtype == torch.float32
     assert (codes == full).float().mean() > 0.5  # mostly the same codes as fp32

@@ -284,15 +284,15 @@ def test_gill_decision_training(host, pack, tiny_opt_gill):
     gill, name, f1 = host.node_output("3")
     print(f"\nGILL decision: {ui['3']['text'][0]}")
     assert name == "tiny-gill-decided.safetensors" and f1 >= 0.8
-    assert gill.config.decision_in == 64 and gill.module.decision_model is not None
+    assert gill.config.decision_in == 64 and gill.inner.decision_model is not None
     gill_nodes = pack_module(pack, "nodes.gill")
     assert name in gill_nodes._gill_choices()
     llm_handle = pack_module(pack, "loaders.llm").load_llm(llm, host.models_dir / "LLM" / llm, "fp32")
     with torch.no_grad():
-        states = gill_nodes.encode_img_states(llm_handle, gill, "show me a real photo of the red fox")
-        assert gill.module.retrieve_probability(states) > 0.5
-        states = gill_nodes.encode_img_states(llm_handle, gill, "draw me an imaginary red fox as a painting")
-        assert gill.module.retrieve_probability(states) < 0.5
+        states = pack_module(pack, "engine.gill").img_states(llm_handle, gill, "show me a real photo of the red fox")
+        assert gill.inner.retrieve_probability(states) > 0.5
+        states = pack_module(pack, "engine.gill").img_states(llm_handle, gill, "draw me an imaginary red fox as a painting")
+        assert gill.inner.retrieve_probability(states) < 0.5
 
 
 def test_gill_mapper_distillation(host, pack, tiny_opt_gill, caption_file):
@@ -314,9 +314,8 @@ def test_gill_mapper_distillation(host, pack, tiny_opt_gill, caption_file):
     # The floor: GILL's loss is a norm (not squared), and the error left is the caption-specific part of CLIP's
     # encoding, which is small here (a random 2-layer OPT's [IMG] states vary by ~2 % across captions). The
     # mapper must beat the best caption-blind answer, the mean training target, so it reads the caption.
-    training = pack_module(pack, "loaders.training")
-    data = training.read_cache(h["cache"])
-    train_idx, val_idx = pack_module(pack, "bridges.training").split_indices(len(data), 0.2, 0)
+    data = pack_module(pack, "loaders.run_folder").read_cache(h["cache"])
+    train_idx, val_idx = pack_module(pack, "bridges.training.data").split_indices(len(data), 0.2, 0)
     blind = (data.targets[val_idx] - data.targets[train_idx].mean(0)).norm(dim=-1).mean().item()
     print(f"\nGILL mapper: {ui['3']['text'][0]}; the mean training target scores {blind:.5f} held out")
     assert h["final_val_loss"] < h["initial_val_loss"] / 4 and h["final_val_loss"] < blind

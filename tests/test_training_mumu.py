@@ -99,13 +99,13 @@ def test_mumu_stage2_trains_the_three_parts_and_drives_ksampler(host, pack, tiny
     forget_everything(host)
     vlm = pack_module(pack, "loaders.mumu").load_idefics2(tiny_idefics2, host.models_dir / "LLM" / tiny_idefics2, "fp32")
     unet = pack_module(pack, "headless.tiny_models").tiny_checkpoint("sdxl")[0].model.diffusion_model
-    vlm_before, unet_before = snapshot(vlm.patcher.model.inner), snapshot(unet)
+    vlm_before, unet_before = snapshot(vlm.inner), snapshot(unet)
     stage1 = load_file(str(host.models_dir / "bridges" / mumu_connector_file))
 
     g = graph(tiny_idefics2, mumu_connector_file, mumu_pairs, run="mumu-s2", out="mumu-s2")
     # training alone first (sampling with the LoRA'd MODEL patches the shared UNet in place until ComfyUI unloads it)
     host.run({k: g[k] for k in ("1", "2", "6", "20")})
-    assert same(snapshot(vlm.patcher.model.inner), vlm_before) and same(snapshot(unet), unet_before)
+    assert same(snapshot(vlm.inner), vlm_before) and same(snapshot(unet), unet_before)
     first = run_saved_image(host, g)  # resumes at the last step: nothing more is trained
     check_golden_pixels(host, "mumu_train_sdxl.json", first)
     h = history(host, "mumu-s2")
@@ -190,7 +190,7 @@ def test_mumu_stage2_refusals(host, pack, tiny_idefics2, mumu_connector_file, mu
     sd1 = copy.deepcopy(train_only)
     sd1["6"]["inputs"]["arch"] = "sd15"
     forget_everything(host)
-    with pytest.raises(Exception, match=r"MUMU connector .*tiny-mumu-connector.safetensors produces 2048-wide.*MODEL expects 768"):
+    with pytest.raises(Exception, match=r"MUMU connector .*tiny-mumu-connector.safetensors. produces 2048-wide.*MODEL expects 768"):
         host.run(sd1)
     # a file of someone else's under the UNet LoRA's name is never replaced
     foreign = host.models_dir / "loras" / "mumu-s2-bad-unet-lora.safetensors"

@@ -66,7 +66,7 @@ def test_stage2_loss_falls_and_only_the_adapters_change(host, pack, tiny_llama, 
     forget_everything(host)
     llm = pack_module(pack, "loaders.llm").load_llm(tiny_llama, host.models_dir / "LLM" / tiny_llama, "fp32")
     unet = pack_module(pack, "headless.tiny_models").tiny_checkpoint("sd15")[0].model.diffusion_model
-    llm_before, unet_before = snapshot(llm.patcher.model.inner), snapshot(unet)
+    llm_before, unet_before = snapshot(llm.inner), snapshot(unet)
     mapper_file = load_file(str(host.models_dir / "bridges" / mapper_files["sd1"]))
 
     ui = host.run(train_graph(tiny_llama, mapper_files["sd1"], pairs_folder, run="s2-falls", out="s2-falls",
@@ -87,10 +87,10 @@ def test_stage2_loss_falls_and_only_the_adapters_change(host, pack, tiny_llama, 
     assert name in pack_module(pack, "loaders.folders").list_bridge_files()
 
     # the LLM's weights, the UNet's and the mapper's are byte-identical; the adapters moved off the identity
-    assert same(snapshot(llm.patcher.model.inner), llm_before)
+    assert same(snapshot(llm.inner), llm_before)
     assert same(snapshot(unet), unet_before)
     mapper = host.node_output("2")[0]
-    assert same({k: v for k, v in mapper.state_dict().items()}, mapper_file)
+    assert same({k: v for k, v in mapper.inner.state_dict().items()}, mapper_file)
     written = load_file(str(host.models_dir / "bridges" / name))
     assert any(k.endswith("conv_B.weight") for k in written)
     assert all(written[k].abs().sum() > 0 for k in written if k.endswith("conv_B.weight"))
@@ -186,7 +186,7 @@ def test_sdxl_stage2_trains_through_the_pooled_vector_and_size_embeddings(host, 
     assert all(written[k].abs().sum() > 0 for k in written if k.endswith("conv_B.weight"))
 
     # the denoiser's x0 depends on the pooled vector: the vector input is really fed to the UNet
-    training = pack_module(pack, "loaders.training")
+    training = pack_module(pack, "engine.training")
     model = pack_module(pack, "headless.tiny_models").tiny_checkpoint("sdxl")[0]
     denoiser = training.ComfyDenoiser(model)
     g = torch.Generator().manual_seed(0)

@@ -24,7 +24,7 @@ def history(host, run):
 # ---- the loss and the masked forward ----------------------------------------------------------------------
 
 def test_probe_attention_ignores_token_count_order_and_padding(pack):
-    t = pack_module(pack, "bridges.training")
+    t = pack_module(pack, "bridges.training.losses")
     probes = t.make_probes(8, 16, seed=0)
     assert torch.all(probes[0] == 0) and probes[1:].abs().sum() > 0
     tokens = torch.randn(1, 5, 16)
@@ -40,7 +40,8 @@ def test_probe_attention_ignores_token_count_order_and_padding(pack):
 
 
 def test_masked_connector_forward_equals_each_caption_alone(pack):
-    t = pack_module(pack, "bridges.training")
+    t = pack_module(pack, "bridges.training.tasks")
+    losses = pack_module(pack, "bridges.training.losses")
     mumu = pack_module(pack, "bridges.mumu")
     torch.manual_seed(0)
     connector = mumu.MUMUConnector(mumu.ConnectorConfig(in_dim=24, width=32, depth=2, heads=4, out_dim=40,
@@ -50,7 +51,7 @@ def test_masked_connector_forward_equals_each_caption_alone(pack):
     for i, n in enumerate(lengths):
         hidden[i, :n] = torch.randn(n, 24)
     last = torch.tensor(lengths) - 1
-    student = t.ConnectorStudent(connector, t.make_probes(4, 40, 0))
+    student = t.ConnectorStudent(connector, losses.make_probes(4, 40, 0))
     for training_mode in (True, False):  # train() and eval() take different kernels in torch
         student.train(training_mode)
         with torch.no_grad():
@@ -198,9 +199,9 @@ def test_connector_command_line_on_two_gloo_processes_matches_one_process(host, 
 
 def test_connector_command_line_refuses_a_mapper_cache(host, pack):
     from conftest import train_cli
-    training = pack_module(pack, "loaders.training")
-    run = training.run_dir("mumu-cli-wrong")
-    training.build_cache(run, ["a", "b"], lambda text: (torch.zeros(1, 77, 64), 0),
+    run_folder = pack_module(pack, "loaders.run_folder")
+    run = run_folder.run_dir("mumu-cli-wrong")
+    run_folder.build_cache(run, ["a", "b"], lambda text: (torch.zeros(1, 77, 64), 0),
                          lambda text: (torch.zeros(1, 77, 2048), torch.zeros(1, 1280)), {"student": "beyond_clip"})
     with pytest.raises(AssertionError, match="holds 'beyond_clip' states.*give --idefics2, --checkpoint and --captions"):
         train_cli(host, "connector", "--run-name", "mumu-cli-wrong", "--out", "wrong", "--steps", "1")

@@ -1,0 +1,48 @@
+"""Beyond CLIP: LLM hidden states -> mapper -> SD1.x or SDXL conditioning."""
+import logging
+
+import torch
+
+from ..bridges.errors import LoadError
+from . import llm as llm_engine
+from .cache import reuse_encoding
+from .conditioning import check_fits_model, conditioning
+
+log = logging.getLogger(__name__)
+
+
+def check_mapper_fits(llm, mapper, model=None):
+    """Refuse a mapper made for another LLM width, or (with the MODEL it will condition) another model family."""
+    cfg = mapper.config
+    if cfg.in_dim != llm.hidden_size:
+        raise LoadError(f"{mapper.describe()} ({mapper.source}) reads {cfg.in_dim}-wide hidden states, but "
+                        f"{llm.describe()} produces {llm.hidden_size}. Use a mapper trained for this LLM.")
+    if model is not None:
+        check_fits_model(model, cfg.out_dim, cfg.pooled_dim, f"{mapper.describe()} ({mapper.source})")
+
+
+def encode(llm, mapper, text: str, *, hidden_layer: int, template: str, allow_empty: bool = False):
+    """(tokens (1, N, width), pooled (1, 1280) or None) of one text, float32."""
+    enc = llm_engine.hidden_states(llm, text, hidden_layer=hidden_layer, num_tokens=mapper.config.num_tokens,
+                                   template=template, allow_empty=allow_empty)
+    if enc.truncated_to:
+        log.warning("Beyond CLIP: the prompt has %d tokens; only the first %d are used (%s). Prompt start: %r",
+                    enc.prompt_tokens, enc.truncated_to,
+                    "the mapper's token count" if enc.truncated_to == mapper.config.num_tokens else "the LLM's context",
+                    text[:60])
+    net = mapper.module()
+    with torch.no_grad():
+        return net(enc.hidden.to(next(net.parameters()).device), enc.last_token)
+
+
+def encode_conditioning(llm, mapper, text: str, *, hidden_layer: int, template: str, allow_empty: bool = False,
+                        disk_cache: bool = False):
+    """LLM + mapper -> CONDITIONING for one text; identical requests from any graph are served from the caches."""
+    def compute():
+        tokens, pooled = encode(llm, mapper, text, hidden_layer=hidden_layer, template=template,
+                                allow_empty=allow_empty)
+        return {"conditioning": conditioning(tokens, pooled)}
+
+    return reuse_encoding("beyond_clip", [llm.identity, mapper.identity], [text, hidden_layer, template, allow_empty],
+                          compute, disk=disk_cache, about={"llm": llm.describe(), "mapper": mapper.source}
+                          )["conditioning"]

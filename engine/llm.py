@@ -1,0 +1,35 @@
+"""Run a loaded LLM (loaders.llm.LoadedLLM): hidden states of a prompt, greedy chat replies."""
+from contextlib import nullcontext
+
+import torch
+
+from ..bridges import llm_text
+
+
+def adapter_context(llm, model):
+    """The context to run the LLM in: its unmerged RepAdapter's hooks, or nothing."""
+    return llm.adapter.attach(model) if llm.adapter is not None else nullcontext()
+
+
+def hidden_states(llm, text: str, *, hidden_layer: int = -1, num_tokens: int = 0, template: str = "none",
+                  allow_empty: bool = False) -> llm_text.EncodedPrompt:
+    """The LLM's (with its adapter) hidden states of `text` at `hidden_layer`, float32, on the LLM's device;
+    num_tokens > 0 pads or cuts to exactly that many tokens (llm_text.prompt_ids)."""
+    model = llm.module()
+    with torch.no_grad(), adapter_context(llm, model):
+        return llm_text.encode(model, llm.tokenizer, text, hidden_layer=hidden_layer, num_tokens=num_tokens,
+                               template=template, allow_empty=allow_empty)
+
+
+def prompt_ids(llm, text: str, *, num_tokens: int = 0, template: str = "none") -> llm_text.PromptIds:
+    """The token ids hidden_states() feeds the LLM for `text` (for caches of ids that train through the LLM)."""
+    return llm_text.prompt_ids(llm.tokenizer, text, context=llm_text.context_length(llm.config),
+                               num_tokens=num_tokens, template=template)
+
+
+def chat(llm, prompt: str, *, max_new_tokens: int, template: str = "none", on_token=None) -> str:
+    """The plain LLM (never its adapter) answers greedily. on_token(i) after each new token."""
+    base = llm.base or llm
+    model = base.module()
+    return llm_text.chat(model, base.tokenizer, prompt, max_new_tokens=max_new_tokens, template=template,
+                         on_token=on_token)
