@@ -201,8 +201,10 @@ class LoadedConnector(Handle):
 def load_connector(path) -> LoadedConnector:
     config, state_dict = read_bridge(path, KIND)
     try:
-        with torch.device("meta"):  # the file's tensors become the parameters: no random init, no copy
-            connector = bridge.MUMUConnector(bridge.ConnectorConfig.from_dict(config))
+        # Built on the CPU and filled (not assigned the file's memory-mapped tensors, as the mapper is): the
+        # connector's pictures are kept byte-identical to those of earlier versions, and matrix kernels can round
+        # differently on differently aligned memory.
+        connector = bridge.MUMUConnector(bridge.ConnectorConfig.from_dict(config))
     except (TypeError, ValueError) as e:
         raise LoadError(f"{path}: its MUMU connector config is not valid ({e}). Write the file again.") from None
     load_state_into(connector, state_dict, path, "MUMU connector")
