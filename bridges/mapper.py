@@ -10,10 +10,12 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch import nn
 
+from . import contract
+
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
-# What each target model's cross-attention reads (width) and whether it needs a pooled vector.
-TARGETS = {"sd1": {"out_dim": 768, "pooled_dim": 0}, "sdxl": {"out_dim": 2048, "pooled_dim": 1280}}
+# The model families a mapper can target (their widths and pooled sizes: bridges/contract.py).
+TARGETS = contract.TRAINABLE
 
 
 @dataclass
@@ -36,11 +38,11 @@ class MapperConfig:
 
     @property
     def out_dim(self) -> int:
-        return TARGETS[self.target]["out_dim"]
+        return contract.family_by_key(self.target).width
 
     @property
     def pooled_dim(self) -> int:
-        return TARGETS[self.target]["pooled_dim"]
+        return contract.family_by_key(self.target).pooled
 
     def to_dict(self) -> dict:
         return asdict(self)

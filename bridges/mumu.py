@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import hooks
+from . import contract, hooks
 from .errors import InputError
 
 IMAGE_TOKEN = "<image>"
@@ -29,7 +29,7 @@ FAKE_TOKEN = "<fake_token_around_image>"
 POSITIONAL = "image"  # the name of the positional placeholder <image>
 PLACEHOLDER = re.compile(r"<([^<>\s]+)>")
 NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
-SDXL_WIDTH, SDXL_POOLED = 2048, 1280
+SDXL_WIDTH, SDXL_POOLED = contract.SDXL.width, contract.SDXL.pooled
 
 
 class PromptError(InputError):

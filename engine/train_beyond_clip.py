@@ -60,7 +60,7 @@ def train_mapper(run: Path, data: DistillData, mapper_config: MapperConfig, trai
     if data.inputs.shape[-1] != mapper_config.in_dim:
         raise LoadError(f"the cache holds {data.inputs.shape[-1]}-wide LLM states but the mapper reads "
                         f"{mapper_config.in_dim}; the cache belongs to another LLM")
-    if mapper_config.target == "sd1" and data.pooled is not None:
+    if not mapper_config.pooled_dim and data.pooled is not None:
         data = data.without_pooled()  # SD1's pooled output is unused
     mapper = seeded_init(train_config.seed, lambda: BeyondCLIPMapper(mapper_config))
     trainer = Trainer(DistillTask(MapperStudent(mapper), data, train_config), train_config, device=device, ddp=ddp)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from ..bridges import llm_text
+from ..bridges import contract, llm_text
 from ..bridges.errors import LoadError
 from ..bridges.gill import GENERATE, RETRIEVE, GILLConfig, GILLMapper, split_prompt
 from ..bridges.retrieval import fingerprint
@@ -68,7 +68,7 @@ def train_gill_mapper(run: Path, data, base, train_config: TrainConfig, out_path
     LLM. Writes the GILL file. Returns (state dict written, trainer)."""
     cfg = GILLConfig.from_dict({**base.config.to_dict(), "out_dim": data.targets.shape[-1], "out_tokens":
                                 data.targets.shape[1], "pooled_dim": data.pooled.shape[-1] if data.pooled is not None else 0})
-    if cfg.out_dim == 768:
+    if contract.family_of(cfg.out_dim) is contract.SD1:  # SD1's pooled output is unused
         cfg.pooled_dim = 0
         data = data.without_pooled()
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from ..bridges import contract
 from ..bridges.errors import LoadError
 from ..bridges.mumu import MUMUConnector, PromptError
 from ..bridges.retrieval import fingerprint
@@ -71,9 +72,9 @@ def train_connector(run: Path, data: DistillData, connector_config, train_config
     if data.inputs.shape[-1] != connector_config.in_dim:
         raise LoadError(f"the cache holds {data.inputs.shape[-1]}-wide Idefics2 states but the connector reads "
                         f"{connector_config.in_dim}; the cache belongs to another model")
-    if target_of(data) != "sdxl":
-        raise LoadError("the MUMU connector conditions SDXL (77x2048 tokens + pooled 1280): connect the CLIP of an "
-                        "SDXL checkpoint as the teacher.")
+    if target_of(data) != contract.SDXL.key:
+        raise LoadError(f"the MUMU connector conditions SDXL ({contract.SDXL.width}-wide tokens + pooled "
+                        f"{contract.SDXL.pooled}): connect the CLIP of an SDXL checkpoint as the teacher.")
     connector = seeded_init(train_config.seed, lambda: MUMUConnector(connector_config))
     probe_bank = make_probes(probes, connector_config.out_dim, train_config.seed)
     trainer = Trainer(DistillTask(ConnectorStudent(connector, probe_bank), data, train_config), train_config,

@@ -25,6 +25,9 @@ KINDS = {
     "gill": "GILL model",
     "seed_v1": "SEED v1 tokenizer",
     "mumu_connector": "MUMU connector",
+    # files the pack writes in another tool's format (kohya LoRA, peft), marked with metadata beyond_clip_kind
+    "mumu_unet_lora": "MUMU UNet LoRA",
+    "mumu_idefics2_lora": "MUMU Idefics2 LoRA (peft)",
 }
 
 
@@ -43,11 +46,12 @@ def read_metadata(path):
 
 
 def kind_of(path):
-    """The bridge kind of a pack file ('beyond_clip_mapper', ...), or None for any other file."""
+    """The kind of a file the pack wrote ('beyond_clip_mapper', ..., or for files in another tool's format its
+    beyond_clip_kind mark), or None for any other file."""
     meta = read_metadata(path)
-    if not meta or meta.get("format") != FORMAT:
+    if not meta:
         return None
-    return meta.get("kind")
+    return meta.get("kind") if meta.get("format") == FORMAT else meta.get("beyond_clip_kind")
 
 
 def save_bridge(path, kind: str, config: dict, state_dict: dict):

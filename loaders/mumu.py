@@ -25,7 +25,7 @@ import folder_paths
 
 from . import folders
 from . import patcher as patching
-from .bridge_files import load_state_into, read_bridge, read_metadata, save_bridge
+from .bridge_files import kind_of, label, load_state_into, read_bridge, save_bridge, writable_path
 from .errors import LoadError
 from .handles import Handle, shared
 from .encode_cache import file_identity
@@ -293,15 +293,11 @@ IDEFICS2_LORA_KIND = "mumu_idefics2_lora"
 UNET_LORA_KIND = "mumu_unet_lora"
 
 
-def _written_kind(path):
-    return (read_metadata(path) or {}).get("beyond_clip_kind")
-
-
-def check_replaceable(path: Path, kind: str):
-    """Refuse to overwrite a file this pack did not write as `kind`."""
-    if Path(path).exists() and _written_kind(path) != kind:
-        raise LoadError(f"{path} exists and was not written by this pack's training; choose another output name "
-                        f"(training never replaces other files).")
+def _check_lora_folder_writable(folder: Path):
+    """A peft folder may be replaced only when it is absent or one this pack wrote."""
+    if folder.exists() and (kind_of(folder / PEFT_WEIGHTS[0]) != IDEFICS2_LORA_KIND):
+        raise LoadError(f"{folder} exists and is not a {label(IDEFICS2_LORA_KIND)} written by this pack; choose "
+                        f"another output name (the pack never replaces other files).")
 
 
 def stage2_output_paths(output_name: str) -> dict:
@@ -311,8 +307,8 @@ def stage2_output_paths(output_name: str) -> dict:
     paths = {"connector": folders.bridge_output_path(name, kind=KIND),
              "idefics2_lora": Path(folder_paths.get_folder_paths(folders.LLM)[0]) / f"{name}-idefics2-lora",
              "unet_lora": Path(folder_paths.get_folder_paths("loras")[0]) / f"{name}-unet-lora.safetensors"}
-    check_replaceable(paths["unet_lora"], UNET_LORA_KIND)
-    check_replaceable(paths["idefics2_lora"] / PEFT_WEIGHTS[0], IDEFICS2_LORA_KIND)
+    writable_path(paths["unet_lora"], UNET_LORA_KIND)
+    _check_lora_folder_writable(paths["idefics2_lora"])
     return paths
 
 
@@ -341,10 +337,11 @@ def save_idefics2_lora(folder: Path, factors: dict, alpha: float, base_model: st
     (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=1))
     save_file(tensors, str(tmp / PEFT_WEIGHTS[0]), metadata={"format": "pt", "beyond_clip_kind": IDEFICS2_LORA_KIND})
     if folder.exists():
-        if _written_kind(folder / PEFT_WEIGHTS[0]) != IDEFICS2_LORA_KIND:
+        try:
+            _check_lora_folder_writable(folder)
+        except LoadError:
             shutil.rmtree(tmp)
-            raise LoadError(f"{folder} exists and is not an Idefics2 LoRA written by this pack's training; choose "
-                            f"another output name (training never replaces other files).")
+            raise
         shutil.rmtree(folder)
     tmp.rename(folder)
 

@@ -1,6 +1,7 @@
 """Router files: naive Bayes chat/draw classifiers stored as JSON (never a pickle) in models/bridges."""
 import csv
 import json
+import os
 from pathlib import Path
 
 from ..bridges.router import NaiveBayesRouter
@@ -25,8 +26,18 @@ def read_labelled_tsv(path):
 
 
 def save_router(path, router: NaiveBayesRouter):
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(router.to_dict()))
+    """Written atomically; an existing file that is not a router file is never replaced."""
+    path = Path(path)
+    if path.exists():
+        try:
+            load_router(path)
+        except LoadError:
+            raise LoadError(f"{path} exists and is not a router file written by this pack; choose another output "
+                            f"name (the pack never replaces other files).") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(router.to_dict()))
+    os.replace(tmp, path)
 
 
 def load_router(path) -> NaiveBayesRouter:

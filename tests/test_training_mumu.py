@@ -197,7 +197,7 @@ def test_mumu_stage2_refusals(host, pack, tiny_idefics2, mumu_connector_file, mu
     from safetensors.torch import save_file
     save_file({"x": torch.zeros(1)}, str(foreign))
     forget_everything(host)
-    with pytest.raises(Exception, match=r"mumu-s2-bad-unet-lora.safetensors exists and was not written by this pack"):
+    with pytest.raises(Exception, match=r"mumu-s2-bad-unet-lora.safetensors exists and is not a MUMU UNet LoRA written by this pack"):
         host.run(train_only)
     assert load_file(str(foreign)).keys() == {"x"}
     # a caption whose crops do not match its <image> placeholders is refused by line

@@ -1,21 +1,20 @@
 """RepAdapter: reference layout, identity at init, exact merge, hook hygiene, zero inference cost."""
 import copy
-import importlib
 
 import pytest
 import torch
+import transformers
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 
 @pytest.fixture(scope="module")
-def ra(pack):
-    return importlib.import_module(pack.__name__ + ".bridges.repadapter")
+def ra(bridges):
+    return bridges("repadapter")
 
 
 @pytest.fixture(scope="module")
 def llama():
-    transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                       num_key_value_heads=4, intermediate_size=128, vocab_size=128)

@@ -1,18 +1,17 @@
 """Router: naive Bayes maths, held-out accuracy on the shipped instructions, JSON round trip."""
 import csv
-import importlib
 import json
 import random
 from pathlib import Path
 
 import pytest
 
-DATA = Path(__file__).resolve().parents[1] / "data" / "router_instructions.tsv"
+DATA = Path(__file__).resolve().parents[2] / "data" / "router_instructions.tsv"
 
 
 @pytest.fixture(scope="module")
-def router_mod(pack):
-    return importlib.import_module(pack.__name__ + ".bridges.router")
+def router_mod(bridges):
+    return bridges("router")
 
 
 @pytest.fixture(scope="module")
