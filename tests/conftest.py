@@ -74,6 +74,35 @@ def forget_everything(host):
     pack_module(host.pack, "loaders.encode_cache").MEMORY.clear()
 
 
+def history(host, run) -> dict:
+    """A training run's history.json (output/beyond_clip_training/<run>/)."""
+    import json
+    return json.loads((Path(host.folder_paths.get_output_directory()) / "beyond_clip_training" / run /
+                       "history.json").read_text())
+
+
+def snapshot(module) -> dict:
+    """Copies of every tensor of a module's state dict (to prove later that nothing changed)."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def same(a: dict, b: dict) -> bool:
+    """Two state dicts hold the same names and byte-identical tensors."""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def api_workflow(host, pack, name) -> dict:
+    """A shipped workflow (workflows/<name>) in the API format, converted with this host's node definitions."""
+    wf = pack_module(pack, "headless.workflow")
+    return wf.to_api(wf.load_workflow(PACK_DIR / "workflows" / name), host.nodes.NODE_CLASS_MAPPINGS)
+
+
+def node_of(prompt, class_type, nth=0):
+    """The id of the nth node (by id) of a class in an API prompt."""
+    return [i for i in sorted(prompt, key=lambda k: int(k) if str(k).isdigit() else 0)
+            if prompt[i]["class_type"] == class_type][nth]
+
+
 @dataclass
 class SavedImage:
     png: bytes  # the file: the same graph and seed must give byte-identical files

@@ -7,15 +7,14 @@ import torch
 
 from PIL import Image
 
-from conftest import SavedImage, PACK_DIR, check_golden_pixels, pack_module, pixel_change, run_saved_image
+from conftest import PACK_DIR, SavedImage, api_workflow, check_golden_pixels, node_of, pack_module, pixel_change, run_saved_image
 
 WORKFLOWS = PACK_DIR / "workflows"
 
 
 def workflow_prompt(host, pack, name, *, arch, llm, mapper, adapter=None, prompt_text=None, seed=None, prefix=None):
     """The shipped UI-format workflow as an API prompt, pointed at the small test models."""
-    wf = pack_module(pack, "headless.workflow")
-    prompt = wf.to_api(wf.load_workflow(WORKFLOWS / name), host.nodes.NODE_CLASS_MAPPINGS)
+    prompt = api_workflow(host, pack, name)
     for node_id, node in prompt.items():
         kind, inputs = node["class_type"], node["inputs"]
         if kind == "CheckpointLoaderSimple":
@@ -37,10 +36,6 @@ def workflow_prompt(host, pack, name, *, arch, llm, mapper, adapter=None, prompt
         elif kind == "SaveImage" and prefix:
             inputs["filename_prefix"] = prefix
     return prompt
-
-
-def node_of(prompt, class_type):
-    return next(i for i, n in prompt.items() if n["class_type"] == class_type)
 
 
 @pytest.mark.parametrize("name,arch,target,width", [

@@ -395,9 +395,14 @@ def test_mumu_disk_cache_round_trip(host, cache, tiny_idefics2, mumu_connector_f
         assert cache.load_encoding(path, "cpu") is not None
 
 
-def test_every_encoder_node_has_the_disk_option_last(host):
-    """Added at the end, so widget values stored by position in older workflow files still line up."""
+def test_every_encoder_node_has_the_disk_option_off_by_default(host):
+    """Every encoder node can keep its encodings on disk, off unless asked. The nodes that got the option after
+    their first release have it as the last optional input, so widget values stored by position in older
+    workflow files still line up; LLM Text Encode had it from the start (a required input before `model`)."""
     for name in ("BeyondCLIP_GILLEncode", "BeyondCLIP_SEEDTokenize", "BeyondCLIP_SEEDDetokenize", MUMU_ENCODE):
         types = host.nodes.NODE_CLASS_MAPPINGS[name].INPUT_TYPES()
         assert list(types["optional"])[-1] == "cache_to_disk", name
         assert types["optional"]["cache_to_disk"][1]["default"] is False
+    types = host.nodes.NODE_CLASS_MAPPINGS["BeyondCLIP_TextEncode"].INPUT_TYPES()
+    assert list(types["required"])[-1] == "cache_to_disk" and list(types["optional"]) == ["model"]
+    assert types["required"]["cache_to_disk"][1]["default"] is False

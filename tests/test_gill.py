@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from conftest import PACK_DIR, check_golden_pixels, pack_module, pixel_change, run_saved_image
+from conftest import PACK_DIR, api_workflow, check_golden_pixels, node_of, pack_module, pixel_change, run_saved_image
 
 WORKFLOWS = PACK_DIR / "workflows"
 LLM_DIM = 64  # the small OPT's width
@@ -572,8 +572,7 @@ def host_error(host):
 # ---- the shipped workflows, end to end ---------------------------------------------------------------------
 
 def workflow_prompt(host, pack, name, *, llm, seed=None, prompt_text=None, threshold=None, prefix="gill"):
-    wf = pack_module(pack, "headless.workflow")
-    prompt = wf.to_api(wf.load_workflow(WORKFLOWS / name), host.nodes.NODE_CLASS_MAPPINGS)
+    prompt = api_workflow(host, pack, name)
     for node_id, node in prompt.items():
         kind, inputs = node["class_type"], node["inputs"]
         if kind == "CheckpointLoaderSimple":
@@ -597,10 +596,6 @@ def workflow_prompt(host, pack, name, *, llm, seed=None, prompt_text=None, thres
         elif kind == "SaveImage":
             inputs["filename_prefix"] = prefix
     return prompt
-
-
-def node_of(prompt, class_type):
-    return next(i for i, n in prompt.items() if n["class_type"] == class_type)
 
 
 def test_workflow_generate_sd15(host, pack, tiny_opt, release, towers):

@@ -12,7 +12,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import PACK_DIR, check_golden_pixels, host_module, pack_module, pixel_change, run_saved_image
+from conftest import PACK_DIR, api_workflow, check_golden_pixels, host_module, node_of, pack_module, pixel_change, run_saved_image
 
 WORKFLOWS = PACK_DIR / "workflows"
 ENCODE = "BeyondCLIP_MUMUEncode"
@@ -111,8 +111,7 @@ def test_idefics2_lora_matches_peft_merged_and_unmerged(host, mumu, files, vlm, 
 
 def workflow_prompt(host, pack, name, *, idefics2, connector, idefics2_lora, unet_lora, images, seed=None):
     """The shipped UI-format workflow as an API prompt, pointed at the small test models and pictures."""
-    wf = pack_module(pack, "headless.workflow")
-    prompt = wf.to_api(wf.load_workflow(WORKFLOWS / name), host.nodes.NODE_CLASS_MAPPINGS)
+    prompt = api_workflow(host, pack, name)
     pictures = iter(images)
     for node_id, node in sorted(prompt.items(), key=lambda item: int(item[0])):
         kind, inputs = node["class_type"], node["inputs"]
@@ -135,10 +134,6 @@ def workflow_prompt(host, pack, name, *, idefics2, connector, idefics2_lora, une
         elif kind == "KSampler":
             inputs.update(steps=8, **({"seed": seed} if seed is not None else {}))
     return prompt
-
-
-def node_of(prompt, class_type):
-    return next(i for i, n in prompt.items() if n["class_type"] == class_type)
 
 
 @pytest.mark.parametrize("name,pictures,named", [

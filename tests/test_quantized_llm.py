@@ -8,9 +8,9 @@ import types
 import pytest
 import torch
 
-from conftest import check_golden_pixels, forget_everything, pack_module, pixel_change, run_saved_image
+from conftest import check_golden_pixels, forget_everything, node_of, pack_module, pixel_change, run_saved_image
 from test_beyond_clip_nodes import encode_graph, positive_tokens, run_error
-from test_beyond_clip_workflows import node_of, workflow_prompt
+from test_beyond_clip_workflows import workflow_prompt
 
 bnb = pytest.importorskip("bitsandbytes", reason="the test extras install bitsandbytes")
 CHOICES = {"int8": "int8 (bitsandbytes)", "nf4": "nf4 (bitsandbytes)"}

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import PACK_DIR, check_golden_pixels, host_module, pack_module, pixel_change, run_saved_image
+from conftest import PACK_DIR, api_workflow, check_golden_pixels, host_module, node_of, pack_module, pixel_change, run_saved_image
 
 WORKFLOWS = PACK_DIR / "workflows"
 # Small sizes, same classes and layout as the official files (ViT-g 1408/39, BERT-base 768/12, 8192 x 32).
@@ -506,8 +506,7 @@ def put_input_image(host, name, seed, size=(72, 56), channels=3):
 
 def workflow_prompt(host, pack, name, images, prefix, seed=None):
     """The shipped UI-format workflow as an API prompt, pointed at the small models and test images."""
-    wf = pack_module(pack, "headless.workflow")
-    prompt = wf.to_api(wf.load_workflow(WORKFLOWS / name), host.nodes.NODE_CLASS_MAPPINGS)
+    prompt = api_workflow(host, pack, name)
     images = iter(images)
     for node_id in sorted(prompt, key=int):
         kind, inputs = prompt[node_id]["class_type"], prompt[node_id]["inputs"]
@@ -526,10 +525,6 @@ def workflow_prompt(host, pack, name, images, prefix, seed=None):
         elif kind == "SaveImage":
             inputs["filename_prefix"] = prefix
     return prompt
-
-
-def node_of(prompt, class_type, nth=0):
-    return [i for i in sorted(prompt, key=int) if prompt[i]["class_type"] == class_type][nth]
 
 
 def test_reconstruct_workflow_end_to_end(host, pack, official, seed_mods):

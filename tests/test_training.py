@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import PACK_DIR, check_golden_pixels, forget_everything, pack_module, pixel_change, run_saved_image, train_cli
+from conftest import PACK_DIR, check_golden_pixels, forget_everything, history, pack_module, pixel_change, run_saved_image, same, train_cli
 
 COLOURS = ["red", "blue", "green", "yellow", "black", "white", "orange", "purple"]
 THINGS = ["fox", "cat", "dog", "house", "boat", "tree", "car", "bird"]
@@ -42,11 +42,6 @@ def train_graph(llm, captions_name, *, run, out, steps=300, arch="sd15", resume=
     }
 
 
-def history(host, run):
-    return json.loads((Path(host.folder_paths.get_output_directory()) / "beyond_clip_training" / run /
-                       "history.json").read_text())
-
-
 def test_distillation_held_out_loss_falls_10x_and_the_file_is_listed(host, pack, tiny_llama, caption_file):
     ui = host.run(train_graph(tiny_llama, caption_file, run="t10x", out="trained-sd15-mapper", steps=400, lr=3e-3))
     h = history(host, "t10x")
@@ -74,10 +69,6 @@ def mapper_tensors(host, name):
     return load_file(str(host.models_dir / "bridges" / f"{name}.safetensors"))
 
 
-def same_tensors(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
 def quick(host, llm, captions_name, **kw):
     forget_everything(host)
     kw.setdefault("steps", 60)
@@ -96,7 +87,7 @@ def test_resume_and_interruption_continue_from_the_same_step_and_loss(host, pack
     quick(host, tiny_llama, small_caption_file, run="halves", out="halves")
     halves = history(host, "halves")
     assert halves["history"] == straight["history"], "resumed run must see the same losses at every step"
-    assert same_tensors(mapper_tensors(host, "halves"), mapper_tensors(host, "straight"))
+    assert same(mapper_tensors(host, "halves"), mapper_tensors(host, "straight"))
 
     # the interrupt button: stops at the next step, the checkpoint holds that step, queueing again finishes
     train_nodes = pack_module(pack, "nodes.train")
@@ -117,14 +108,14 @@ def test_resume_and_interruption_continue_from_the_same_step_and_loss(host, pack
     assert not (host.models_dir / "bridges" / "interrupted.safetensors").exists()
     quick(host, tiny_llama, small_caption_file, run="interrupted", out="interrupted")
     assert history(host, "interrupted")["history"] == straight["history"]
-    assert same_tensors(mapper_tensors(host, "interrupted"), mapper_tensors(host, "straight"))
+    assert same(mapper_tensors(host, "interrupted"), mapper_tensors(host, "straight"))
 
 
 def test_a_fixed_seed_gives_identical_weights_and_another_seed_does_not(host, tiny_llama, small_caption_file):
     quick(host, tiny_llama, small_caption_file, run="seed0a", out="seed0a", resume=False)
     quick(host, tiny_llama, small_caption_file, run="seed0b", out="seed0b", resume=False)
     quick(host, tiny_llama, small_caption_file, run="seed1", out="seed1", resume=False, seed=1)
-    assert same_tensors(mapper_tensors(host, "seed0a"), mapper_tensors(host, "seed0b"))
+    assert same(mapper_tensors(host, "seed0a"), mapper_tensors(host, "seed0b"))
     a, c = mapper_tensors(host, "seed0a"), mapper_tensors(host, "seed1")
     assert not torch.equal(a["tokens.0.weight"], c["tokens.0.weight"])
 

@@ -11,15 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import check_golden_pixels, forget_everything, pack_module, pixel_change, run_saved_image
+from conftest import check_golden_pixels, forget_everything, history, pack_module, pixel_change, run_saved_image, same, snapshot
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 40, 220), "green": (30, 200, 40)}
 SHAPES = ["square", "dot"]
-
-
-def history(host, run):
-    return json.loads((Path(host.folder_paths.get_output_directory()) / "beyond_clip_training" / run /
-                       "history.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -69,14 +64,6 @@ def graph(idefics2, connector, pairs, prompt="a <man> with a red square", **trai
         "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "mumu_stage2"}},
     }
     return g
-
-
-def snapshot(module):
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def same(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def stock_graph(trained, idefics2, connector, unet_lora, idefics2_lora):
@@ -145,7 +132,7 @@ def test_mumu_stage2_trains_the_three_parts_and_drives_ksampler(host, pack, tiny
     assert change > 0.1
 
 
-def test_the_idefics2_lora_is_a_peft_folder(host, tiny_idefics2, mumu_connector_file, mumu_pairs):
+def test_the_idefics2_lora_is_a_peft_folder(host, pack, tiny_idefics2, mumu_connector_file, mumu_pairs):
     """peft itself reads the written folder into Idefics2 and gives the pack's encoding."""
     peft = pytest.importorskip("peft")
     from transformers import Idefics2Model
@@ -165,6 +152,16 @@ def test_the_idefics2_lora_is_a_peft_folder(host, tiny_idefics2, mumu_connector_
     layer = model.base_model.model.text_model.layers[0].self_attn.q_proj
     assert torch.equal(layer.lora_A["default"].weight, weights[a])
     assert (adapted - plain).abs().max() > 1e-6
+    # the pack's own reading of the folder (unmerged, as in training) gives peft's states
+    files = pack_module(pack, "loaders.mumu")
+    vlm = files.load_idefics2(tiny_idefics2, host.models_dir / "LLM" / tiny_idefics2, "fp32")
+    ours_vlm = files.apply_idefics2_lora(vlm, files.load_idefics2_lora(folder, vlm), 1.0, "unmerged")
+    module = ours_vlm.module()
+    with torch.no_grad(), ours_vlm.attach(module):
+        ours = module.text_model(input_ids=ids).last_hidden_state
+    err = (ours - adapted).abs().max().item()
+    print(f"\nthe pack's Idefics2 LoRA vs peft's on the trained folder: max abs error {err:.2e}")
+    assert err < 1e-5 and err < (adapted - plain).abs().max().item() / 10
 
 
 def test_mumu_stage2_resume_is_exact(host, tiny_idefics2, mumu_connector_file, mumu_pairs):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import forget_everything, pack_module, pixel_change, run_saved_image
+from conftest import forget_everything, history, pack_module, pixel_change, run_saved_image, same, snapshot
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 40, 220), "green": (30, 200, 40), "yellow": (230, 220, 30)}
 SHAPES = ["square", "stripe", "dot"]
@@ -35,11 +35,6 @@ def pairs_folder(host):
     return "stage2_pairs/"
 
 
-def history(host, run):
-    return json.loads((Path(host.folder_paths.get_output_directory()) / "beyond_clip_training" / run /
-                       "history.json").read_text())
-
-
 def train_graph(llm, mapper, pairs, *, run, out, steps=30, resume=True, lr=1e-2, lam=0.1, seed=0, arch="sd15"):
     return {
         "1": {"class_type": "BeyondCLIP_LLMLoader", "inputs": {"llm_name": llm, "dtype": "fp32"}},
@@ -52,14 +47,6 @@ def train_graph(llm, mapper, pairs, *, run, out, steps=30, resume=True, lr=1e-2,
             "resolution": 64, "template": "none", "val_fraction": 0.25, "seed": seed, "resume": resume,
             "checkpoint_every": 5, "eval_every": 5}},
     }
-
-
-def snapshot(module):
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def same(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_stage2_loss_falls_and_only_the_adapters_change(host, pack, tiny_llama, mapper_files, pairs_folder):
@@ -96,8 +83,32 @@ def test_stage2_loss_falls_and_only_the_adapters_change(host, pack, tiny_llama, 
     assert all(written[k].abs().sum() > 0 for k in written if k.endswith("conv_B.weight"))
 
 
-def test_stage2_diffusion_loss_reaches_the_adapters(host, tiny_llama, mapper_files, pairs_folder):
-    """With the caption loss weighted to nothing the gradient comes from the UNet alone: lambda 0 vs 10 differ."""
+def test_stage2_diffusion_loss_reaches_the_adapters(host, pack, tiny_llama, mapper_files, pairs_folder):
+    """The UNet's denoising loss alone, with no caption loss, gives every adapter a gradient through the frozen
+    mapper and LLM; and through the node, lambda 0 and lambda 10 train different adapters."""
+    engine = pack_module(pack, "engine.training")
+    tasks, losses = pack_module(pack, "bridges.training.tasks"), pack_module(pack, "bridges.training.losses")
+    ra, llm_engine = pack_module(pack, "bridges.repadapter"), pack_module(pack, "engine.llm")
+    llm = pack_module(pack, "loaders.llm").load_llm(tiny_llama, host.models_dir / "LLM" / tiny_llama, "fp32")
+    mapper = pack_module(pack, "loaders.mappers").load_mapper(host.models_dir / "bridges" / mapper_files["sd1"])
+    model = pack_module(pack, "headless.tiny_models").tiny_checkpoint("sd15")[0]
+    ids = llm_engine.prompt_ids(llm, "a lighthouse on a cliff", num_tokens=77)
+    with engine.training_context():
+        llm_module, mapper_module = engine.leave_inference_mode(llm.inner), engine.leave_inference_mode(mapper.inner)
+        engine.leave_inference_mode(model.model)
+        adapters = ra.build_adapters(llm_module, ra.find_linear_targets(llm_module), 8, 2, 1.0, dropout=0.0)
+        with torch.no_grad():  # conv_B starts at zero, which would leave conv_A without a gradient
+            for _, adapter in adapters.items():
+                adapter.conv_B.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+        student = tasks.RepAdapterStudent(llm_module, adapters, mapper_module)
+        tokens, pooled = student(ids.ids, torch.tensor([ids.last_token]))
+        with engine.clone_norm_inputs(model.model.diffusion_model):
+            loss = losses.diffusion_loss(engine.ComfyDenoiser(model), torch.randn(1, 4, 8, 8), tokens, pooled,
+                                         torch.Generator().manual_seed(0))
+            loss.backward(inputs=list(adapters.parameters()))
+    reached = [n for n, p in adapters.named_parameters() if p.grad is not None and p.grad.abs().max() > 0]
+    assert len(reached) == len(list(adapters.parameters())), "every adapter tensor gets the UNet's gradient"
+
     forget_everything(host)
     host.run(train_graph(tiny_llama, mapper_files["sd1"], pairs_folder, run="s2-lam0", out="s2-lam0", steps=3,
                          lam=0.0, resume=False))

@@ -9,16 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import forget_everything, pack_module, pixel_change, run_saved_image
+from conftest import forget_everything, history, pack_module, pixel_change, run_saved_image
 
 COLOURS = ["red", "blue", "green", "yellow", "black", "white", "orange", "purple"]
 THINGS = ["fox", "cat", "dog", "house", "boat", "tree", "car", "bird"]
 PLACES = ["in the snow", "on a hill", "at night", "by the sea"]
-
-
-def history(host, run):
-    return json.loads((Path(host.folder_paths.get_output_directory()) / "beyond_clip_training" / run /
-                       "history.json").read_text())
 
 
 # ---- the Train Connector (MUMU) node ----------------------------------------------------------------------
