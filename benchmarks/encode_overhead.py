@@ -12,7 +12,6 @@ import statistics
 import time
 
 import torch
-
 from common import boot, module, table
 
 CONFIGS = [("small", 64, 2), ("mid", 512, 8), ("large", 1024, 12)]  # (name, hidden size, layers)

@@ -86,8 +86,8 @@ def main(argv=None):
     ]
     print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
           f"{torch.get_num_threads()} threads), torch {torch.__version__}, {args.steps} timed steps each")
-    print(f"| setting | batch | parameters | steps/s | captions/s | peak memory (MiB) |")
-    print(f"|---|---|---|---|---|---|")
+    print("| setting | batch | parameters | steps/s | captions/s | peak memory (MiB) |")
+    print("|---|---|---|---|---|---|")
     for name, batch, build, data in settings:
         if args.only and args.only not in name:
             continue

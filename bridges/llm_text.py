@@ -6,6 +6,7 @@ through the callbacks, and turns the result into conditioning.
 from dataclasses import dataclass
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .errors import InputError
 
@@ -115,8 +116,6 @@ def encode(model, tokenizer, text: str, *, hidden_layer: int = -1, num_tokens: i
 def chat(model, tokenizer, text: str, *, max_new_tokens: int = 256, template: str = "none",
          on_token=None) -> str:
     """Greedy reply. on_token(i) is called after each new token (progress bar, interruption)."""
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
     class _Callback(StoppingCriteria):
         def __init__(self):
             self.count = 0

@@ -9,12 +9,14 @@ SD's UNet reads like CLIP text features.
 
 State-dict keys here are the module's own (transformers naming); loaders/seed.py maps the official LAVIS keys.
 """
-from dataclasses import asdict, dataclass
 import re
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
+from transformers import Blip2QFormerConfig, Blip2QFormerModel, Blip2VisionConfig, Blip2VisionModel
 
 NUM_CODES = 32  # codes per image in SEED v1 (the causal Q-Former's query count)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -104,7 +106,6 @@ class Codebook(nn.Module):
 
 
 def _qformer(hidden, layers, heads, mlp, cross_freq, encoder_width):
-    from transformers import Blip2QFormerConfig, Blip2QFormerModel
     config = Blip2QFormerConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                                 intermediate_size=mlp, cross_attention_frequency=cross_freq,
                                 encoder_hidden_size=encoder_width, hidden_act="gelu", layer_norm_eps=1e-12,
@@ -135,7 +136,6 @@ def causal_mask(n, dtype, device):
 class SeedTokenizer(nn.Module):
     def __init__(self, config: SeedConfig):
         super().__init__()
-        from transformers import Blip2VisionConfig, Blip2VisionModel
         c = self.config = config
         self.vision = Blip2VisionModel(Blip2VisionConfig(
             hidden_size=c.vision_width, intermediate_size=c.vision_mlp, num_hidden_layers=c.vision_layers,
@@ -194,7 +194,6 @@ def preprocess(images: torch.Tensor, size: int) -> torch.Tensor:
     """ComfyUI IMAGE (B, H, W, C) in [0, 1] -> (B, 3, size, size) as the reference prepares a PIL image:
     convert("RGB") (alpha dropped, grey repeated), Resize((size, size), BICUBIC) on 8-bit pixels (the aspect
     ratio is not kept, as in the reference), ToTensor, Normalize(CLIP mean, std)."""
-    from PIL import Image
     if images.ndim == 3:
         images = images[..., None]
     if images.ndim != 4 or images.shape[0] == 0:

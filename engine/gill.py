@@ -8,7 +8,15 @@ import torch.nn.functional as F
 
 from ..bridges import llm_text
 from ..bridges.errors import InputError, LoadError
-from ..bridges.gill import GENERATE, PLACEHOLDER, RETRIEVE, GILLInputError, build_inputs, img_hidden_states, split_prompt
+from ..bridges.gill import (
+    GENERATE,
+    PLACEHOLDER,
+    RETRIEVE,
+    GILLInputError,
+    build_inputs,
+    img_hidden_states,
+    split_prompt,
+)
 from ..bridges.retrieval import ImageIndex
 from ..loaders import gill as gill_files
 from ..loaders import images as picture_files

@@ -59,7 +59,7 @@ _SEEDS = {"unet": 1, "clip": 2, "vae": 3}
 
 def _check_arch(arch):
     if arch not in ARCHES:
-        raise ValueError("unknown arch {!r}, expected one of {}".format(arch, ARCHES))
+        raise ValueError(f"unknown arch {arch!r}, expected one of {ARCHES}")
 
 
 def _fill(module, seed):

@@ -10,6 +10,9 @@ from pathlib import Path
 
 import comfy.model_management as mm
 import torch
+import transformers
+from packaging.version import Version
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from . import direct_weights
 from . import patcher as patching
@@ -102,12 +105,11 @@ def quantization(choice: str, device):
                         f"auto, fp16, bf16 or fp32.")
     problem = bitsandbytes_problem(device)
     if problem:
-        import bitsandbytes
+        import bitsandbytes  # optional: the quantized extra
         raise LoadError(f"'{choice}': bitsandbytes {getattr(bitsandbytes, '__version__', '?')} cannot run on {device}, "
                         f"where this ComfyUI runs the LLM ({problem}). It needs an NVIDIA GPU with CUDA, or on a CPU "
                         f"bitsandbytes 0.46 or newer (pip install -U bitsandbytes). Or choose auto, fp16, bf16 or "
                         f"fp32.")
-    from transformers import BitsAndBytesConfig
     if mm.is_device_cpu(device):
         compute = torch.float32
     else:
@@ -131,7 +133,7 @@ _BNB_CHECKED = {}  # (bitsandbytes version, device) -> "" or why it cannot run t
 def bitsandbytes_problem(device) -> str:
     """"" when bitsandbytes can quantize and run an 8-bit and a 4-bit layer on `device`, else what failed. Checked by
     doing it: which devices a bitsandbytes build supports has changed across releases (CPUs from 0.46 on)."""
-    import bitsandbytes as bnb
+    import bitsandbytes as bnb  # optional: the quantized extra
     key = (getattr(bnb, "__version__", "?"), str(device))
     if key not in _BNB_CHECKED:
         try:
@@ -150,8 +152,7 @@ def quantized_size(path: Path, choice: str, compute: torch.dtype) -> int:
     is loaded: int8 is a byte per weight and a float32 scale per row; nf4 half a byte per weight and a float32
     absmax per block of 64. Layers transformers leaves unquantized (the output embedding, tied weights) and every
     other tensor count at the compute dtype. ComfyUI frees this much on the device before the load."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from accelerate import init_empty_weights  # optional: the quantized extra
     config = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
@@ -175,12 +176,10 @@ def quantized_size(path: Path, choice: str, compute: torch.dtype) -> int:
     return total
 
 
-def _from_pretrained(cls, path, dtype, **extra):
-    import transformers
-    from packaging.version import Version
+def from_pretrained(cls, path, dtype, **extra):
+    """transformers' from_pretrained, offline and without remote code (the dtype keyword was renamed in 4.56)."""
     kwargs = {"local_files_only": True, "trust_remote_code": False, **extra}
-    dtype_arg = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
-    kwargs[dtype_arg] = dtype
+    kwargs["dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"] = dtype
     return cls.from_pretrained(str(path), **kwargs)
 
 
@@ -209,8 +208,6 @@ def load_llm(name: str, path: Path, dtype_choice: str = "auto", progress=None) -
 
 
 def _load(name, path, dtype, quantized, extra, config, device, progress) -> LoadedLLM:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     progress and progress(1)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
@@ -228,7 +225,7 @@ def _load(name, path, dtype, quantized, extra, config, device, progress) -> Load
             model = direct_weights.load_pretrained(AutoModelForCausalLM, path, dtype)
         if model is None:
             prefetch(path)
-            model = _from_pretrained(AutoModelForCausalLM, path, dtype, **extra)
+            model = from_pretrained(AutoModelForCausalLM, path, dtype, **extra)
     except LoadError:
         raise
     except Exception as e:  # transformers and safetensors raise many kinds here

@@ -13,23 +13,25 @@ import gc
 import json
 import logging
 import re
+import shutil
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import comfy.model_management as mm
+import folder_paths
 import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoProcessor, Idefics2Model
 
 from ..bridges import mumu as bridge
-import folder_paths
-
-from . import folders
+from . import direct_weights, folders
 from . import patcher as patching
 from .bridge_files import kind_of, label, load_state_into, read_bridge, save_bridge, writable_path
+from .encode_cache import file_identity
 from .errors import LoadError
 from .handles import Handle, shared
-from .encode_cache import file_identity
-from .llm import check_folder, choose_dtype
+from .llm import check_folder, choose_dtype, from_pretrained
 
 KIND = "mumu_connector"
 LORA_MODES = ("merged", "unmerged")
@@ -97,15 +99,10 @@ def _load_weights(cls, path, dtype):
     """(model, loading info) offline; the info names missing weights, which loaders.llm's helper does not return.
     Read directly when loaders.direct_weights can (then without the LM head and the perceiver, which MUMU does
     not use: the perceiver's parameters stay on the meta device until load_idefics2 removes it)."""
-    from .direct_weights import load_pretrained
-    model = load_pretrained(cls, path, dtype, skip=("lm_head.", "connector.perceiver_resampler."))
+    model = direct_weights.load_pretrained(cls, path, dtype, skip=("lm_head.", "connector.perceiver_resampler."))
     if model is not None:
         return model, {"missing_keys": []}
-    import transformers
-    from packaging.version import Version
-    dtype_arg = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
-    return cls.from_pretrained(str(path), local_files_only=True, trust_remote_code=False, output_loading_info=True,
-                               **{dtype_arg: dtype})
+    return from_pretrained(cls, path, dtype, output_loading_info=True)
 
 
 def load_idefics2(name: str, path: Path, dtype_choice: str = "auto", progress=None) -> LoadedIdefics2:
@@ -124,8 +121,6 @@ def load_idefics2(name: str, path: Path, dtype_choice: str = "auto", progress=No
 
 
 def _load(name, path, dtype, config, progress) -> LoadedIdefics2:
-    from transformers import AutoProcessor, Idefics2Model
-
     progress and progress(1)
     try:
         processor = AutoProcessor.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
@@ -265,7 +260,6 @@ def read_peft_lora(folder: Path) -> tuple:
         raise LoadError(f"{folder} has no {' or '.join(PEFT_WEIGHTS)}; copy the adapter weights into the folder.")
     try:
         if weights.suffix == ".safetensors":
-            from safetensors.torch import load_file
             state = load_file(str(weights), device="cpu")
         else:
             state = torch.load(str(weights), weights_only=True, map_location="cpu")
@@ -316,8 +310,6 @@ def save_idefics2_lora(folder: Path, factors: dict, alpha: float, base_model: st
     """A peft LoRA folder (adapter_config.json + adapter_model.safetensors, peft's key names for a LoRA on
     Idefics2Model) from factors {module path: (down A (r, in), up B (out, r))}: peft itself and
     load_idefics2_lora read it. Written to a temporary name first, so a failed write leaves no half folder."""
-    import shutil
-    from safetensors.torch import save_file
     folder = Path(folder)
     ranks = {int(down.shape[0]) for down, _ in factors.values()}
     if len(ranks) != 1:
@@ -453,7 +445,6 @@ def unet_lora_targets(model_state_keys) -> list:
 def save_unet_lora(path, factors: dict, alpha: float, metadata: dict = None):
     """factors: UNet weight key (as in ComfyUI's model state dict) -> (down (r, in), up (out, r)).
     Effective update: W += (alpha / r) * up @ down, ComfyUI's and kohya's convention."""
-    from safetensors.torch import save_file
     tensors = {}
     ranks = set()
     for key, (down, up) in factors.items():

@@ -7,7 +7,6 @@ import torch
 from PIL import Image
 
 from ..bridges import mumu as mumu_bridge
-
 from .errors import LoadError
 from .images import is_image_file, load_image, open_rgb, to_tensor
 

@@ -6,14 +6,23 @@ from pathlib import Path
 
 import folder_paths
 
-from ..bridges.gill import GENERATE, PLACEHOLDER, RETRIEVE
 from ..bridges.errors import InputError
+from ..bridges.gill import PLACEHOLDER, RETRIEVE
 from ..engine import gill as gill_engine
 from ..engine.conditioning import check_fits_model
 from ..loaders import folders
 from ..loaders import gill as gill_files
-from .common import (CACHE_TO_DISK, CATEGORY, GILL_IMG_STATES_TYPE, GILL_INDEX_TYPE, GILL_TYPE, LLM_TYPE, LazyProgress,
-                     Progress, ui_text)
+from .common import (
+    CACHE_TO_DISK,
+    CATEGORY,
+    GILL_IMG_STATES_TYPE,
+    GILL_INDEX_TYPE,
+    GILL_TYPE,
+    LLM_TYPE,
+    LazyProgress,
+    Progress,
+    ui_text,
+)
 
 CATEGORY = CATEGORY + "/GILL"
 log = logging.getLogger(__name__)

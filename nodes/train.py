@@ -18,16 +18,33 @@ from ..bridges.training.trainer import fell_by
 from ..engine import train_beyond_clip, train_gill, train_mumu
 from ..engine.beyond_clip import check_mapper_fits
 from ..engine.conditioning import check_fits_model
-from ..engine.training import (ComfyDenoiser, build_latent_cache, clone_norm_inputs, leave_inference_mode,
-                               target_of, training_context)
-from ..loaders import folders, mumu as mumu_files, repadapters, routers, run_folder
+from ..engine.training import (
+    ComfyDenoiser,
+    build_latent_cache,
+    clone_norm_inputs,
+    leave_inference_mode,
+    target_of,
+    training_context,
+)
+from ..loaders import folders, repadapters, routers, run_folder
 from ..loaders import gill as gill_files
+from ..loaders import mumu as mumu_files
 from ..loaders import training_inputs as inputs
 from ..loaders.errors import LoadError
 from ..loaders.mappers import KIND as MAPPER_KIND
 from ..loaders.mappers import load_mapper
 from ..loaders.patcher import load_for_training
-from .common import CATEGORY, CONNECTOR_TYPE, GILL_TYPE, LLM_TYPE, MAPPER_TYPE, VLM_TYPE, LazyProgress, Progress, ui_text
+from .common import (
+    CATEGORY,
+    CONNECTOR_TYPE,
+    GILL_TYPE,
+    LLM_TYPE,
+    MAPPER_TYPE,
+    VLM_TYPE,
+    LazyProgress,
+    Progress,
+    ui_text,
+)
 
 CATEGORY = CATEGORY + "/training"
 log = logging.getLogger(__name__)

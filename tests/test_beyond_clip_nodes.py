@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import forget_everything, host_module, pack_module
 
 ENCODE = "BeyondCLIP_TextEncode"

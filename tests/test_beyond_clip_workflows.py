@@ -1,13 +1,18 @@
 """The shipped Beyond CLIP workflows, end to end in the real host with small models."""
 import copy
-from pathlib import Path
 
 import pytest
 import torch
-
+from conftest import (
+    PACK_DIR,
+    SavedImage,
+    api_workflow,
+    check_golden_pixels,
+    node_of,
+    pixel_change,
+    run_saved_image,
+)
 from PIL import Image
-
-from conftest import PACK_DIR, SavedImage, api_workflow, check_golden_pixels, node_of, pack_module, pixel_change, run_saved_image
 
 WORKFLOWS = PACK_DIR / "workflows"
 

@@ -5,7 +5,6 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-
 from conftest import pack_module
 from test_seed import official  # noqa: F401 - fixture: the small official SEED files
 

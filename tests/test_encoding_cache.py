@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import forget_everything, pack_module
 from safetensors import safe_open
 
-from conftest import forget_everything, pack_module
 # The families' small models, as their own tests build them (imported fixtures run once per module here).
 from test_gill import picture as gill_picture
 from test_gill import reference, release, tiny_opt, towers  # noqa: F401 - fixtures
@@ -20,7 +20,6 @@ from test_mumu import ENCODE as MUMU_ENCODE
 from test_mumu import TINY_RES, encode_graph
 from test_seed import TINY_LABEL, official  # noqa: F401 - fixture
 from test_seed import picture as seed_picture
-
 
 # ------------------------------------------------------------------------------------------------ helpers
 

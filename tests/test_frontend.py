@@ -3,10 +3,8 @@ with no missing node types and no errors in the page; a screenshot of each graph
 import json
 import os
 import shutil
-from pathlib import Path
 
 import pytest
-
 from conftest import PACK_DIR, pack_module
 
 WORKFLOWS = sorted((PACK_DIR / "workflows").glob("*.json"))

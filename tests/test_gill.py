@@ -8,10 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import PACK_DIR, api_workflow, check_golden_pixels, node_of, pack_module, pixel_change, run_saved_image
 from PIL import Image
 from torch import nn
-
-from conftest import PACK_DIR, api_workflow, check_golden_pixels, node_of, pack_module, pixel_change, run_saved_image
 
 WORKFLOWS = PACK_DIR / "workflows"
 LLM_DIM = 64  # the small OPT's width

@@ -11,8 +11,16 @@ import shutil
 
 import pytest
 import torch
-
-from conftest import PACK_DIR, api_workflow, check_golden_pixels, host_module, node_of, pack_module, pixel_change, run_saved_image
+from conftest import (
+    PACK_DIR,
+    api_workflow,
+    check_golden_pixels,
+    host_module,
+    node_of,
+    pack_module,
+    pixel_change,
+    run_saved_image,
+)
 
 WORKFLOWS = PACK_DIR / "workflows"
 ENCODE = "BeyondCLIP_MUMUEncode"

@@ -7,7 +7,6 @@ import types
 
 import pytest
 import torch
-
 from conftest import check_golden_pixels, forget_everything, node_of, pack_module, pixel_change, run_saved_image
 from test_beyond_clip_nodes import encode_graph, positive_tokens, run_error
 from test_beyond_clip_workflows import workflow_prompt

@@ -9,9 +9,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import (
+    PACK_DIR,
+    api_workflow,
+    check_golden_pixels,
+    host_module,
+    node_of,
+    pack_module,
+    pixel_change,
+    run_saved_image,
+)
 from PIL import Image
-
-from conftest import PACK_DIR, api_workflow, check_golden_pixels, host_module, node_of, pack_module, pixel_change, run_saved_image
 
 WORKFLOWS = PACK_DIR / "workflows"
 # Small sizes, same classes and layout as the official files (ViT-g 1408/39, BERT-base 768/12, 8192 x 32).

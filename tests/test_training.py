@@ -7,8 +7,17 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from conftest import PACK_DIR, check_golden_pixels, forget_everything, history, pack_module, pixel_change, run_saved_image, same, train_cli
+from conftest import (
+    PACK_DIR,
+    check_golden_pixels,
+    forget_everything,
+    history,
+    pack_module,
+    pixel_change,
+    run_saved_image,
+    same,
+    train_cli,
+)
 
 COLOURS = ["red", "blue", "green", "yellow", "black", "white", "orange", "purple"]
 THINGS = ["fox", "cat", "dog", "house", "boat", "tree", "car", "bird"]

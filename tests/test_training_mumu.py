@@ -4,14 +4,21 @@ frozen weights stay byte-identical; the three outputs drive the stock KSampler; 
 LoraLoaderModelOnly and the Idefics2 LoRA by peft and by Load Idefics2 LoRA; resume is exact."""
 import copy
 import itertools
-import json
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import (
+    check_golden_pixels,
+    forget_everything,
+    history,
+    pack_module,
+    pixel_change,
+    run_saved_image,
+    same,
+    snapshot,
+)
 from safetensors.torch import load_file
-
-from conftest import check_golden_pixels, forget_everything, history, pack_module, pixel_change, run_saved_image, same, snapshot
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 40, 220), "green": (30, 200, 40)}
 SHAPES = ["square", "dot"]

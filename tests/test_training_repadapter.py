@@ -2,14 +2,12 @@
 denoising loss on image-caption pairs; only the adapters change; resume is exact; the written adapter drives the
 stock graph (Load RepAdapter -> Apply RepAdapter -> LLM Text Encode -> KSampler)."""
 import itertools
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import forget_everything, history, pack_module, pixel_change, run_saved_image, same, snapshot
+from safetensors.torch import load_file
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 40, 220), "green": (30, 200, 40), "yellow": (230, 220, 30)}
 SHAPES = ["square", "stripe", "dot"]

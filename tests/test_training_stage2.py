@@ -3,12 +3,10 @@ captions with reference crops), its length-invariant token loss, and the trained
 KSampler through the MUMU encode node."""
 import copy
 import itertools
-import json
 from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import forget_everything, history, pack_module, pixel_change, run_saved_image
 
 COLOURS = ["red", "blue", "green", "yellow", "black", "white", "orange", "purple"]
@@ -126,6 +124,7 @@ def test_connector_command_line_on_two_gloo_processes_matches_one_process(host, 
     """`python -m headless.train_cli connector` trains on the cache the node built; under torchrun each of two
     gloo processes takes half of every global batch and they end with the weights one process trains."""
     import shutil
+
     from conftest import train_cli
     forget_everything(host)
     graph = sample_graph(tiny_idefics2, mumu_captions, "x", run="mumu-cli-source", out="mumu-cli-source", steps=1)

@@ -19,7 +19,6 @@ from .lora import LoRASet
 from .losses import diffusion_loss, distill_loss, probe_attention, token_loss
 from .trainer import Task
 
-
 # ---- students --------------------------------------------------------------------------------------------
 
 class MapperStudent(nn.Module):

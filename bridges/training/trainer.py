@@ -4,6 +4,7 @@ import hashlib
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .data import TrainConfig, batch_for_step, split_indices, step_seed
@@ -56,7 +57,6 @@ class Trainer:
         self.rank, self.world = 0, 1
         self.forward = self.student
         if ddp:
-            import torch.distributed as dist
             self.rank, self.world = dist.get_rank(), dist.get_world_size()
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.forward = nn.parallel.DistributedDataParallel(self.student, device_ids=device_ids)
@@ -101,7 +101,6 @@ class Trainer:
         self.optimizer.step()
         self.step += 1
         if self.world > 1:  # report the global batch's loss, the same on every rank
-            import torch.distributed as dist
             value = torch.tensor(total, device=self.device)
             dist.all_reduce(value)
             total = float(value / self.world)

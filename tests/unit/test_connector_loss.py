@@ -1,7 +1,6 @@
 """MUMU stage 1's length-invariant loss and the connector's masked forward (pure torch)."""
 import torch
 
-
 # ---- the loss and the masked forward ----------------------------------------------------------------------
 
 def test_probe_attention_ignores_token_count_order_and_padding(bridges):

@@ -136,9 +136,8 @@ def test_attached_removes_hooks(ra, llama, input_ids):
         assert sum(bool(m._forward_pre_hooks) for m in linears) == len(adapters)
     assert not any(m._forward_pre_hooks for m in linears)
 
-    with pytest.raises(RuntimeError, match="boom"):
-        with ra.attached(llama, adapters):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), ra.attached(llama, adapters):
+        raise RuntimeError("boom")
     assert not any(m._forward_pre_hooks for m in linears)
 
 
