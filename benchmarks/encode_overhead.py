@@ -37,20 +37,19 @@ def main():
     parser.add_argument("--repeats", type=int, default=60)
     args = parser.parse_args()
     host, pack, scratch = boot()
-    tiny_llm, llm_mod, nodes, cache, patcher, text = (module(pack, m) for m in (
-        "headless.tiny_llm", "loaders.llm", "nodes.beyond_clip", "loaders.encode_cache", "loaders.patcher",
-        "bridges.llm_text"))
+    tiny_llm, llm_mod, nodes, cache, mappers, llm_engine = (module(pack, m) for m in (
+        "headless.tiny_llm", "loaders.llm", "nodes.beyond_clip", "loaders.encode_cache", "loaders.mappers",
+        "engine.llm"))
     from pathlib import Path
     rows = []
     for name, width, layers in CONFIGS:
         folder = tiny_llm.write_llm_folder(Path(scratch) / "models" / "LLM" / name, hidden_size=width, layers=layers,
                                            context=256)
         llm = llm_mod.load_llm(name, folder, "fp32")
-        mapper = tiny_llm.random_mapper(width)
-        mapper.source, mapper.identity = "bench", "bench"
-        model = patcher.load_to_device(llm.patcher)
-        ids, _, _ = text.tokenize(llm.tokenizer, PROMPT, 77)
-        ids = torch.cat([ids, torch.full((1, 77 - ids.shape[1]), llm.tokenizer.pad_token_id)], dim=1)
+        mapper = mappers.host_mapper(tiny_llm.random_mapper(width))
+        mapper.identity = "bench"
+        model = llm.module()
+        ids = llm_engine.prompt_ids(llm, PROMPT, num_tokens=77).ids  # the ids the node feeds the LLM
         encode_node = nodes.TextEncode()
 
         decoder = model.get_decoder()  # hidden states only, as the node computes them (no logits on either side)
@@ -60,7 +59,7 @@ def main():
                 decoder(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True, use_cache=False)
 
         def node():
-            cache.MEMORY.items.clear()
+            cache.MEMORY.clear()
             with torch.inference_mode():
                 encode_node.encode(llm, mapper, PROMPT, "", "zeros", -1, "none")
 

@@ -85,15 +85,15 @@ def child(label, kind, path, cold):
             return data, [torch.frombuffer(data, dtype=torch.uint8)]
         if label == "LLM":
             handle = module(pack, "loaders.llm").load_llm("bench", Path(path), "fp32")
-            return handle, list(handle.patcher.model.parameters())
+            return handle, list(handle.inner.parameters())
         if label in QUANTIZED:
             handle = module(pack, "loaders.llm").load_llm("bench", Path(path), QUANTIZED[label])
-            return handle, list(handle.patcher.model.state_dict().values())  # with the scales, as ComfyUI counts
+            return handle, list(handle.inner.state_dict().values())  # with the scales, as ComfyUI counts
         if label == "VLM":
             handle = module(pack, "loaders.mumu").load_idefics2("bench", Path(path), "fp32")
-            return handle, list(handle.patcher.model.parameters())
+            return handle, list(handle.inner.parameters())
         mapper = module(pack, "loaders.mappers").load_mapper(Path(path))
-        return mapper, list(mapper.parameters())
+        return mapper, list(mapper.inner.parameters())
 
     results = []
     for _ in ("first", "later"):

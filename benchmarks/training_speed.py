@@ -30,7 +30,8 @@ def load_bridges():
     package = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = package
     spec.loader.exec_module(package)
-    return (importlib.import_module(spec.name + ".training"), importlib.import_module(spec.name + ".mapper"),
+    return (importlib.import_module(spec.name + ".training.data"), importlib.import_module(spec.name + ".training.tasks"),
+            importlib.import_module(spec.name + ".training.trainer"), importlib.import_module(spec.name + ".mapper"),
             importlib.import_module(spec.name + ".gill"))
 
 
@@ -41,9 +42,11 @@ def synthetic(n, tokens, in_dim, width, pooled):
                 pooled=torch.randn(n, pooled, generator=g) if pooled else None)
 
 
-def bench(training, student, data, batch, steps, device):
-    cfg = training.TrainConfig(steps=10 ** 9, batch_size=batch, lr=1e-3, val_fraction=0.0, eval_every=10 ** 9)
-    trainer = training.DistillTrainer(student, training.DistillData(**data), cfg, device=device)
+def bench(modules, student, data, batch, steps, device):
+    """The pack's one Trainer on a distillation task, as the Train nodes run it."""
+    data_mod, tasks, trainer_mod = modules
+    cfg = data_mod.TrainConfig(steps=10 ** 9, batch_size=batch, lr=1e-3, val_fraction=0.0, eval_every=10 ** 9)
+    trainer = trainer_mod.Trainer(tasks.DistillTask(student, data_mod.DistillData(**data), cfg), cfg, device=device)
     for _ in range(3):  # warm-up (allocator, kernels)
         trainer.train_step()
     if device.type == "cuda":
@@ -70,18 +73,18 @@ def main(argv=None):
     parser.add_argument("--only", help="run only the settings whose name contains this")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    training, mapper_mod, gill = load_bridges()
+    data_mod, tasks, trainer_mod, mapper_mod, gill = load_bridges()
     MapperConfig, BeyondCLIPMapper = mapper_mod.MapperConfig, mapper_mod.BeyondCLIPMapper
     settings = [
-        ("small (64 -> sd1)", 16, lambda: training.MapperStudent(BeyondCLIPMapper(MapperConfig(64, "sd1", 128))),
+        ("small (64 -> sd1)", 16, lambda: tasks.MapperStudent(BeyondCLIPMapper(MapperConfig(64, "sd1", 128))),
          synthetic(256, 77, 64, 768, 0)),
-        ("mid sd1 (4096 -> sd1)", 32, lambda: training.MapperStudent(BeyondCLIPMapper(MapperConfig(4096, "sd1", 512))),
+        ("mid sd1 (4096 -> sd1)", 32, lambda: tasks.MapperStudent(BeyondCLIPMapper(MapperConfig(4096, "sd1", 512))),
          synthetic(256, 77, 4096, 768, 0)),
         ("mid sdxl (4096 -> sdxl)", 32,
-         lambda: training.MapperStudent(BeyondCLIPMapper(MapperConfig(4096, "sdxl", 512))),
+         lambda: tasks.MapperStudent(BeyondCLIPMapper(MapperConfig(4096, "sdxl", 512))),
          synthetic(256, 77, 4096, 2048, 1280)),
         ("mid gill (8 x 4096 -> sd1)", 32,
-         lambda: training.GILLStudent(gill.GILLMapper(4096, 768), torch.randn(8, 4096)),
+         lambda: tasks.GILLStudent(gill.GILLMapper(4096, 768), torch.randn(8, 4096)),
          synthetic(256, 8, 4096, 768, 0)),
     ]
     print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
@@ -92,7 +95,7 @@ def main(argv=None):
         if args.only and args.only not in name:
             continue
         torch.manual_seed(0)
-        rate, peak, params, _ = bench(training, build(), data, batch, args.steps, device)
+        rate, peak, params, _ = bench((data_mod, tasks, trainer_mod), build(), data, batch, args.steps, device)
         print(f"| {name} | {batch} | {params / 1e6:.2f} M | {rate:.1f} | {rate * batch:.0f} | {peak:.0f} |", flush=True)
     return 0
 

@@ -57,7 +57,7 @@ def gill_rows(host, pack):
     config = bridge.GILLConfig(llm_dim=512, vision_dim=64, decision_in=512)
     bridge_files.save_bridge(host.models_dir / "bridges" / "bench-gill.safetensors", gill_files.KIND,
                              config.to_dict(), bridge.GILLModel(config).state_dict())
-    cache.MEMORY.items.clear()
+    cache.MEMORY.clear()
     first = gill_graph("bench-opt", "bench-gill.safetensors")
     start = time.perf_counter()
     host.run(first)
@@ -68,7 +68,7 @@ def gill_rows(host, pack):
     host.reset_cache()
     hits, opt_calls = cache.MEMORY.hits, [0]
     hooks = [m.register_forward_hook(lambda *_: opt_calls.__setitem__(0, opt_calls[0] + 1))
-             for m in llm.patcher.model.inner.modules()]
+             for m in llm.inner.modules()]
     other = gill_graph("bench-opt", "bench-gill.safetensors", prefix="x")
     start = time.perf_counter()
     host.run(other)
@@ -82,7 +82,7 @@ def gill_rows(host, pack):
     prompt = first["4"]["inputs"]["prompt"]
 
     def miss():
-        cache.MEMORY.items.clear()
+        cache.MEMORY.clear()
         encode(llm, gill, prompt)
 
     miss_s = median_time(miss, 5)
@@ -114,8 +114,8 @@ def main():
     seed_time, ran_seed = timed(graph("bench-llm", "bench.safetensors", 2))
 
     # The encoder's cost in a first run: load the LLM and mapper and encode, from nothing.
-    module(pack, "loaders.encode_cache").MEMORY.items.clear()
-    module(pack, "loaders.llm")._LIVE.clear()
+    module(pack, "loaders.encode_cache").MEMORY.clear()
+    module(pack, "loaders.handles").forget_all()
     host.reset_cache()
     start = time.perf_counter()
     llm = nodes.LLMLoader().load("bench-llm", "auto")[0]

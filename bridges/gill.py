@@ -186,9 +186,6 @@ def split_prompt(text: str, placeholder: str = PLACEHOLDER):
     return parts
 
 
-def count_placeholders(text: str, placeholder: str = PLACEHOLDER) -> int:
-    return text.count(placeholder)
-
 
 @dataclass
 class GILLInputs:

@@ -24,6 +24,7 @@ import mmap
 import os
 import struct
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,6 +161,7 @@ def parameters_on_meta():
         torch.nn.Module.register_parameter = register
 
 
+_BUILD_LOCK = threading.Lock()
 INIT_FUNCTIONS = ("uniform_", "normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_", "xavier_uniform_",
                   "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "trunc_normal_", "orthogonal_", "sparse_")
 
@@ -244,8 +246,11 @@ def _build(model_class, config, dtype, no_tie_weights):
     except ImportError:
         pass
     # Construction may draw random numbers for parameters that end on meta anyway: leave the caller's RNG as it was.
-    with torch.random.fork_rng(devices=[]), default_dtype(dtype), no_tie_weights(), parameters_on_meta(), \
-            no_init_on_meta():
+    # The context managers below patch torch for the whole process (Module.register_parameter, torch.nn.init, the
+    # default dtype), as accelerate's init_empty_weights does: a module that another thread builds meanwhile would
+    # get meta parameters. The lock keeps the pack's own loads apart; ComfyUI runs nodes one at a time.
+    with _BUILD_LOCK, torch.random.fork_rng(devices=[]), default_dtype(dtype), no_tie_weights(), \
+            parameters_on_meta(), no_init_on_meta():
         return model_class(config)
 
 

@@ -14,7 +14,7 @@ import json
 import logging
 import re
 import shutil
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoProcessor, Idefics2Model
 
-from ..bridges import mumu as bridge
+from ..bridges import mumu as mumu_bridge
 from . import direct_weights, folders
 from . import patcher as patching
 from .bridge_files import kind_of, label, load_state_into, read_bridge, save_bridge, writable_path
@@ -78,21 +78,35 @@ def _check_processor(path: Path, processor, config: dict):
     if tokenizer is None or image_processor is None:
         raise LoadError(f"{path}: its processor has no tokenizer or image processor. Copy the processor files "
                         f"(preprocessor_config.json / processor_config.json, tokenizer files) of the Idefics2 release.")
-    for token in (bridge.IMAGE_TOKEN, bridge.FAKE_TOKEN):
+    for token in (mumu_bridge.IMAGE_TOKEN, mumu_bridge.FAKE_TOKEN):
         tid = tokenizer.convert_tokens_to_ids(token)
         if tid is None or tid == tokenizer.unk_token_id:
             raise LoadError(f"{path}: the tokenizer has no {token} token, so it is not Idefics2's tokenizer. Copy "
                             f"the tokenizer files of this exact model.")
-    image_id = tokenizer.convert_tokens_to_ids(bridge.IMAGE_TOKEN)
+    image_id = tokenizer.convert_tokens_to_ids(mumu_bridge.IMAGE_TOKEN)
     if config.get("image_token_id", image_id) != image_id:
         raise LoadError(f"{path}: config.json says the image token is id {config.get('image_token_id')} but the "
-                        f"tokenizer gives {bridge.IMAGE_TOKEN} id {image_id}; the tokenizer and the weights do "
+                        f"tokenizer gives {mumu_bridge.IMAGE_TOKEN} id {image_id}; the tokenizer and the weights do "
                         f"not belong together.")
     mean, std = getattr(image_processor, "image_mean", None), getattr(image_processor, "image_std", None)
     if mean is None or std is None or len(mean) != 3 or len(std) != 3:
         raise LoadError(f"{path}: the image processor has no 3-channel image_mean/image_std; copy its "
                         f"preprocessor_config.json from the Idefics2 release.")
     return tokenizer, tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+@contextmanager
+def _quiet(*names):
+    """These loggers say only errors while the block runs (their levels are restored after)."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [q.level for q in loggers]
+    for q in loggers:
+        q.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for q, level in zip(loggers, levels):
+            q.setLevel(level)
 
 
 def _load_weights(cls, path, dtype):
@@ -130,21 +144,16 @@ def _load(name, path, dtype, config, progress) -> LoadedIdefics2:
     tokenizer, mean, std = _check_processor(path, processor, config)
     progress and progress(2)
     model = None
-    # transformers warns about the LM head we do not load (a table in v5); missing weights are checked below.
-    quiet = [logging.getLogger(n) for n in ("transformers.modeling_utils", "transformers.utils.loading_report")]
-    levels = [q.level for q in quiet]
-    for q in quiet:
-        q.setLevel(logging.ERROR)
     try:
-        model, info = _load_weights(Idefics2Model, path, dtype)
+        # transformers warns about the LM head we do not load (a table in v5); missing weights are checked below.
+        with _quiet("transformers.modeling_utils", "transformers.utils.loading_report"):
+            model, info = _load_weights(Idefics2Model, path, dtype)
     except LoadError:
         raise
     except Exception as e:  # transformers and safetensors raise many kinds here
         raise LoadError(f"the weights in {path} could not be loaded ({type(e).__name__}: {e}). A weight file is "
                         f"truncated, corrupt or does not belong to this config.json; copy the folder again.") from None
     finally:
-        for q, level in zip(quiet, levels):
-            q.setLevel(level)
         if model is None:
             gc.collect()
     missing = sorted(info.get("missing_keys") or [])
@@ -183,7 +192,7 @@ def grid_for(vlm: LoadedIdefics2, resolution: int):
 
 # ----------------------------------------------------------------------------------------------- connector
 
-def save_connector(path, connector: bridge.MUMUConnector):
+def save_connector(path, connector: mumu_bridge.MUMUConnector):
     save_bridge(path, KIND, connector.config.to_dict(), connector.state_dict())
 
 
@@ -199,14 +208,14 @@ def load_connector(path) -> LoadedConnector:
         # Built on the CPU and filled (not assigned the file's memory-mapped tensors, as the mapper is): the
         # connector's pictures are kept byte-identical to those of earlier versions, and matrix kernels can round
         # differently on differently aligned memory.
-        connector = bridge.MUMUConnector(bridge.ConnectorConfig.from_dict(config))
+        connector = mumu_bridge.MUMUConnector(mumu_bridge.ConnectorConfig.from_dict(config))
     except (TypeError, ValueError) as e:
         raise LoadError(f"{path}: its MUMU connector config is not valid ({e}). Write the file again.") from None
     load_state_into(connector, state_dict, path, "MUMU connector")
     return host_connector(connector.eval().requires_grad_(False), path)
 
 
-def host_connector(connector: bridge.MUMUConnector, path=None) -> LoadedConnector:
+def host_connector(connector: mumu_bridge.MUMUConnector, path=None) -> LoadedConnector:
     """A connector module as a handle; from a file (`path`) it carries the file's identity, else none (no caching)."""
     return LoadedConnector(patcher=patching.wrap(connector), config=connector.config,
                            source=str(path) if path else "", identity=file_identity(path) if path else "",
@@ -225,8 +234,8 @@ _PEFT_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.lora_(?P<ab>[AB]
 
 
 @dataclass
-class IdefLoRA:
-    factors: dict  # module path in Idefics2Model -> bridge.LoRAFactor
+class PeftLoRA:
+    factors: dict  # module path in Idefics2Model -> mumu_bridge.LoRAFactor
     source: str
     rank: int
 
@@ -345,7 +354,7 @@ def _alpha_for(config: dict, path: str) -> float:
     return float(config.get("lora_alpha", 8))
 
 
-def load_idefics2_lora(folder: Path, vlm: LoadedIdefics2) -> IdefLoRA:
+def load_idefics2_lora(folder: Path, vlm: LoadedIdefics2) -> PeftLoRA:
     """Resolve a peft LoRA's layers in `vlm` (saved from Idefics2ForConditionalGeneration ('model.' prefix) or
     Idefics2Model) and check every shape before anything is applied."""
     config, pairs = read_peft_lora(folder)
@@ -374,7 +383,7 @@ def load_idefics2_lora(folder: Path, vlm: LoadedIdefics2) -> IdefLoRA:
         r = a.shape[0]
         alpha = _alpha_for(config, path)
         scale = alpha / (r ** 0.5) if config.get("use_rslora") else alpha / r
-        factors[name] = bridge.LoRAFactor(down=a, up=b, scale=scale)
+        factors[name] = mumu_bridge.LoRAFactor(down=a, up=b, scale=scale)
     if unknown or wrong:
         parts = ([f"{len(unknown)} layer(s) this Idefics2 does not have (linear), e.g. {unknown[:3]}"] if unknown else []) + \
                 ([f"wrong shapes: {wrong[:3]}"] if wrong else [])
@@ -385,25 +394,25 @@ def load_idefics2_lora(folder: Path, vlm: LoadedIdefics2) -> IdefLoRA:
     if not factors:
         raise LoadError(f"{folder}: the LoRA adapts only the perceiver, which MUMU does not use; nothing to apply.")
     rank = max(f.down.shape[0] for f in factors.values())
-    return IdefLoRA(factors=factors, source=str(folder), rank=rank)
+    return PeftLoRA(factors=factors, source=str(folder), rank=rank)
 
 
 @dataclass
 class AppliedLoRA:
-    lora: IdefLoRA
+    lora: PeftLoRA
     strength: float
     mode: str
 
     def attach(self, model):
         if self.mode == "merged":
             return nullcontext()  # the weights already carry it
-        return bridge.lora_attached(model, self.lora.factors, self.strength)
+        return mumu_bridge.lora_attached(model, self.lora.factors, self.strength)
 
     def describe(self):
         return f"LoRA {Path(self.lora.source).name} (rank {self.lora.rank}, {self.mode}, strength {self.strength:g})"
 
 
-def apply_idefics2_lora(vlm: LoadedIdefics2, lora: IdefLoRA, strength: float, mode: str) -> LoadedIdefics2:
+def apply_idefics2_lora(vlm: LoadedIdefics2, lora: PeftLoRA, strength: float, mode: str) -> LoadedIdefics2:
     """A new handle with the LoRA; the given one is unchanged. Merged: ComfyUI weight patches on a clone of the
     patcher (W + s B A, applied at load, undone at unload; the plain model shares the weights)."""
     if mode not in LORA_MODES:
@@ -415,7 +424,7 @@ def apply_idefics2_lora(vlm: LoadedIdefics2, lora: IdefLoRA, strength: float, mo
     clone = vlm.patcher.clone()
     patches = {}
     for path, factor in lora.factors.items():
-        up, down = bridge.lora_delta(factor)
+        up, down = mumu_bridge.lora_delta(factor)
         patches[f"{patching.PREFIX}{path}.weight"] = patching.lowrank_patch(up, down)
     applied = clone.add_patches(patches, strength)
     if len(applied) != len(patches):

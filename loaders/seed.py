@@ -234,7 +234,8 @@ def _meta_model(config: SeedConfig) -> SeedTokenizer:
 
 
 def classify(sd: dict, config: SeedConfig):
-    """(expected LAVIS keys, missing, ignored {reason: keys}, unexpected) for a merged LAVIS state dict."""
+    """(sources {module key: its LAVIS keys}, expected LAVIS keys, missing, ignored {reason: keys}, unexpected) for
+    a merged LAVIS state dict."""
     sources = module_sources(_meta_model(config).state_dict().keys())
     expected = {n for names in sources.values() for n in names}
     missing = sorted(expected - set(sd))

@@ -12,7 +12,7 @@ from ..loaders.mappers import KIND as MAPPER_KIND
 from ..loaders.mappers import load_mapper
 from ..loaders.repadapters import KIND as REPADAPTER_KIND
 from ..loaders.repadapters import MODES, apply_repadapter, load_repadapter
-from .common import CATEGORY, LLM_TYPE, MAPPER_TYPE, REPADAPTER_TYPE, Progress, ui_text
+from .common import CACHE_TO_DISK, CATEGORY, LLM_TYPE, MAPPER_TYPE, REPADAPTER_TYPE, Progress, ui_text
 
 log = logging.getLogger(__name__)
 NEGATIVE_MODES = ("encode negative text", "zeros")
@@ -88,9 +88,7 @@ class TextEncode:
                 "hidden_layer": ("INT", {"default": -1, "min": -128, "max": 128,
                                          "tooltip": "-1 = last layer; 0 = embeddings"}),
                 "template": (llm_text.TEMPLATES, {"default": "none"}),
-                "cache_to_disk": ("BOOLEAN", {"default": False,
-                                              "tooltip": "also keep the encodings in output/beyond_clip_encodings "
-                                                         "so they survive a restart"}),
+                "cache_to_disk": CACHE_TO_DISK,
             },
             "optional": {
                 "model": ("MODEL", {"tooltip": "Connect the MODEL you sample with to check the mapper fits it "
@@ -214,7 +212,7 @@ def _load_router(name):
     return routers.load_router(folders.resolve_bridge_file(name))
 
 
-class Assistant:
+class ChatOrDrawRouter:
     """The Beyond CLIP router in front of the two paths: chat (plain LLM answers) or draw (conditioning)."""
 
     @classmethod
@@ -282,7 +280,7 @@ NODE_CLASS_MAPPINGS = {
     "BeyondCLIP_Chat": Chat,
     "BeyondCLIP_RepAdapterLoader": RepAdapterLoader,
     "BeyondCLIP_ApplyRepAdapter": ApplyRepAdapter,
-    "BeyondCLIP_Assistant": Assistant,
+    "BeyondCLIP_Assistant": ChatOrDrawRouter,  # the id saved workflows name
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "BeyondCLIP_LLMLoader": "Load LLM (Beyond CLIP)",

@@ -17,7 +17,8 @@ SEED_TOKENS_TYPE = "SEED_TOKENS"  # kept unprefixed: saved workflows name it
 VLM_TYPE = "BEYOND_CLIP_MUMU_VLM"
 CONNECTOR_TYPE = "BEYOND_CLIP_MUMU_CONNECTOR"
 MUMU_IMAGES_TYPE = "BEYOND_CLIP_MUMU_IMAGES"
-# The encoder nodes' optional last input: ComfyUI's workflow files store widget values by position.
+# Every encoder's disk-cache input: the last optional input of the nodes that got it after their first release
+# (ComfyUI's workflow files store widget values by position); LLM Text Encode had it from the start.
 CACHE_TO_DISK = ("BOOLEAN", {"default": False, "tooltip": "also keep the encoding in output/"
                              f"{encode_cache.DISK_FOLDER} so it survives a restart"})
 

@@ -12,6 +12,7 @@ from ..engine import gill as gill_engine
 from ..engine.conditioning import check_fits_model
 from ..loaders import folders
 from ..loaders import gill as gill_files
+from ..loaders import training_inputs as inputs
 from .common import (
     CACHE_TO_DISK,
     CATEGORY,
@@ -37,18 +38,6 @@ def _official_folders():
 
 def _gill_choices():
     return _official_folders() + folders.list_bridge_files(kind=gill_files.KIND)
-
-
-def _input_folders():
-    base = Path(folder_paths.get_input_directory())
-    if not base.is_dir():
-        return []
-    found = []
-    for child in sorted(base.iterdir()):
-        if child.is_dir() and not child.name.startswith("."):
-            found.append(child.name)
-            found += [f"{child.name}/{g.name}" for g in sorted(child.iterdir()) if g.is_dir() and not g.name.startswith(".")]
-    return found
 
 
 def _index_dir() -> Path:
@@ -156,7 +145,7 @@ class GILLBuildIndex:
         return {"required": {
             "gill": (GILL_TYPE,),
             "clip_vision": ("CLIP_VISION", {"tooltip": "CLIP ViT-L/14, the tower GILL's retrieval head reads"}),
-            "folder": (_input_folders(), {"tooltip": "A folder of your images inside ComfyUI's input folder (a link "
+            "folder": (inputs.input_folders(), {"tooltip": "A folder of your images inside ComfyUI's input folder (a link "
                                                      "to a folder elsewhere works)"}),
             "index_name": ("STRING", {"default": "", "tooltip": "Empty: the folder's name. Stored in "
                                                                f"output/{INDEX_SUBDIR}/<name>.safetensors + .json"}),
@@ -173,7 +162,7 @@ class GILLBuildIndex:
 
     @classmethod
     def VALIDATE_INPUTS(cls, folder):
-        choices = _input_folders()
+        choices = inputs.input_folders()
         return True if folder in choices else folders.not_found_message("image folder", folder, choices, "ComfyUI's input folder")
 
     @classmethod

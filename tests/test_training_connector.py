@@ -1,6 +1,6 @@
-"""Training, second stages: the MUMU connector distilled from the SDXL checkpoint's own CLIP (text captions and
-captions with reference crops), its length-invariant token loss, and the trained connector driving the stock
-KSampler through the MUMU encode node."""
+"""MUMU stage 1: the connector distilled from the SDXL checkpoint's own CLIP (text captions and captions with
+reference crops), and the trained connector driving the stock KSampler through the MUMU encode node. Its
+length-invariant token loss is tested in tests/unit/test_connector_loss.py."""
 import copy
 import itertools
 from pathlib import Path
