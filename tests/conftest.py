@@ -5,6 +5,7 @@ Which ComfyUI: $COMFYUI_PATH when set, else the March 2024 copy inside the regis
 """
 import importlib
 import importlib.util
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,29 @@ def _host_module():
 
 
 host_module = _host_module()
+
+
+# ---- the fast tier (tests/unit): bridges/ as its own package, without ComfyUI --------------------------------
+
+BRIDGES_PACKAGE = "beyond_clip_bridges"
+
+
+def bridge_module(name: str):
+    """bridges.<name> (e.g. 'router', 'training.trainer'), imported from this checkout by path, without ComfyUI:
+    bridges/ imports nothing of it, so tests/unit never boots a host (the repo root is never put on sys.path:
+    ComfyUI has a top-level module named `nodes`)."""
+    if BRIDGES_PACKAGE not in sys.modules:
+        spec = importlib.util.spec_from_file_location(BRIDGES_PACKAGE, PACK_DIR / "bridges" / "__init__.py",
+                                                      submodule_search_locations=[str(PACK_DIR / "bridges")])
+        package = importlib.util.module_from_spec(spec)
+        sys.modules[BRIDGES_PACKAGE] = package
+        spec.loader.exec_module(package)
+    return importlib.import_module(f"{BRIDGES_PACKAGE}.{name}")
+
+
+@pytest.fixture(scope="session")
+def bridges():
+    return bridge_module
 MODEL_FOLDERS = ("checkpoints", "LLM", "bridges", "loras", "clip_vision")
 
 

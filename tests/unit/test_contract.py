@@ -3,7 +3,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import PACK_DIR, PACKAGE
+from conftest import BRIDGES_PACKAGE as PACKAGE
+from conftest import PACK_DIR
 
 
 def test_families_by_width_and_pooled_size(bridges):
