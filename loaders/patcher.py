@@ -23,6 +23,17 @@ class HostedModule(torch.nn.Module):
 PREFIX = "inner."
 
 
+class WholeModelPatcher(comfy.model_patcher.ModelPatcher):
+    """A ModelPatcher for modules not built from comfy.ops: they are loaded whole (force_full_load), and they leave
+    whole. When the UNet needs room, ComfyUI (2025 hosts) first tries to unload a model in part, moving some of
+    its layers off the device and keeping it counted as loaded; an LLM of which half stays on the GPU is what the
+    user's VRAM cannot afford. Freeing nothing in part makes ComfyUI unload it whole. (Clones keep this class on
+    those hosts; the 2024 hosts never unload in part.)"""
+
+    def partially_unload(self, device_to, memory_to_free=0, *args, **kwargs):
+        return 0
+
+
 def wrap(module: torch.nn.Module, load_device=None, offload_device=None, pinned=False):
     """A ModelPatcher for `module`, on the text-encoder devices unless given. pinned: the module stays on the
     device it is on (bitsandbytes-quantized weights are not moved between devices)."""
@@ -31,7 +42,7 @@ def wrap(module: torch.nn.Module, load_device=None, offload_device=None, pinned=
     load_device = load_device or mm.text_encoder_device()
     offload_device = offload_device or mm.text_encoder_offload_device()
     hosted = HostedModule(module.to(offload_device))
-    return comfy.model_patcher.ModelPatcher(hosted, load_device=load_device, offload_device=offload_device)
+    return WholeModelPatcher(hosted, load_device=load_device, offload_device=offload_device)
 
 
 def _load_models(patchers):

@@ -280,6 +280,14 @@ def mumu_input_images(host):
     return names
 
 
+def _free_port() -> int:
+    """A port no one listens on now (a fixed one collides when two test sessions run at once)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def train_cli(host, command, *args, nproc=1):
     """`python -m headless.train_cli COMMAND ...` in a fresh process (torchrun with nproc > 1) on this session's
     folders; returns its output, failing the test on a non-zero exit."""
@@ -288,8 +296,8 @@ def train_cli(host, command, *args, nproc=1):
     import sys
     out_dir = host.folder_paths.get_output_directory()
     base = [sys.executable, "-m", "headless.train_cli"] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "29517",
-        "-m", "headless.train_cli"]
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+        str(_free_port()), "-m", "headless.train_cli"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(base + [command, *args, "--models", str(host.models_dir), "--output", out_dir,
                                     "--comfyui", str(host.root)],

@@ -332,3 +332,21 @@ def test_memory_manager_accounts_the_llm_and_can_offload_it(host, pack, tiny_lla
     forget_everything(host)
     host.run(encode_graph(tiny_llama, mapper_files["sd1"], prompt="a tern over the waves"))
     assert host.node_output("1")[0].patcher in [m.model for m in mm.current_loaded_models]
+
+
+def test_a_little_memory_asked_for_unloads_the_llm_whole(host, pack, tiny_llama, mapper_files):
+    """ComfyUI (2025 hosts) first tries to unload a model in part when a little memory is needed; the pack's models
+    are not built from comfy.ops and leave whole, so no half of an LLM stays in VRAM beside the UNet."""
+    import comfy.model_management as mm
+    forget_everything(host)
+    host.run(encode_graph(tiny_llama, mapper_files["sd1"], prompt="a tern over the waves"))
+    llm = host.node_output("1")[0]
+    entry = next(m for m in mm.current_loaded_models if m.model is llm.patcher)
+    import inspect
+    if "memory_to_free" not in inspect.signature(entry.model_unload).parameters:
+        pytest.skip(f"ComfyUI {host.version} never unloads a model in part")
+    size = llm.patcher.model_size()
+    assert llm.patcher.partially_unload(llm.patcher.offload_device, size // 4) == 0
+    assert entry.model_unload(memory_to_free=size // 4) is True, "unloaded whole, not in part"
+    assert llm.patcher.loaded_size() == 0
+    mm.current_loaded_models.remove(entry)
