@@ -478,6 +478,7 @@ class Check:
         self.started = time.perf_counter()
         self.notes = []
         self._built = {}
+        self._checked_nodes = set()
         self.reference = None  # the bf16 LLM's conditioning of PROMPT (the int8/nf4 rows compare with it)
 
     # -- boot ------------------------------------------------------------------------------------------------
@@ -510,9 +511,11 @@ class Check:
     def node(self, node_id, **inputs):
         """Run a node as ComfyUI's executor does: its FUNCTION with the inputs by name, under inference mode."""
         cls = self.host.nodes.NODE_CLASS_MAPPINGS[node_id]
-        missing = set(cls.INPUT_TYPES().get("required", {})) - set(inputs)
-        if missing:
-            raise CheckError(f"node {node_id} now requires {sorted(missing)}: update gpu_check.py")
+        if node_id not in self._checked_nodes:  # once: some nodes list folders for their inputs
+            missing = set(cls.INPUT_TYPES().get("required", {})) - set(inputs)
+            if missing:
+                raise CheckError(f"node {node_id} now requires {sorted(missing)}: update gpu_check.py")
+            self._checked_nodes.add(node_id)
         with torch.inference_mode():
             out = getattr(cls(), cls.FUNCTION)(**inputs)
         return out["result"] if isinstance(out, dict) else out
