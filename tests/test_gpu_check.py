@@ -36,7 +36,8 @@ def test_tiny_run_prints_every_row_with_finite_numbers(tmp_path):
     code = (f"import runpy, sys; {absent}; sys.argv = sys.argv[1:]; "
             f"runpy.run_path(sys.argv[0], run_name='__main__')")
     args = [str(PACK_DIR / "benchmarks" / "gpu_check.py"), "--tiny", "--comfyui", str(host_module.find_comfyui()),
-            "--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "work"), "--wheels", str(tmp_path / "none")]
+            "--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "work"), "--wheels", str(tmp_path / "none"),
+            "--deadline", "3600"]  # a busy machine must not turn rows into SKIPs
     proc = subprocess.run([sys.executable, "-c", code, *args], cwd=PACK_DIR, capture_output=True, text=True,
                           timeout=900, env=dict(os.environ, PYTHONUNBUFFERED="1"), check=False)
     print(proc.stdout)
