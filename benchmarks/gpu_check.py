@@ -34,6 +34,7 @@ import importlib
 import importlib.util
 import inspect
 import json
+import logging
 import math
 import os
 import shutil
@@ -1001,6 +1002,11 @@ def main(argv=None):
         return prepare(args)
     sizes = TINY if args.tiny else FULL
     args.device = args.device or ("cpu" if args.tiny else "cuda")
+    # Nothing is fetched from a hub, whatever a library would like to check.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if not args.tiny:  # ComfyUI's memory manager says what it loads and unloads: kept in the stderr log
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise CheckError("no CUDA device here: run with --tiny for the CPU version")
     if args.threads or (args.tiny and args.device == "cpu"):
