@@ -1,6 +1,6 @@
 """One command that checks every GPU target of the pack, inside a real ComfyUI booted in this process.
 
-    python benchmarks/gpu_check.py             # full size, on a CUDA GPU (H100/H200: about 5 minutes)
+    python benchmarks/gpu_check.py             # full size, on a CUDA GPU (sized for ~5 minutes on an H100/H200)
     python benchmarks/gpu_check.py --tiny      # the same code at small sizes on the CPU (under 2 minutes)
     python benchmarks/gpu_check.py --prepare   # here, once: fill .gpu_check/ for a machine without internet
 
@@ -24,7 +24,8 @@ ComfyUI: --comfyui DIR, else the archive comfyui-0.3.64.tar.gz (--archive FILE, 
 shared/hosts/ beside or inside the checkout), unpacked into the scratch folder. Modules an in-process boot of
 ComfyUI imports but the measured paths never call (torchvision, av, torchsde) get import-only stand-ins when they
 are not installed: served only to ComfyUI's own imports, they raise if anything calls them, and the header lists
-them. Pure wheels in .gpu_check/wheels (--prepare downloads them) are used instead where present.
+them. Wheels in .gpu_check/wheels (--prepare downloads torchsde and bitsandbytes) are unpacked into the scratch
+folder and used for modules that are not installed.
 """
 import argparse
 import builtins
