@@ -481,7 +481,7 @@ class Check:
         self.notes = []
         self._built = {}
         self._checked_nodes = set()
-        self.reference = None  # the bf16 LLM's conditioning of PROMPT (the int8/nf4 rows compare with it)
+        self.reference = None  # the unquantized LLM's conditioning of PROMPT (the int8/nf4 rows compare with it)
 
     # -- boot ------------------------------------------------------------------------------------------------
     def boot(self):
@@ -925,10 +925,11 @@ class Check:
         off = abs(hint - packed) / packed
         del llm, cond
         gc.collect()
+        unquantized = str(self._dtype()).split(".")[-1]
         return Row(name, f"packed {gib(packed)}, hint {gib(hint)} ({off * 100:.1f} % off); encode {ms:.1f} ms; "
-                   f"cosine to bf16 {cos:.4f}", "hint within 2 %", off <= 0.02,
+                   f"cosine to {unquantized} {cos:.4f}", "hint within 2 %", off <= 0.02,
                    [(f"Load LLM node {load_s:.1f} s (reads the folder, quantizes on {self.device}); compute "
-                     f"{str(self._dtype()).split('.')[-1]}; weights are random, so the cosine is a sanity check")],
+                     f"{unquantized}; weights are random, so the cosine is a sanity check")],
                    numbers={"packed": packed, "hint": hint, "ms": ms, "cosine": cos})
 
     def _judged(self):
