@@ -1,4 +1,4 @@
-"""A real ComfyUI in this process, on the CPU, for the demo runner and the tests.
+"""A real ComfyUI in this process, on the CPU (the demo runner, the tests) or on the GPU (benchmarks/gpu_check.py).
 
 This file imports nothing from the pack at module level: it is loaded by path *before* ComfyUI exists, boots
 the host, and then loads the pack the way ComfyUI does (as a custom node folder). It speaks to both the
@@ -95,7 +95,8 @@ class _MessageSink:
 class Host:
     """One booted ComfyUI. Boot once per process: ComfyUI keeps global state in its modules."""
 
-    def __init__(self, root=None, models_dir=None, output_dir=None, temp_dir=None, input_dir=None):
+    def __init__(self, root=None, models_dir=None, output_dir=None, temp_dir=None, input_dir=None, cpu=True):
+        """cpu=False lets ComfyUI pick its device as `main.py` without `--cpu` does (the GPU when there is one)."""
         self.root = find_comfyui(root)
         if str(self.root) not in sys.path:
             sys.path.insert(0, str(self.root))
@@ -103,7 +104,7 @@ class Host:
         if hasattr(comfy.options, "enable_args_parsing"):
             comfy.options.enable_args_parsing(False)
         import comfy.cli_args
-        comfy.cli_args.args.cpu = True
+        comfy.cli_args.args.cpu = cpu
         import comfy.model_management  # noqa: F401  (reads args.cpu at import)
         import comfy.utils
         import execution
