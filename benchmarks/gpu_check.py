@@ -133,11 +133,13 @@ class PackParts:
     layer), re-point these; everything else goes through node ids, whose inputs saved workflows depend on.
 
       headless.tiny_llm.build_tokenizer    a byte-level BPE tokenizer built here (nothing to download)
-      headless.tiny_llm.random_mapper      a Beyond CLIP mapper with random weights
+      headless.tiny_llm.random_mapper      a Beyond CLIP mapper with random weights ...
+      loaders.mappers.host_mapper          ... as the mapper socket carries it
       headless.tiny_models                 the tests' small SDXL UNet, CLIP and VAE (--tiny)
       loaders.llm.LoadedLLM                the LLM socket's handle, around a model built on the device
       loaders.mumu.LoadedIdefics2          the Idefics2 socket's handle, likewise
-      loaders.patcher.HostedModule         what the handles' ModelPatcher wraps
+      loaders.patcher.HostedModule         what the handles' patcher wraps ...
+      loaders.patcher.WholeModelPatcher    ... and the patcher (loaded whole, unloaded whole)
       bridges.mumu.MUMUConnector/Config    a connector (random weights, or on the meta device) ...
       loaders.mumu.host_connector          ... as the connector socket carries it
       loaders.llm.quantized_size           the size hint the int8/nf4 loader frees memory by
@@ -157,28 +159,29 @@ class PackParts:
         return tokenizer
 
     def random_mapper(self, in_dim, hidden_dim):
+        """A mapper handle without a file: its identity is "", which keeps it out of the encoding caches."""
         mapper = self._mod("headless.tiny_llm").random_mapper(in_dim, "sdxl", hidden_dim=hidden_dim)
-        mapper.source, mapper.identity = "random mapper", ""  # what the mapper loader sets; "" keeps caches out
-        return mapper
+        return self._mod("loaders.mappers").host_mapper(mapper)
 
     def _patcher(self, model):
         """The model stays where it was built (the load device): ComfyUI moves it to the offload device only
         when it needs the memory, as for a model it loaded itself."""
         import comfy.model_management as mm
-        import comfy.model_patcher
-        hosted = self._mod("loaders.patcher").HostedModule(model)
-        return comfy.model_patcher.ModelPatcher(hosted, load_device=mm.text_encoder_device(),
-                                                offload_device=mm.text_encoder_offload_device())
+        patching = self._mod("loaders.patcher")
+        return patching.WholeModelPatcher(patching.HostedModule(model), load_device=mm.text_encoder_device(),
+                                          offload_device=mm.text_encoder_offload_device())
 
     def llm_handle(self, model, tokenizer, dtype, name):
         return self._mod("loaders.llm").LoadedLLM(
-            patcher=self._patcher(model), tokenizer=tokenizer, name=name, path=Path(name), dtype=dtype,
-            hidden_size=model.config.hidden_size, identity="")  # no identity: the encoding caches stay out
+            patcher=self._patcher(model), config=model.config, source=name, name=name, tokenizer=tokenizer,
+            path=Path(name), dtype=dtype, hidden_size=model.config.hidden_size,
+            identity="")  # no identity: the encoding caches stay out
 
     def idefics2_handle(self, model, tokenizer, dtype, name):
         text, vision = model.config.text_config, model.config.vision_config
         return self._mod("loaders.mumu").LoadedIdefics2(
-            patcher=self._patcher(model), tokenizer=tokenizer, name=name, path=Path(name), dtype=dtype,
+            patcher=self._patcher(model), config=model.config, source=name, name=name, tokenizer=tokenizer,
+            path=Path(name), dtype=dtype,
             hidden_size=text.hidden_size, patch_size=vision.patch_size, max_resolution=vision.image_size,
             context=text.max_position_embeddings, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),
             identity="")
@@ -641,7 +644,7 @@ class Check:
         unet = sdxl_unet_model(self.mm, meta).diffusion_model
         with torch.device(meta):
             connector = self.parts.connector(FULL.idefics2_text["hidden_size"], **FULL.connector)
-        mapper = self.parts.random_mapper(FULL.llm["hidden_size"], FULL.mapper_hidden)
+        mapper = self.parts.random_mapper(FULL.llm["hidden_size"], FULL.mapper_hidden).inner
         plan = {"llama-2-7b": count(llm), "idefics2-8b without perceiver": count(vlm),
                 "idefics2 vision tower": count(vlm.vision_model), "sdxl unet": count(unet),
                 "mumu connector": count(connector), "mapper": count(mapper)}
@@ -671,7 +674,7 @@ class Check:
         ids = tokenizer(PROMPT, return_tensors="pt", add_special_tokens=True)["input_ids"]
         last = ids.shape[1] - 1
         ids = torch.cat([ids, torch.full((1, 77 - ids.shape[1]), tokenizer.pad_token_id)], dim=1).to(dev)
-        model = llm.patcher.model.inner
+        model = llm.inner
         decoder = model.get_decoder()  # hidden states only, as the node computes them
 
         def bare():
@@ -696,7 +699,7 @@ class Check:
                 if fn is node:
                     self.reference = result[0][0].cpu()
         with torch.inference_mode():
-            tokens, _ = mapper(bare().float(), last)
+            tokens, _ = mapper.module()(bare().float(), last)
         same = cosine(tokens, self.reference)
         b, n = statistics.median(bare_ms), statistics.median(node_ms)
         params = sum(p.numel() for p in model.parameters())
@@ -890,7 +893,7 @@ class Check:
         if not (folder / "config.json").is_file():
             start = time.perf_counter()
             llm = self.built("llm")
-            llm.patcher.model.inner.save_pretrained(str(folder), safe_serialization=True)
+            llm.inner.save_pretrained(str(folder), safe_serialization=True)
             llm.tokenizer.save_pretrained(str(folder))
             self.notes.append(f"wrote the bf16 LLM folder in {time.perf_counter() - start:.1f} s")
         return folder
