@@ -7,9 +7,9 @@ from ..bridges import prompt_weights as weighting
 from ..bridges.errors import LoadError
 from . import llm as llm_engine
 from . import prompt_weights
-from .encoder_identity import check_trained_on
 from .cache import reuse_encoding
 from .conditioning import check_fits_model, conditioning
+from .encoder_identity import check_trained_on
 
 log = logging.getLogger(__name__)
 

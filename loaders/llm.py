@@ -236,9 +236,10 @@ def gguf_info(path: Path) -> GGUFInfo:
         try:  # a block of zeros tells whether gguf can dequantize this type at all
             dequantize(t.data[:0] if t.data.ndim else t.data, t.tensor_type)
         except NotImplementedError:
-            raise LoadError(f"{path.name}: its tensor {t.name} is quantized as {GGMLQuantizationType(t.tensor_type).name}, "
-                            f"which the installed gguf package cannot dequantize. Update it (pip install -U gguf), or "
-                            f"use another quantization of the model.") from None
+            kind = GGMLQuantizationType(t.tensor_type).name
+            raise LoadError(f"{path.name}: its tensor {t.name} is quantized as {kind}, which the installed gguf "
+                            f"package cannot dequantize. Update it (pip install -U gguf), or use another "
+                            f"quantization of the model.") from None
         except Exception:
             pass  # an empty block may be refused for shape reasons; the load itself says what is wrong then
     elements = sum(int(t.n_elements) for t in tensors)
