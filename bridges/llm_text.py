@@ -8,9 +8,12 @@ from dataclasses import dataclass
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from . import prompt_weights
 from .errors import InputError
 
 TEMPLATES = ("none", "llama-2-chat")
+# template -> (text before the prompt, text after it); the prompt is stripped inside a template.
+TEMPLATE_FORMS = {"llama-2-chat": ("[INST] ", " [/INST]")}
 
 
 class PromptError(InputError):
@@ -23,14 +26,22 @@ class EncodedPrompt:
     last_token: int  # index of the last real (not padding) token
     prompt_tokens: int  # tokens of the prompt before any cut or padding
     truncated_to: int = 0  # non-zero when the prompt was cut to this many tokens
+    weights: list = None  # one per position (prompt_weights); None when the prompt has no weights
 
 
 def apply_template(text: str, template: str) -> str:
+    return _templated(text, template)[0]
+
+
+def _templated(text: str, template: str):
+    """(templated text, index in it of the prompt's first character, characters stripped from the prompt's start)."""
     if template == "none":
-        return text
-    if template == "llama-2-chat":
-        # The tokenizer adds <s>; this is Meta's single-turn format without a system prompt.
-        return f"[INST] {text.strip()} [/INST]"
+        return text, 0, 0
+    if template in TEMPLATE_FORMS:
+        # The tokenizer adds <s>; llama-2-chat is Meta's single-turn format without a system prompt.
+        before, after = TEMPLATE_FORMS[template]
+        stripped = text.strip()
+        return before + stripped + after, len(before), len(text) - len(text.lstrip())
     raise PromptError(f"unknown prompt template {template!r}; choose one of {TEMPLATES}")
 
 
@@ -42,6 +53,13 @@ def context_length(model) -> int:
         if isinstance(value, int) and value > 0:
             return value
     return 2048
+
+
+def input_device(model):
+    """Where a model's inputs go: its own answer when it has one (a ComfyUI text encoder, whose weights may be
+    partly offloaded), else the device of its first parameter."""
+    device = getattr(model, "input_device", None)
+    return device if device is not None else next(model.parameters()).device
 
 
 def pad_id(tokenizer) -> int:
@@ -67,26 +85,71 @@ class PromptIds:
     last_token: int  # index of the last real (not padding) token
     prompt_tokens: int  # tokens of the prompt before any cut or padding
     truncated_to: int = 0  # non-zero when the prompt was cut to this many tokens
+    weights: list = None  # one per id (1.0 for special, template and pad tokens); None: the prompt has no weights
 
 
-def prompt_ids(tokenizer, text: str, *, context: int, num_tokens: int = 0, template: str = "none") -> PromptIds:
+def weighted_ids(tokenizer, segments, template: str):
+    """(ids (1, n), one weight per id) of a prompt given as ComfyUI's (segment, weight) pairs: the plain text is
+    tokenized in one piece, each token weighted by its characters (bridges/prompt_weights.py)."""
+    text, char_weights = prompt_weights.plain_text(segments)
+    templated, at, stripped = _templated(text, template)
+    weights = [1.0] * len(templated)
+    span = len(templated) - at - len(TEMPLATE_FORMS.get(template, ("", ""))[1])
+    weights[at:at + span] = char_weights[stripped:stripped + span]
+    try:
+        encoded = tokenizer(templated, add_special_tokens=True, return_offsets_mapping=True)
+        offsets = encoded["offset_mapping"]
+    except (NotImplementedError, KeyError, TypeError, ValueError):
+        raise PromptError("prompt weights like (word:1.3) need a tokenizer that knows which characters each token "
+                          "came from (a 'fast' tokenizer with a tokenizer.json); this LLM's tokenizer does not. "
+                          "Write the prompt without weights.") from None
+    ids = torch.tensor([list(encoded["input_ids"])], dtype=torch.long)
+    return ids, prompt_weights.token_weights(offsets, weights, templated)
+
+
+def prompt_ids(tokenizer, text: str, *, context: int, num_tokens: int = 0, template: str = "none",
+               segments=None) -> PromptIds:
     """The token ids an LLM reads for `text`: the template applied, cut to the context (and to num_tokens), and
     with num_tokens > 0 padded on the right to exactly that many with the pad token, which is attended to (as
     CLIP pads with end-of-text tokens that SD's UNet attends to: in a causal LM those positions see the whole
-    prompt and carry its summary, and no attention mask is needed downstream, since SD ignores masks)."""
+    prompt and carry its summary, and no attention mask is needed downstream, since SD ignores masks).
+    segments: the prompt as ComfyUI's weighted (segment, weight) pairs, when it has weights other than 1.0
+    (then `text` is not read); the result carries one weight per id."""
     limit = min(context, num_tokens) if num_tokens else context
-    ids, n, truncated_to = tokenize(tokenizer, apply_template(text, template), limit)
+    weights = None
+    if segments is not None and prompt_weights.is_weighted(segments):
+        ids, weights = weighted_ids(tokenizer, segments, template)
+        n = ids.shape[1]
+        truncated_to = limit if n > limit else 0
+        ids, weights = ids[:, :limit], weights[:limit]
+    else:
+        if segments is not None:
+            text = prompt_weights.plain_text(segments)[0]
+        ids, n, truncated_to = tokenize(tokenizer, apply_template(text, template), limit)
     last_token = ids.shape[1] - 1
     if num_tokens and ids.shape[1] < num_tokens:
         pad = torch.full((1, num_tokens - ids.shape[1]), pad_id(tokenizer), dtype=ids.dtype)
         ids = torch.cat([ids, pad], dim=1)
-    return PromptIds(ids=ids, last_token=last_token, prompt_tokens=n, truncated_to=truncated_to)
+        if weights is not None:
+            weights = weights + [1.0] * pad.shape[1]
+    return PromptIds(ids=ids, last_token=last_token, prompt_tokens=n, truncated_to=truncated_to, weights=weights)
+
+
+def empty_ids(tokenizer, length: int) -> torch.Tensor:
+    """(1, length) ids of the empty prompt at a given length, as ComfyUI builds it for weighting
+    (sd1_clip.gen_empty_tokens): the start token when the tokenizer has one, then padding."""
+    bos = tokenizer.bos_token_id
+    ids = ([] if bos is None else [bos]) + [pad_id(tokenizer)] * length
+    return torch.tensor([ids[:length]], dtype=torch.long)
 
 
 def hidden_states(model, *, ids: torch.Tensor = None, embeds: torch.Tensor = None, layer: int = -1) -> torch.Tensor:
     """The hidden states at `layer` (an index into hidden_states: -1 is the last layer, 0 the embeddings) of a
     causal LM for token ids or input embeddings (B, T[, D]), every position attended to. Runs the decoder alone
-    where the model has one: the same states, without logits over the whole vocabulary."""
+    where the model has one: the same states, without logits over the whole vocabulary. A model that computes
+    one layer by itself (`hidden_state`, a ComfyUI text encoder) is asked for that layer only."""
+    if hasattr(model, "hidden_state"):
+        return model.hidden_state(ids=ids, embeds=embeds, layer=layer)
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     source = ids if ids is not None else embeds
     mask = torch.ones(source.shape[:2], dtype=torch.long, device=source.device)
@@ -100,17 +163,24 @@ def hidden_states(model, *, ids: torch.Tensor = None, embeds: torch.Tensor = Non
 
 
 def encode(model, tokenizer, text: str, *, hidden_layer: int = -1, num_tokens: int = 0,
-           template: str = "none", allow_empty: bool = False) -> EncodedPrompt:
+           template: str = "none", allow_empty: bool = False, segments=None) -> EncodedPrompt:
     """Hidden states (float32) of `text` at `hidden_layer`; num_tokens > 0 gives exactly that many tokens
-    (see prompt_ids)."""
-    if not text.strip() and not allow_empty:
+    (see prompt_ids). segments: the prompt with its weights (prompt_ids)."""
+    plain = text if segments is None else prompt_weights.plain_text(segments)[0]
+    if not plain.strip() and not allow_empty:
         raise PromptError("the prompt is empty: write a prompt (for an empty negative use the 'zeros' or "
                           "encoded-empty negative choice)")
-    p = prompt_ids(tokenizer, text, context=context_length(model), num_tokens=num_tokens, template=template)
-    device = next(model.parameters()).device
-    hidden = hidden_states(model, ids=p.ids.to(device), layer=hidden_layer).float()
+    p = prompt_ids(tokenizer, text, context=context_length(model), num_tokens=num_tokens, template=template,
+                   segments=segments)
+    hidden = hidden_states(model, ids=p.ids.to(input_device(model)), layer=hidden_layer).float()
     return EncodedPrompt(hidden=hidden, last_token=p.last_token, prompt_tokens=p.prompt_tokens,
-                         truncated_to=p.truncated_to)
+                         truncated_to=p.truncated_to, weights=p.weights)
+
+
+def encode_empty(model, tokenizer, length: int, hidden_layer: int = -1) -> torch.Tensor:
+    """Hidden states (1, length, D) float32 of the empty prompt at that length (empty_ids): what weighted rows
+    move away from."""
+    return hidden_states(model, ids=empty_ids(tokenizer, length).to(input_device(model)), layer=hidden_layer).float()
 
 
 def chat(model, tokenizer, text: str, *, max_new_tokens: int = 256, template: str = "none",
@@ -128,7 +198,7 @@ def chat(model, tokenizer, text: str, *, max_new_tokens: int = 256, template: st
 
     prompt = apply_template(text, template)
     ids, _, _ = tokenize(tokenizer, prompt, max(1, context_length(model) - max_new_tokens))
-    device = next(model.parameters()).device
+    device = input_device(model)
     generated = model.generate(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device),
                                max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                pad_token_id=pad_id(tokenizer),

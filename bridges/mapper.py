@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from . import contract
+from .encoder_record import EncoderRecord
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
@@ -27,6 +28,9 @@ class MapperConfig:
     activation: str = "gelu"
     num_tokens: int = 77  # prompts are padded or cut to this many tokens; 0 keeps the prompt's own length
     hidden_layer: int = -1  # the LLM layer the mapper was trained on (-1 = last)
+    # which text encoder it was trained on (bridges/encoder_record.py EncoderRecord as a dict); None in files
+    # written before the pack kept it
+    encoder: dict = None
 
     def __post_init__(self):
         if self.target not in TARGETS:
@@ -35,6 +39,10 @@ class MapperConfig:
             raise ValueError(f"unknown activation {self.activation!r}; expected one of {sorted(ACTIVATIONS)}")
         if self.depth < 1 or self.in_dim < 1 or self.hidden_dim < 1 or self.num_tokens < 0:
             raise ValueError(f"invalid mapper config {asdict(self)}")
+        if self.encoder is not None:
+            record = EncoderRecord.from_dict(self.encoder)
+            if record.width != self.in_dim:
+                raise ValueError(f"the text-encoder record says {record.width} wide, the mapper reads {self.in_dim}")
 
     @property
     def out_dim(self) -> int:

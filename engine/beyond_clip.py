@@ -3,36 +3,49 @@ import logging
 
 import torch
 
+from ..bridges import prompt_weights as weighting
 from ..bridges.errors import LoadError
 from . import llm as llm_engine
+from . import prompt_weights
 from .cache import reuse_encoding
 from .conditioning import check_fits_model, conditioning
+from .encoder_identity import check_trained_on
 
 log = logging.getLogger(__name__)
 
 
-def check_mapper_fits(llm, mapper, model=None):
-    """Refuse a mapper made for another LLM width, or (with the MODEL it will condition) another model family."""
+def check_mapper_fits(llm, mapper, model=None, template="none"):
+    """Refuse a mapper made for another LLM (its width, or the text encoder its file records), or (with the MODEL
+    it will condition) another model family."""
     cfg = mapper.config
     if cfg.in_dim != llm.hidden_size:
         raise LoadError(f"{mapper.describe()} ({mapper.source}) reads {cfg.in_dim}-wide hidden states, but "
                         f"{llm.describe()} produces {llm.hidden_size}. Use a mapper trained for this LLM.")
+    check_trained_on(llm, mapper, "mapper", cfg.hidden_layer, template)
     if model is not None:
         check_fits_model(model, cfg.out_dim, cfg.pooled_dim, f"{mapper.describe()} ({mapper.source})")
 
 
 def encode(llm, mapper, text: str, *, hidden_layer: int, template: str, allow_empty: bool = False):
-    """(tokens (1, N, width), pooled (1, 1280) or None) of one text, float32."""
+    """(tokens (1, N, width), pooled (1, 1280) or None) of one text, float32. Weighted words ((word:1.3), ComfyUI's
+    syntax) move their tokens from the empty prompt's mapped tokens toward their own; the pooled vector is the
+    prompt's, as in ComfyUI."""
+    segments = prompt_weights.parse(text)
     enc = llm_engine.hidden_states(llm, text, hidden_layer=hidden_layer, num_tokens=mapper.config.num_tokens,
-                                   template=template, allow_empty=allow_empty)
+                                   template=template, allow_empty=allow_empty, segments=segments)
     if enc.truncated_to:
         log.warning("Beyond CLIP: the prompt has %d tokens; only the first %d are used (%s). Prompt start: %r",
                     enc.prompt_tokens, enc.truncated_to,
                     "the mapper's token count" if enc.truncated_to == mapper.config.num_tokens else "the LLM's context",
                     text[:60])
     net = mapper.module()
+    device = next(net.parameters()).device
     with torch.no_grad():
-        return net(enc.hidden.to(next(net.parameters()).device), enc.last_token)
+        tokens, pooled = net(enc.hidden.to(device), enc.last_token)
+        if enc.weights is not None:
+            empty = llm_engine.empty_hidden_states(llm, enc.hidden.shape[1], hidden_layer)
+            tokens = weighting.apply(tokens, net(empty.to(device), 0)[0], enc.weights)
+    return tokens, pooled
 
 
 def encode_conditioning(llm, mapper, text: str, *, hidden_layer: int, template: str, allow_empty: bool = False,

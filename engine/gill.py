@@ -22,6 +22,7 @@ from ..loaders import gill as gill_files
 from ..loaders import images as picture_files
 from . import llm as llm_engine
 from .cache import reuse_encoding
+from .prompt_weights import warn_ignored
 from .conditioning import conditioning
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,8 @@ def vision_identity(clip_vision) -> str:
 
 def encode_conditioning(llm, gill, prompt, images=None, clip_vision=None, *, disk_cache=False, progress=None):
     """{"conditioning", "img_states"} of a prompt with pictures; identical requests are served from the caches."""
+    warn_ignored(prompt, "GILL")
+
     def compute():
         hidden = img_states(llm, gill, prompt, images, clip_vision, progress)
         tokens, pooled = generation(gill, hidden)

@@ -4,6 +4,15 @@ from contextlib import nullcontext
 import torch
 
 from ..bridges import llm_text
+from ..loaders.text_encoders import is_text_encoder
+
+
+def host_version() -> str:
+    try:
+        import comfyui_version
+        return comfyui_version.__version__
+    except ImportError:
+        return "of this version"
 
 
 def adapter_context(llm, model):
@@ -12,23 +21,37 @@ def adapter_context(llm, model):
 
 
 def hidden_states(llm, text: str, *, hidden_layer: int = -1, num_tokens: int = 0, template: str = "none",
-                  allow_empty: bool = False) -> llm_text.EncodedPrompt:
+                  allow_empty: bool = False, segments=None) -> llm_text.EncodedPrompt:
     """The LLM's (with its adapter) hidden states of `text` at `hidden_layer`, float32, on the LLM's device;
-    num_tokens > 0 pads or cuts to exactly that many tokens (llm_text.prompt_ids)."""
+    num_tokens > 0 pads or cuts to exactly that many tokens (llm_text.prompt_ids). segments: the prompt with its
+    weights (engine/prompt_weights.parse); the result then carries one weight per position."""
     model = llm.module()
     with torch.no_grad(), adapter_context(llm, model):
         return llm_text.encode(model, llm.tokenizer, text, hidden_layer=hidden_layer, num_tokens=num_tokens,
-                               template=template, allow_empty=allow_empty)
+                               template=template, allow_empty=allow_empty, segments=segments)
+
+
+def empty_hidden_states(llm, length: int, hidden_layer: int = -1) -> torch.Tensor:
+    """(1, length, D) float32 hidden states of the empty prompt (its start token, then padding), as ComfyUI's
+    CLIP encodes it for weighting."""
+    model = llm.module()
+    with torch.no_grad(), adapter_context(llm, model):
+        return llm_text.encode_empty(model, llm.tokenizer, length, hidden_layer)
 
 
 def prompt_ids(llm, text: str, *, num_tokens: int = 0, template: str = "none") -> llm_text.PromptIds:
     """The token ids hidden_states() feeds the LLM for `text` (for caches of ids that train through the LLM)."""
+    if is_text_encoder(llm):
+        raise llm.cannot("Training through the LLM", "ComfyUI's text encoder runs frozen inside ComfyUI")
     return llm_text.prompt_ids(llm.tokenizer, text, context=llm_text.context_length(llm.config),
                                num_tokens=num_tokens, template=template)
 
 
 def chat(llm, prompt: str, *, max_new_tokens: int, template: str = "none", on_token=None) -> str:
     """The plain LLM (never its adapter) answers greedily. on_token(i) after each new token."""
+    if is_text_encoder(llm):
+        raise llm.cannot("A chat reply", f"ComfyUI's text-encoder classes hold the LLM without its output head "
+                                         f"(ComfyUI {host_version()}), so it cannot generate text")
     base = llm.base or llm
     model = base.module()
     return llm_text.chat(model, base.tokenizer, prompt, max_new_tokens=max_new_tokens, template=template,

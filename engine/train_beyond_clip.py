@@ -14,6 +14,7 @@ from ..bridges.training.trainer import Trainer
 from ..loaders.mappers import save_mapper
 from ..loaders.repadapters import save_repadapter
 from . import llm as llm_engine
+from .encoder_identity import record_of
 from .training import clip_identity, clip_teacher, run_training
 
 MAPPER_TOKENS = 77  # what the mapper is trained to emit: CLIP's token count
@@ -36,9 +37,12 @@ def mapper_cache_spec(llm, clip, hidden_layer: int, template: str) -> CacheSpec:
                                        template=template)
         return enc.hidden.cpu(), enc.last_token
 
+    # the text encoder's record goes into the cache's identity, so a mapper trained from the cache alone (the
+    # command line) still records which encoder it reads
     return CacheSpec(input_fn, clip_teacher(clip), {
         "student": "beyond_clip", "llm": llm.identity, "clip": clip_identity(clip), "hidden_layer": hidden_layer,
-        "template": template, "num_tokens": MAPPER_TOKENS})
+        "template": template, "num_tokens": MAPPER_TOKENS,
+        "encoder": record_of(llm, hidden_layer, template).to_dict()})
 
 
 def token_cache_spec(llm, clip, num_tokens: int, template: str) -> CacheSpec:

@@ -37,8 +37,8 @@ def build_tokenizer(vocab_size: int = 384):
 
 def write_llm_folder(folder, arch: str = "llama", seed: int = 0, hidden_size: int = 64, layers: int = 2,
                      context: int = 128) -> Path:
-    """A small causal LM folder (config.json, model.safetensors, tokenizer files) for `arch` llama or opt."""
-    from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+    """A small causal LM folder (config.json, model.safetensors, tokenizer files) for `arch` llama, mistral or opt."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, OPTConfig, OPTForCausalLM
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -51,6 +51,11 @@ def write_llm_folder(folder, arch: str = "llama", seed: int = 0, hidden_size: in
                              num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                              max_position_embeddings=context, **ids)
         model = LlamaForCausalLM(config)
+    elif arch == "mistral":  # the same shapes as llama: only the architecture and the weights differ
+        config = MistralConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                               num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                               max_position_embeddings=context, **ids)
+        model = MistralForCausalLM(config)
     elif arch == "opt":
         config = OPTConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, ffn_dim=2 * hidden_size,
                            num_hidden_layers=layers, num_attention_heads=4, word_embed_proj_dim=hidden_size,

@@ -183,7 +183,8 @@ def _training_for(args, pack, data, about, cache_path, rank):
         return _mod(pack, "engine.train_mumu").train_connector, config, out_path, {"probes": args.probes}
     config = _mod(pack, "bridges.mapper").MapperConfig(
         in_dim=data.inputs.shape[-1], target=_mod(pack, "engine.training").target_of(data), hidden_dim=args.hidden_dim,
-        depth=args.depth, activation=args.activation, num_tokens=data.targets.shape[1], hidden_layer=hidden_layer)
+        depth=args.depth, activation=args.activation, num_tokens=data.targets.shape[1], hidden_layer=hidden_layer,
+        encoder=about.get("encoder"))
     out_path = folders.bridge_output_path(args.out, kind=_mod(pack, "loaders.mappers").KIND) if rank == 0 else None
     return _mod(pack, "engine.train_beyond_clip").train_mapper, config, out_path, {}
 

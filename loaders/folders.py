@@ -9,13 +9,14 @@ from .bridge_files import kind_of, writable_path
 from .errors import InputError, LoadError
 
 LLM = "LLM"  # Hugging Face model folders (config.json, weights, tokenizer files), the convention of LLM packs
+GGUF = ".gguf"  # single-file LLMs in llama.cpp's format, in models/LLM too
 BRIDGES = "bridges"  # the pack's own small weights: mappers, adapters, routers
 BRIDGE_EXTENSIONS = {".safetensors", ".json"}
 
 
 def register_model_folders():
     """Add models/LLM and models/bridges unless ComfyUI or another pack already registered them."""
-    for name, extensions in ((LLM, {".safetensors", ".bin"}), (BRIDGES, BRIDGE_EXTENSIONS)):
+    for name, extensions in ((LLM, {".safetensors", ".bin", GGUF}), (BRIDGES, BRIDGE_EXTENSIONS)):
         if name not in folder_paths.folder_names_and_paths:
             folder_paths.folder_names_and_paths[name] = ([os.path.join(folder_paths.models_dir, name)], set(extensions))
         else:  # another pack registered it with its own extensions: make sure ours are listed too
@@ -46,11 +47,27 @@ def list_model_dirs(folder_name=LLM, marker="config.json", depth=2):
     return sorted(found)
 
 
+def list_llms():
+    """What Load LLM offers: Hugging Face folders and .gguf files in models/LLM (up to two levels down)."""
+    files = set()
+    for base in search_paths(LLM):
+        if not base.is_dir():
+            continue
+        for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
+            rel = Path(dirpath).relative_to(base)
+            files.update((rel / f).as_posix() for f in filenames if f.lower().endswith(GGUF) and not f.startswith("."))
+            if len(rel.parts) >= 2:
+                dirnames.clear()
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+    return list_model_dirs(LLM) + sorted(files)
+
+
 def resolve_model_dir(name, folder_name=LLM) -> Path:
+    """The folder (or, for a name ending in .gguf, the file) `name` in the model folders."""
     searched = search_paths(folder_name)
     for base in searched:
         path = base / name
-        if path.is_dir():
+        if path.is_dir() or name.lower().endswith(GGUF) and path.is_file():
             return path
     where = ", ".join(str(p) for p in searched) or f"models/{folder_name}"
     raise LoadError(f"model folder '{name}' was not found in {where}. Put the Hugging Face model folder "

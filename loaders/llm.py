@@ -192,8 +192,65 @@ def _keep_packing(model):
             module.support_avx512bf16_for_cpu = False
 
 
+GGUF_PIP = "pip install gguf"
+
+
+@dataclass
+class GGUFInfo:
+    architecture: str
+    dequantized_elements: int  # weights once dequantized: the model's size is this times the dtype's bytes
+    types: tuple  # quantization types found
+
+
+def gguf_info(path: Path) -> GGUFInfo:
+    """What a .gguf file holds, read from its header (tensor data stays on disk), or a LoadError saying why the
+    pack cannot use it: gguf missing, not a GGUF file, an architecture or quantization transformers cannot
+    dequantize, no tokenizer in its metadata."""
+    try:
+        from gguf import GGMLQuantizationType, GGUFReader  # optional: the gguf extra
+        from gguf.quants import dequantize
+    except ImportError:
+        raise LoadError(f"{path.name} is a GGUF file: reading it needs the 'gguf' package. Install it into "
+                        f"ComfyUI's Python ({GGUF_PIP}) and restart ComfyUI, or use a Hugging Face folder.") from None
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+    try:
+        reader = GGUFReader(str(path))
+        field = reader.fields["general.architecture"]
+        arch = bytes(field.parts[field.data[0]]).decode("utf-8")
+        tensors = list(reader.tensors)
+    except KeyError:
+        raise LoadError(f"{path} has no general.architecture in its metadata: it is not a GGUF LLM written by "
+                        f"llama.cpp's tools. Use another file.") from None
+    except Exception as e:  # gguf raises ValueError, struct errors, numpy errors on damaged files
+        raise LoadError(f"{path} is not a readable GGUF file ({type(e).__name__}: {str(e)[:200]}); it is truncated "
+                        f"or corrupt. Copy it again.") from None
+    if arch not in GGUF_SUPPORTED_ARCHITECTURES:
+        raise LoadError(f"{path.name} holds a '{arch}' model, which this transformers ({transformers.__version__}) "
+                        f"cannot dequantize from GGUF (it reads: {', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))}). "
+                        f"Use the model's Hugging Face folder instead.")
+    if "tokenizer.ggml.model" not in reader.fields:
+        raise LoadError(f"{path.name} has no tokenizer in its metadata (tokenizer.ggml.*), and the pack never "
+                        f"fetches one. Use a GGUF file that embeds its tokenizer, as llama.cpp's converter writes.")
+    types = tuple(sorted({GGMLQuantizationType(t.tensor_type).name for t in tensors}))
+    for t in tensors:
+        try:  # a block of zeros tells whether gguf can dequantize this type at all
+            dequantize(t.data[:0] if t.data.ndim else t.data, t.tensor_type)
+        except NotImplementedError:
+            kind = GGMLQuantizationType(t.tensor_type).name
+            raise LoadError(f"{path.name}: its tensor {t.name} is quantized as {kind}, which the installed gguf "
+                            f"package cannot dequantize. Update it (pip install -U gguf), or use another "
+                            f"quantization of the model.") from None
+        except Exception:
+            pass  # an empty block may be refused for shape reasons; the load itself says what is wrong then
+    elements = sum(int(t.n_elements) for t in tensors)
+    return GGUFInfo(arch, elements, types)
+
+
 def load_llm(name: str, path: Path, dtype_choice: str = "auto", progress=None) -> LoadedLLM:
-    """progress(step) is called after each of the 4 steps; it may raise to stop (interruption)."""
+    """progress(step) is called after each of the 4 steps; it may raise to stop (interruption). `path` is a Hugging
+    Face folder, or a .gguf file (read through transformers' GGUF support)."""
+    if path.suffix.lower() == ".gguf":
+        return _load_gguf(name, path, dtype_choice, progress)
     config = check_folder(path)
     device = mm.text_encoder_device()
     extra, quantized = {}, ""
@@ -205,6 +262,50 @@ def load_llm(name: str, path: Path, dtype_choice: str = "auto", progress=None) -
         dtype = choose_dtype(dtype_choice, device)
     key = ("llm", str(path.resolve()), dtype, quantized, file_identity(path))
     return shared(key, lambda: _load(name, path, dtype, quantized, extra, config, device, progress))
+
+
+def _load_gguf(name, path, dtype_choice, progress) -> LoadedLLM:
+    if dtype_choice in QUANTIZED:
+        raise LoadError(f"{path.name} is a GGUF file: transformers dequantizes it while loading, so it cannot also be "
+                        f"quantized by bitsandbytes. Choose auto, fp16, bf16 or fp32.")
+    info = gguf_info(path)
+    dtype = choose_dtype(dtype_choice, mm.text_encoder_device())
+    key = ("llm-gguf", str(path.resolve()), dtype, file_identity(path))
+    return shared(key, lambda: _load_gguf_now(name, path, dtype, info, progress))
+
+
+def _load_gguf_now(name, path, dtype, info, progress) -> LoadedLLM:
+    progress and progress(1)
+    folder, file = str(path.parent), path.name
+    try:  # the tokenizer is built from the file's own metadata (tokenizer.ggml.*)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file, local_files_only=True,
+                                                  trust_remote_code=False)
+    except Exception as e:  # transformers raises many kinds here
+        raise LoadError(f"the tokenizer stored in {path} could not be built ({type(e).__name__}: {str(e)[:200]}). "
+                        f"Use a GGUF file converted with llama.cpp's tools.") from None
+    progress and progress(2)
+    model = None
+    try:
+        # transformers dequantizes tensor by tensor into `dtype`: the model's memory is the dequantized size
+        # (info.dequantized_elements x dtype bytes), which is what ComfyUI counts once it is wrapped
+        model = from_pretrained(AutoModelForCausalLM, folder, dtype, gguf_file=file)
+    except Exception as e:  # transformers, gguf and numpy raise many kinds here
+        raise LoadError(f"the weights in {path} could not be dequantized ({type(e).__name__}: {str(e)[:200]}). The "
+                        f"file is truncated or corrupt, or holds a variant of '{info.architecture}' transformers does "
+                        f"not read; copy it again or use the Hugging Face folder.") from None
+    finally:
+        if model is None:
+            gc.collect()
+    model.eval().requires_grad_(False)
+    progress and progress(3)
+    hosted = patching.wrap(model)
+    width = getattr(model.config, "hidden_size", None) or model.get_input_embeddings().weight.shape[1]
+    llm = LoadedLLM(patcher=hosted, config=model.config, source=str(path), name=name, tokenizer=tokenizer, path=path,
+                    dtype=dtype, identity=f"{file_identity(path)}:{dtype}:gguf", hidden_size=int(width))
+    log.info("Beyond CLIP: %s (%s, %s) dequantized to %s: %.2f GB", path.name, info.architecture,
+             "/".join(info.types), dtype, info.dequantized_elements * dtype.itemsize / 1e9)
+    progress and progress(4)
+    return llm
 
 
 def _load(name, path, dtype, quantized, extra, config, device, progress) -> LoadedLLM:

@@ -93,6 +93,9 @@ def apply_repadapter(llm, adapters: LoadedRepAdapter, mode: str):
     """A new LLM handle with the adapters; the given handle is unchanged."""
     if mode not in MODES:
         raise ValueError(f"unknown RepAdapter mode {mode!r}; choose one of {MODES}")
+    if hasattr(llm, "cannot"):  # a stock CLIP (loaders/text_encoders.py)
+        raise llm.cannot("Apply RepAdapter", "ComfyUI's text-encoder classes are not the transformers layers a "
+                                             "RepAdapter is trained on and hooked into")
     if llm.adapter is not None:
         raise ValueError(f"{llm.describe()} already has an adapter; apply one adapter to the plain LLM")
     _check_fits(llm, adapters)

@@ -12,6 +12,7 @@ from ..loaders.mappers import KIND as MAPPER_KIND
 from ..loaders.mappers import load_mapper
 from ..loaders.repadapters import KIND as REPADAPTER_KIND
 from ..loaders.repadapters import MODES, apply_repadapter, load_repadapter
+from ..loaders.text_encoders import from_clip
 from .common import CACHE_TO_DISK, CATEGORY, LLM_TYPE, MAPPER_TYPE, REPADAPTER_TYPE, Progress, ui_text
 
 log = logging.getLogger(__name__)
@@ -22,7 +23,8 @@ class LLMLoader:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "llm_name": (folders.list_model_dirs(folders.LLM), {"tooltip": "A Hugging Face causal-LM folder in models/LLM"}),
+            "llm_name": (folders.list_llms(), {"tooltip": "A Hugging Face causal-LM folder, or a .gguf file, in "
+                                                          "models/LLM"}),
             "dtype": (LLM_DTYPES, {"default": "auto", "tooltip": "auto: bf16/fp16 where the device runs them, else "
                                                              "fp32; int8/nf4 need bitsandbytes (on a CUDA GPU, or "
                                                              "on a CPU from bitsandbytes 0.46 on)"}),
@@ -33,6 +35,8 @@ class LLMLoader:
     FUNCTION = "load"
     CATEGORY = CATEGORY
     DESCRIPTION = ("Loads a Hugging Face causal LM (Llama, OPT, Mistral, ...) and its tokenizer from models/LLM, offline, "
+                   "or a single-file .gguf LLM (dequantized by transformers' GGUF support into the chosen dtype, its "
+                   "tokenizer built from the file's own metadata; needs the gguf package), "
                    "under ComfyUI's memory manager (offloaded when the UNet needs the memory). auto: bf16/fp16 where "
                    "the device runs them, fp32 on CPU. int8/nf4: quantized by bitsandbytes while loading, about "
                    "1/2 or 1/4 of fp16's memory; such an LLM stays on its device. One instance is shared while "
@@ -40,15 +44,36 @@ class LLMLoader:
 
     @classmethod
     def VALIDATE_INPUTS(cls, llm_name):
-        choices = folders.list_model_dirs(folders.LLM)
+        choices = folders.list_llms()
         if llm_name not in choices:
-            return folders.not_found_message("LLM folder", llm_name, choices, f"models/{folders.LLM}")
+            return folders.not_found_message("LLM folder or .gguf file", llm_name, choices, f"models/{folders.LLM}")
         return True
 
     def load(self, llm_name, dtype):
         progress = Progress(4)
         path = folders.resolve_model_dir(llm_name, folders.LLM)
         return (load_llm(llm_name, path, dtype, progress=progress.step),)
+
+
+class TextEncoderAsLLM:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"clip": ("CLIP", {"tooltip": "From Load CLIP (type hidream, lumina2, omnigen2 or "
+                                                          "qwen_image) on an LLM text encoder in models/text_encoders, "
+                                                          "DualCLIPLoader, or another pack's CLIP loader (GGUF)"})}}
+
+    RETURN_TYPES = (LLM_TYPE,)
+    RETURN_NAMES = ("llm",)
+    FUNCTION = "convert"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("Uses the LLM inside a stock CLIP -- Llama 3.1 8B (HiDream), Gemma 2 2B (Lumina 2), Qwen2.5-VL "
+                   "3B/7B (OmniGen2, Qwen-Image), as Load CLIP reads them from models/text_encoders, fp8 and GGUF "
+                   "included -- as the LLM for LLM Text Encode, the router's drawing path, Train Mapper and GILL. "
+                   "ComfyUI's own model, tokenizer and memory management run it; nothing is loaded twice. It "
+                   "cannot chat (ComfyUI keeps no output head) or take a RepAdapter: those need Load LLM.")
+
+    def convert(self, clip):
+        return (from_clip(clip),)
 
 
 class MapperLoader:
@@ -101,9 +126,11 @@ class TextEncode:
     FUNCTION = "encode"
     CATEGORY = CATEGORY
     DESCRIPTION = ("Prompt -> LLM hidden states -> mapper -> SD1.x (1, 77, 768) or SDXL (1, 77, 2048 + pooled 1280) "
-                   "conditioning for the stock KSampler. Connect `model` to have a mapper made for another model "
-                   "family refused before sampling. Prompts longer than the mapper's tokens or the LLM's context "
-                   "are cut, with a warning.")
+                   "conditioning for the stock KSampler. Weights in ComfyUI's syntax -- (word:1.3), (word), \\( for a "
+                   "literal parenthesis -- move a word's tokens from the empty prompt's toward their own, as "
+                   "CLIPTextEncode does. Connect `model` to have a mapper made for another model family refused "
+                   "before sampling; a mapper trained on another text encoder is refused by name. Prompts longer "
+                   "than the mapper's tokens or the LLM's context are cut, with a warning.")
 
     def encode(self, llm, mapper, prompt, negative_prompt, negative, hidden_layer, template, cache_to_disk=False,
                model=None):
@@ -114,7 +141,7 @@ class TextEncode:
 def encode_pair(llm, mapper, prompt, negative_prompt, negative, hidden_layer, template, cache_to_disk=False,
                 model=None):
     """(positive, negative) CONDITIONING: the prompt, and the negative text encoded or zeros."""
-    beyond_clip_engine.check_mapper_fits(llm, mapper, model)
+    beyond_clip_engine.check_mapper_fits(llm, mapper, model, template)
     if hidden_layer != mapper.config.hidden_layer:
         log.warning("Beyond CLIP: the mapper was trained on hidden layer %d, encoding with layer %d",
                     mapper.config.hidden_layer, hidden_layer)
@@ -275,6 +302,7 @@ def _execution_blocker():
 
 NODE_CLASS_MAPPINGS = {
     "BeyondCLIP_LLMLoader": LLMLoader,
+    "BeyondCLIP_TextEncoderAsLLM": TextEncoderAsLLM,
     "BeyondCLIP_MapperLoader": MapperLoader,
     "BeyondCLIP_TextEncode": TextEncode,
     "BeyondCLIP_Chat": Chat,
@@ -284,6 +312,7 @@ NODE_CLASS_MAPPINGS = {
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "BeyondCLIP_LLMLoader": "Load LLM (Beyond CLIP)",
+    "BeyondCLIP_TextEncoderAsLLM": "Text Encoder as LLM (Beyond CLIP)",
     "BeyondCLIP_MapperLoader": "Load Mapper (Beyond CLIP)",
     "BeyondCLIP_TextEncode": "LLM Text Encode (Beyond CLIP)",
     "BeyondCLIP_Chat": "LLM Chat (Beyond CLIP)",

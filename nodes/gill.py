@@ -127,7 +127,9 @@ class GILLEncode:
     CATEGORY = CATEGORY
     DESCRIPTION = ("GILL: appends [IMG0]..[IMG7] to the prompt (text and images), reads the LLM's last-layer states "
                    "there and maps them with GILLMapper into SD text space (77 tokens; SDXL mappers add the pooled "
-                   "vector). Pair with CLIPTextEncode of an empty text as the negative, as GILL does.")
+                   "vector). Pair with CLIPTextEncode of an empty text as the negative, as GILL does. Prompt weights such as "
+                   "(word:1.3) are ignored here (the prompt is read as written, with a warning): GILLMapper reads "
+                   "eight learnt query states, not one state per word.")
 
     def encode(self, llm, gill, prompt, images=None, clip_vision=None, model=None, cache_to_disk=False):
         cfg = gill.config

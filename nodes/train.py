@@ -201,7 +201,7 @@ class TrainMapper(ReadsCaptions):
         data, cache_path = _cache(run, texts, spec, cache_precision)
         config = MapperConfig(in_dim=llm.hidden_size, target=target_of(data), hidden_dim=hidden_dim, depth=depth,
                               activation=activation, num_tokens=train_beyond_clip.MAPPER_TOKENS,
-                              hidden_layer=hidden_layer)
+                              hidden_layer=hidden_layer, encoder=spec.identity["encoder"])
         _, trainer = _run_with_progress(unique_id, steps, lambda on_step: train_beyond_clip.train_mapper(
             run, data, config, settings, out_path, device=mm.get_torch_device(), resume=resume, on_step=on_step,
             checkpoint_every=checkpoint_every, cache_path=cache_path))
@@ -327,6 +327,11 @@ class TrainGILLMapper(ReadsCaptions):
         out_path = folders.bridge_output_path(output_name, kind=gill_files.KIND)
         settings = _train_settings(steps, batch_size, learning_rate, loss, val_fraction, seed, eval_every)
         if train_img_tokens:
+            if hasattr(llm, "cannot"):  # a stock CLIP (loaders/text_encoders.py)
+                raise llm.cannot("Train GILL Mapper with train_img_tokens", "the gradient would have to run "
+                                 "through ComfyUI's own text-encoder weights, which the pack leaves as ComfyUI "
+                                 "keeps them; switch train_img_tokens off to train the mapper on cached [IMG] "
+                                 "states")
             if llm.adapter is not None:
                 raise InputError(f"{llm.describe()} has an adapter: connect the plain LLM to train the [IMG] rows")
             spec = train_gill.token_cache_spec(llm, gill, clip, texts)
@@ -454,9 +459,12 @@ class TrainRepAdapter(ReadsPairs):
     def train(self, llm, mapper, clip, model, vae, pairs, run_name, output_name, steps, batch_size, learning_rate,
               lambda_diffusion, hidden_dim, groups, scale, resolution, template, val_fraction, seed, resume,
               checkpoint_every, eval_every, unique_id=None):
+        if hasattr(llm, "cannot"):  # a stock CLIP (loaders/text_encoders.py)
+            raise llm.cannot("Train RepAdapter", "RepAdapters are trained inside the transformers layers of an LLM "
+                                                 "loaded by the pack")
         if llm.adapter is not None:
             raise InputError(f"{llm.describe()} already has an adapter: connect the plain LLM (from Load LLM)")
-        check_mapper_fits(llm, mapper, model)
+        check_mapper_fits(llm, mapper, model, template)
         if hidden_dim % groups:
             raise InputError(f"groups={groups} must divide hidden_dim={hidden_dim}")
         found = inputs.read_pairs(pairs)

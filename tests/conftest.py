@@ -50,7 +50,7 @@ def bridge_module(name: str):
 @pytest.fixture(scope="session")
 def bridges():
     return bridge_module
-MODEL_FOLDERS = ("checkpoints", "LLM", "bridges", "loras", "clip_vision")
+MODEL_FOLDERS = ("checkpoints", "LLM", "bridges", "loras", "clip_vision", "text_encoders")
 
 
 class ConditioningSink:
@@ -77,6 +77,8 @@ def host(tmp_path_factory):
     pack = h.load_pack(base / "custom_nodes")
     tiny = importlib.import_module(pack.__name__ + ".headless.tiny_models")
     h.register_nodes(tiny.NODE_CLASS_MAPPINGS, tiny.NODE_DISPLAY_NAME_MAPPINGS)
+    tiny_te = importlib.import_module(pack.__name__ + ".headless.tiny_text_encoders")
+    h.register_nodes(tiny_te.NODE_CLASS_MAPPINGS, tiny_te.NODE_DISPLAY_NAME_MAPPINGS)
     h.register_nodes({"TestConditioningSink": ConditioningSink})
     print(f"\nComfyUI host: {h.version} at {h.root}")
     return h
