@@ -14,6 +14,7 @@ LLM_TYPE = "BEYOND_CLIP_LLM"
 MAPPER_TYPE = "BEYOND_CLIP_MAPPER"
 REPADAPTER_TYPE = "BEYOND_CLIP_REPADAPTER"
 ROUTER_TYPE = "BEYOND_CLIP_ROUTER"
+MUMU_DATASET_TYPE = "BEYOND_CLIP_MUMU_DATASET"  # a built MUMU dataset folder (Build MUMU Dataset -> the MUMU trainers)
 # Every encoder node's last input: ComfyUI's workflow files store widget values by position.
 CACHE_TO_DISK = ("BOOLEAN", {"default": False, "tooltip": "also keep the encoding in output/"
                              f"{encode_cache.DISK_FOLDER} so it survives a restart"})

@@ -15,12 +15,13 @@ from ..bridges.training import (LOSSES, TrainConfig, classification_report, fell
                                 train_linear_classifier)
 from ..loaders import gill as gill_files
 from ..loaders import mumu as mumu_files
+from ..loaders import mumu_dataset as dataset_files
 from ..loaders import routers, training
 from ..loaders.bridge_files import save_bridge
 from ..loaders.errors import LoadError
 from ..loaders.mappers import load_mapper
 from ..loaders.patcher import load_to_device
-from .common import CATEGORY, LLM_TYPE, MAPPER_TYPE, Progress
+from .common import CATEGORY, LLM_TYPE, MAPPER_TYPE, MUMU_DATASET_TYPE, Progress
 from .gill import GILL_TYPE, encode_img_states
 from .mumu import CONNECTOR_TYPE, VLM_TYPE
 
@@ -43,6 +44,13 @@ def _file_choice(name, choices, what):
         listed = ", ".join(choices[:5]) if choices else "none"
         return f"{what} '{name}' is not in ComfyUI's input folder (found: {listed}). Put it there and refresh."
     return True
+
+
+def _dataset_file(name, file_name):
+    """Whether `name` is a MUMU dataset's trainer file (input/<dataset>/<file_name>): the Build MUMU Dataset node
+    writes it when the graph runs, so it may not exist yet when the graph is validated."""
+    parts = str(name).split("/")
+    return len(parts) == 2 and parts[1] == file_name and bool(parts[0])
 
 
 def _file_stamp(name):
@@ -425,6 +433,9 @@ class TrainMUMUConnector:
                 **RUN_INPUTS,
                 "cache_precision": (CACHE_PRECISIONS, {"default": "fp16"}),
             },
+            # optional: graphs saved before it existed keep validating
+            "optional": {"dataset": (MUMU_DATASET_TYPE, {"tooltip": "A dataset from Build MUMU Dataset: its "
+                                                                    "stage-1 caption file is used instead of 'captions'"})},
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
@@ -440,6 +451,8 @@ class TrainMUMUConnector:
 
     @classmethod
     def VALIDATE_INPUTS(cls, captions):
+        if _dataset_file(captions, dataset_files.STAGE1):
+            return True  # a dataset's file, written when its Build node runs (before this one: it is linked)
         return _file_choice(captions, training.input_files(training.TABLE_EXTENSIONS), "caption file")
 
     @classmethod
@@ -448,7 +461,9 @@ class TrainMUMUConnector:
 
     def train(self, idefics2, clip, captions, run_name, output_name, steps, batch_size, learning_rate, width, depth,
               heads, hidden_layer, image_resolution, probes, val_fraction, seed, resume, checkpoint_every, eval_every,
-              cache_precision, unique_id=None):
+              cache_precision, unique_id=None, dataset=None):
+        if dataset is not None:
+            captions = dataset.stage1
         source = training.resolve_input_file(captions)
         lines = training.read_captions(source)
         for i, line in enumerate(lines):
@@ -597,8 +612,16 @@ class TrainMUMU(ReadsPairs):
                                              "tooltip": "Pixels per side of each crop (MUMU stage 2: 504 -> 1296 tokens)"}),
                 **RUN_INPUTS,
             },
+            "optional": {"dataset": (MUMU_DATASET_TYPE, {"tooltip": "A dataset from Build MUMU Dataset: its "
+                                                                    "stage-2 .tsv is used instead of 'pairs'"})},
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, pairs):
+        if _dataset_file(pairs, dataset_files.STAGE2):
+            return True  # a dataset's file, written when its Build node runs (before this one: it is linked)
+        return ReadsPairs.VALIDATE_INPUTS.__func__(cls, pairs)
 
     RETURN_TYPES = (VLM_TYPE, CONNECTOR_TYPE, "MODEL", "STRING", "STRING", "FLOAT")
     RETURN_NAMES = ("idefics2", "connector", "model", "connector_name", "unet_lora_name", "val_loss")
@@ -612,7 +635,9 @@ class TrainMUMU(ReadsPairs):
 
     def train(self, idefics2, connector, model, vae, pairs, run_name, output_name, steps, batch_size, connector_lr,
               idefics2_lora_lr, unet_lora_lr, rank, resolution, image_resolution, val_fraction, seed, resume,
-              checkpoint_every, eval_every, unique_id=None):
+              checkpoint_every, eval_every, unique_id=None, dataset=None):
+        if dataset is not None:
+            pairs = dataset.stage2
         import comfy.sd
         import comfy.utils
         from .common import check_width_against_model
