@@ -10,6 +10,7 @@ The tokenizer keeps the ids Grounding DINO relies on ([CLS] 101, [SEP] 102, '.' 
 small English list plus single letters and '##' letters, so any ASCII text tokenizes. The detections of a random
 model mean nothing; the files, shapes and code paths are the real ones.
 """
+import logging
 from pathlib import Path
 
 import torch
@@ -71,6 +72,13 @@ def write_grounding_dino_folder(folder, size: str = "tiny", seed: int = 0) -> Pa
         raise ValueError(f"unknown size {size!r}: 'tiny' or 'full'")
     torch.manual_seed(seed)
     model = GroundingDinoForObjectDetection(config).eval()
-    model.save_pretrained(str(folder))
+    # transformers lists every layer it would not shard when saving (a long warning that says nothing here)
+    quiet = logging.getLogger("transformers.distributed.tensor_parallel")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        model.save_pretrained(str(folder))
+    finally:
+        quiet.setLevel(level)
     GroundingDinoProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(str(folder))
     return folder

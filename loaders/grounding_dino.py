@@ -177,7 +177,8 @@ def load_grounding_dino(name: str, path: Path = None, dtype_choice: str = "fp32"
                         f"preprocessor_config.json of the Grounding DINO release.")
     progress and progress(1)
     model, info = None, {}
-    quiet = [logging.getLogger(n) for n in ("transformers.modeling_utils", "transformers.utils.loading_report")]
+    quiet = [logging.getLogger(n) for n in ("transformers.modeling_utils", "transformers.utils.loading_report",
+                                            "transformers.distributed.tensor_parallel")]
     levels = [q.level for q in quiet]
     for q in quiet:
         q.setLevel(logging.ERROR)

@@ -373,7 +373,13 @@ def stage2_line(entry: dict, folder: Path):
 
 def atomic_write_bytes(path: Path, data: bytes):
     """tmp + replace: a crash leaves the old file or none, never half a file. Unique tmp names: several processes
-    may write the same (identical) file at once."""
+    may write the same (identical) file at once. A file that already holds these bytes is left as it is (its time
+    too: the trainers reading it see nothing changed)."""
+    try:
+        if path.stat().st_size == len(data) and path.read_bytes() == data:
+            return
+    except OSError:
+        pass
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         with open(tmp, "wb") as f:

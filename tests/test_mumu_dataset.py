@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import PACK_DIR, forget_everything, pack_module, pixel_change, run_saved_image
+from conftest import PACK_DIR, SavedImage, forget_everything, pack_module, pixel_change
 
 CAPTIONS = ["a man and his dog on a red sofa", "a woman holding a cup", "two dogs in a park",
             "a girl riding a horse near a house", "a black cat on a table", "a boy playing with a ball",
@@ -686,6 +686,18 @@ def test_named_crops_in_the_trainers_files_and_old_files_unchanged(host, pack):
 
 # -------------------------------------------------------------------------------------- nodes and the workflow
 
+def run_saved_image(host, prompt, save_node) -> SavedImage:
+    """Runs the graph from scratch and returns the picture its SaveImage node wrote (PreviewImage writes one too)."""
+    from PIL import Image
+    forget_everything(host)
+    ui = host.run(prompt)
+    paths = host.saved_images({save_node: ui[save_node]})
+    assert len(paths) == 1
+    with Image.open(paths[0]) as saved:
+        pixels = saved.convert("RGB").tobytes()
+    return SavedImage(png=paths[0].read_bytes(), pixels=pixels, path=paths[0], ui=ui)
+
+
 def build_graph(source, dataset, **extra):
     return {
         "1": {"class_type": "BeyondCLIP_LoadGroundingDINO", "inputs": {"detector_name": DETECTOR, "dtype": "fp32"}},
@@ -710,7 +722,12 @@ def test_build_and_preview_nodes(host, pack, detector_dir, pictures):
     image, prompts = host.node_output("3")
     assert image.shape[0] == 1 and image.shape[3] == 3 and image.shape[2] >= 2 * 96
     assert prompts.splitlines() == [e["prompt"] for e in manifest(input_dir(host) / "ds_nodes")[:3]]
-    # queued again unchanged: served from the cache; a new picture makes it run (and search only that one)
+    # queued again unchanged: nothing searched, nothing rewritten, and from then on served from the cache; a new
+    # picture makes it run (and search only that one)
+    before = {p: p.stat().st_mtime_ns for p in (input_dir(host) / "ds_nodes").rglob("*") if p.is_file()}
+    host.run(build_graph("mumu_pictures/", "ds_nodes"))
+    assert "0 built, 8 kept" in host.node_output("2")[1]
+    assert {p: p.stat().st_mtime_ns for p in before} == before
     host.run(build_graph("mumu_pictures/", "ds_nodes"))
     assert "2" in host.cached_nodes()
     make_pictures(pictures, ["a dog on a sofa"], offset=8)
@@ -785,7 +802,7 @@ def test_shipped_dataset_workflow_end_to_end(host, pack, tiny_idefics2, mumu_inp
         elif kind == "KSampler":
             inputs["steps"] = 6
     forget_everything(host)
-    first = run_saved_image(host, prompt)
+    first = run_saved_image(host, prompt, ids["SaveImage"])
     run = Path(host.folder_paths.get_output_directory()) / "beyond_clip_training" / "wf-mumu-dataset"
     history = json.loads((run / "history.json").read_text())
     print(f"\nworkflow: stage 1 on the built dataset, held-out {history['initial_val_loss']:.4f} -> "
@@ -804,11 +821,11 @@ def test_shipped_dataset_workflow_end_to_end(host, pack, tiny_idefics2, mumu_inp
     assert first.path.name.startswith("MUMU_dataset")
     # queued again after a restart: the dataset is kept (nothing searched), training resumes at its end, same picture
     forget_everything(host)
-    assert run_saved_image(host, prompt).png == first.png
+    assert run_saved_image(host, prompt, ids["SaveImage"]).png == first.png
     assert "0 built, 8 kept" in host.node_output(ids["BeyondCLIP_BuildMUMUDataset"])[1]
     other = copy.deepcopy(prompt)
-    other[ids["BeyondCLIP_MUMUEncode"]]["inputs"]["prompt"] = "a <man> woman holding a cup"
-    change = pixel_change(run_saved_image(host, other).pixels, first.pixels)
+    other[ids["BeyondCLIP_MUMUEncode"]]["inputs"]["prompt"] = "a black cat on a table near a <man> house"
+    change = pixel_change(run_saved_image(host, other, ids["SaveImage"]).pixels, first.pixels)
     print(f"another prompt changes the picture by {change:.2f} levels")
     assert change > 0.5
 
