@@ -14,8 +14,7 @@ bridges/mumu_dataset.py make the prompt, and loaders/mumu_dataset.py writes the 
 """
 import hashlib
 import json
-import queue
-import threading
+import logging
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from ..loaders import mumu_dataset as files
 from ..loaders.errors import InputError, LoadError
 from ..loaders.images import open_rgb
 
+log = logging.getLogger(__name__)
 MIN_DETECTOR_SIDE = 32  # px of the detector's input: below this the backbone has no feature map to search
 
 
@@ -116,49 +116,53 @@ class BuildResult:
         elif self.world > 1:
             text += "; the last process to finish merges the parts"
         if self.skipped:
-            text += "; unreadable: " + ", ".join(k for k, _ in self.skipped[:5]) + (" ..." if len(self.skipped) > 5 else "")
+            more = " ..." if len(self.skipped) > 5 else ""
+            text += "; unreadable: " + ", ".join(k for k, _ in self.skipped[:5]) + more
         if self.problems:
-            text += f"; {len(self.problems)} source problem(s), e.g. {self.problems[0]['item']}: {self.problems[0]['problem']}"
+            first = self.problems[0]
+            text += f"; {len(self.problems)} source problem(s), e.g. {first['item']}: {first['problem']}"
         return text
 
 
 class _Writer:
-    """The writer thread: draws and writes each picture's images, then appends its manifest line, in order.
-    On exit it finishes what was handed to it (also when the build was interrupted)."""
+    """Draws and writes each picture's images in a pool of threads (PNG encoding and torch release the GIL), and
+    appends each picture's manifest line once its files are written, in order. close() finishes what was handed
+    to it (also when the build was interrupted) and then reports the first failure."""
 
-    def __init__(self, part, folder, settings):
-        self.part, self.folder, self.settings = part, folder, settings
-        self.jobs = queue.Queue(maxsize=4)
-        self.error = None
-        self.thread = threading.Thread(target=self._run, name="mumu-dataset-writer", daemon=True)
-        self.thread.start()
+    def __init__(self, part, workers: int):
+        self.part = part
+        self.pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="mumu-dataset-writer")
+        self.pending = deque()  # (future or None, line), in order
+        self.limit = 2 * max(1, workers) + 2  # pictures held in memory while their crops are written
 
-    def put(self, job):
-        if self.error is not None:
-            raise self.error
-        self.jobs.put(job)
+    def put(self, line: dict, render=None):
+        self.pending.append((self.pool.submit(render) if render is not None else None, line))
+        self._flush(block=len(self.pending) > self.limit)
 
-    def _run(self):
-        while True:
-            job = self.jobs.get()
-            if job is None:
-                return
-            if self.error is not None:
-                continue
-            try:
-                line, render = job
-                if render is not None:
-                    render()
-                self.part.append(line)
-            except BaseException as e:  # reported to the main thread at its next put or at close
-                self.error = e
+    def _flush(self, block=False):
+        while self.pending and (block or self.pending[0][0] is None or self.pending[0][0].done()):
+            future, line = self.pending[0]
+            if future is not None:
+                future.result()  # a failed write stops the build (the line is not appended)
+            self.pending.popleft()
+            self.part.append(line)
+            block = False
 
     def close(self):
-        self.jobs.put(None)
-        self.thread.join()
+        error = None
+        for future, line in self.pending:
+            try:
+                if future is not None:
+                    future.result()
+                if error is None:
+                    self.part.append(line)
+            except Exception as e:  # every queued picture is finished first; the first failure is raised
+                error = error or e
+        self.pending.clear()
+        self.pool.shutdown(wait=True)
         self.part.close()
-        if self.error is not None:
-            raise self.error
+        if error is not None:
+            raise error
 
 
 def _render(folder, picture, plan, key, settings, entry_images):
@@ -166,7 +170,7 @@ def _render(folder, picture, plan, key, settings, entry_images):
     def run():
         pixels = torch.from_numpy(np.array(picture))
         max_side = settings.crop_max_side
-        for image, record in zip(plan.images, entry_images):
+        for image, record in zip(plan.images, entry_images, strict=True):
             if image.box is None:  # the control image: the whole picture
                 whole = rules.fit_side(pixels.float() / 255.0, max_side)
                 out = rules.canny(whole)
@@ -245,12 +249,12 @@ def build_dataset(detector_handle, source_name: str, dataset_name: str, settings
         w, h = picture.size
         iw, ih = rules.detector_input_size(w, h, detector_handle.shortest_edge, detector_handle.longest_edge)
         if min(iw, ih) < MIN_DETECTOR_SIDE:
-            return "plain", (picture, stamp, sha, f"too thin to search: the detector would see it at {iw}x{ih} px")
+            return "search", (picture, stamp, sha, f"too thin to search: the detector would see it at {iw}x{ih} px")
         if not rules.has_words(p.caption):
-            return "plain", (picture, stamp, sha, "the caption has no words to search for")
+            return "search", (picture, stamp, sha, "the caption has no words to search for")
         if p.caption not in caption_texts:
             caption_texts[p.caption] = detector.text(rules.query_text(p.caption))
-        return "detect", (picture, stamp, sha, detector.pixels(picture))
+        return "search", (picture, stamp, sha, detector.pixels(picture))
 
     def entry_for(p, picture, sha, plan, note=""):
         pid = picture_id(p.key)
@@ -263,18 +267,39 @@ def build_dataset(detector_handle, source_name: str, dataset_name: str, settings
         entry["build"] = key
         return entry
 
-    detector.load()
-    writer = _Writer(part, folder, settings)
-    pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="mumu-dataset-reader")
-    pending, upcoming = deque(), iter(mine)
-    try:
-        def refill():
-            while len(pending) < 2 * max(1, workers) + 2:
-                p = next(upcoming, None)
-                if p is None:
-                    return
-                pending.append((p, pool.submit(prepare, p)))
+    def search(p, picture, stamp, sha, pixels):
+        """Detects, plans and hands the picture to the writer (main thread: the detector runs here)."""
+        w, h = picture.size
+        if isinstance(pixels, str):  # not searched; the reason
+            plan = rules.plan_picture([], w, h, p.caption, p.key, settings, None, control_available=False)
+            note = pixels
+        else:
+            text, offsets = caption_texts[p.caption]
+            probs, boxes = detector.forward(pixels, text)
+            found = rules.ground(probs, boxes, offsets, p.caption, w, h, settings.box_threshold,
+                                 settings.text_threshold)
 
+            def find_head(box):
+                return detector.find_heads(picture, box, settings.box_threshold, settings.text_threshold)
+
+            plan = rules.plan_picture(found, w, h, p.caption, p.key, settings, find_head)
+            note = "" if found else "no phrase of the caption was found in the picture above the thresholds"
+        entry = entry_for(p, picture, sha, plan, note)
+        writer.put({**entry, "_stamp": stamp}, _render(folder, picture, plan, p.key, settings, entry["images"]))
+
+    detector.load()
+    writer = _Writer(part, workers)
+    readers = ThreadPoolExecutor(max(1, workers), thread_name_prefix="mumu-dataset-reader")
+    pending, upcoming = deque(), iter(mine)
+
+    def refill():
+        while len(pending) < 2 * max(1, workers) + 2:
+            p = next(upcoming, None)
+            if p is None:
+                return
+            pending.append((p, readers.submit(prepare, p)))
+
+    try:
         refill()
         done = 0
         while pending:
@@ -283,37 +308,30 @@ def build_dataset(detector_handle, source_name: str, dataset_name: str, settings
             kind, payload = future.result()
             if kind == "reuse":
                 entry, stamp = payload
-                writer.put(({**entry, "_stamp": stamp}, None))
+                writer.put({**entry, "_stamp": stamp})
                 result.reused += 1
             elif kind == "skip":
                 why, stamp = payload
-                writer.put(({"picture": p.key, "skipped": why, "_stamp": stamp}, None))
+                writer.put({"picture": p.key, "skipped": why, "_stamp": stamp})
                 result.skipped.append((p.key, why))
             else:
-                picture, stamp, sha, extra = payload
-                w, h = picture.size
-                if kind == "detect":
-                    text, offsets = caption_texts[p.caption]
-                    probs, boxes = detector.forward(extra, text)
-                    found = rules.ground(probs, boxes, offsets, p.caption, w, h, settings.box_threshold,
-                                         settings.text_threshold)
-                    plan = rules.plan_picture(found, w, h, p.caption, p.key, settings, lambda box: detector.find_heads(
-                        picture, box, settings.box_threshold, settings.text_threshold))
-                    note = "" if found else "no phrase of the caption was found in the picture above the thresholds"
-                else:
-                    plan = rules.plan_picture([], w, h, p.caption, p.key, settings, None, control_available=False)
-                    note = extra
-                entry = entry_for(p, picture, sha, plan, note)
-                writer.put(({**entry, "_stamp": stamp}, _render(folder, picture, plan, p.key, settings, entry["images"])))
+                search(p, *payload)
                 result.built += 1
             done += 1
             if progress is not None:
                 progress(done, len(mine))
-    finally:
+    except BaseException:
+        # interrupted (or failed): the pictures handed to the writer are finished, the rest left for next time
         for _, future in pending:
             future.cancel()
-        pool.shutdown(wait=True)
-        writer.close()
+        readers.shutdown(wait=True)
+        try:
+            writer.close()
+        except Exception as e:  # the interruption is what the caller must see
+            log.warning("MUMU dataset: a picture could not be written while stopping (%s: %s)", type(e).__name__, e)
+        raise
+    readers.shutdown(wait=True)
+    writer.close()
     result.forwards = detector.forwards
     part.finish(fp)
     info = {"settings": settings.to_dict(), "build": key,

@@ -28,7 +28,8 @@ FOLDER = "grounding-dino"
 MODEL_TYPE = "grounding-dino"
 DTYPES = ("fp32", "fp16", "bf16")
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 # Grounding DINO splits its text into phrases at these BERT-uncased ids ([CLS], [SEP], '.', '?'): transformers
@@ -162,7 +163,8 @@ def load_grounding_dino(name: str, path: Path = None, dtype_choice: str = "fp32"
         processor = AutoProcessor.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except Exception as e:  # transformers raises many kinds here
         raise LoadError(f"the Grounding DINO processor in {path} could not be loaded ({type(e).__name__}: "
-                        f"{str(e)[:300]}). Copy the processor and tokenizer files of the release into the folder.") from None
+                        f"{str(e)[:300]}). Copy the processor and tokenizer files of the release into the "
+                        f"folder.") from None
     tokenizer, image_processor = getattr(processor, "tokenizer", None), getattr(processor, "image_processor", None)
     if tokenizer is None or image_processor is None or not getattr(tokenizer, "is_fast", False):
         raise LoadError(f"{path}: its processor has no fast BERT tokenizer and image processor (found "
@@ -193,7 +195,7 @@ def load_grounding_dino(name: str, path: Path = None, dtype_choice: str = "fp32"
                         f"file is truncated, corrupt or does not belong to this config.json. Copy the folder "
                         f"again.") from None
     finally:
-        for q, level in zip(quiet, levels):
+        for q, level in zip(quiet, levels, strict=True):
             q.setLevel(level)
         if model is None:
             gc.collect()

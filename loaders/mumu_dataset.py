@@ -19,6 +19,7 @@ A dataset folder input/<name>/:
                         stamps (size, time, sha256) so an unchanged picture is not read again. Safe to delete.
 Prompts use named placeholders ('a <man> man and his <dog> dog'); each crop is given as name=path.
 """
+import contextlib
 import hashlib
 import json
 import os
@@ -29,9 +30,9 @@ from pathlib import Path
 
 import folder_paths
 
-from ..bridges.mumu import PLACEHOLDER, PromptError, bind_placeholders, check_image_name
+from ..bridges.mumu import PromptError, bind_placeholders, check_image_name
 from ..bridges.mumu_dataset import clean_caption, only_placeholder
-from .errors import InputError, LoadError
+from .errors import InputError
 from .images import IMAGE_EXTENSIONS
 
 FORMAT = "beyond_clip.mumu_dataset"
@@ -90,8 +91,8 @@ def _has_captioned_picture(folder: Path, depth=3) -> bool:
     for e in entries:
         if e.is_file() and Path(e.name).suffix.lower() in IMAGE_EXTENSIONS and Path(e.name).stem + ".txt" in names:
             return True
-    return depth > 0 and any(e.is_dir() and not e.name.startswith(".") and _has_captioned_picture(Path(e.path), depth - 1)
-                             for e in entries)
+    return depth > 0 and any(e.is_dir() and not e.name.startswith(".")
+                             and _has_captioned_picture(Path(e.path), depth - 1) for e in entries)
 
 
 def list_sources():
@@ -239,7 +240,8 @@ def prepare_dataset_dir(name: str, source_root: Path = None) -> Path:
     if source_root is not None:
         source_root = source_root.resolve()
         source_dir = source_root if source_root.is_dir() else source_root.parent
-        if folder == source_dir or folder in source_dir.parents or (source_root.is_dir() and source_dir in folder.parents):
+        inside_source = source_root.is_dir() and source_dir in folder.parents
+        if folder == source_dir or folder in source_dir.parents or inside_source:
             raise InputError(f"the dataset folder {folder} and the source {source_root} would overlap; choose another "
                              f"dataset name.")
     if folder.exists():
@@ -308,8 +310,7 @@ def parse_entry(text: str, where: str) -> dict:
         raise bad("the prompt holds a tab or a line break")
     names = []
     for i, image in enumerate(entry["images"]):
-        if not isinstance(image, dict) or not isinstance(image.get("name"), str) or not isinstance(image.get("file"), str) \
-                or not isinstance(image.get("rule"), str):
+        if not isinstance(image, dict) or not all(isinstance(image.get(k), str) for k in ("name", "file", "rule")):
             raise bad(f"image #{i + 1} needs 'name', 'file' and 'rule' strings")
         try:
             name = check_image_name(image["name"])
@@ -471,7 +472,7 @@ class PartWriter:
             if data and not data.endswith(b"\n"):
                 with open(self.path, "r+b") as f:
                     f.truncate(data.rfind(b"\n") + 1)
-        self.file = open(self.path, "a", encoding="utf-8")
+        self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115  (open for the whole build; close())
 
     def append(self, line: dict):
         if self.lines.get(line["picture"]) == line:
@@ -496,7 +497,7 @@ def fingerprint(build_key: str, source: Source) -> str:
     sizes and times). A finished part with another fingerprint belongs to another build."""
     h = hashlib.sha256(build_key.encode())
     for p in source.pictures:
-        h.update(f"\n{p.key}\t{p.caption}\t{p.size}\t{p.mtime_ns}".encode("utf-8"))
+        h.update(f"\n{p.key}\t{p.caption}\t{p.size}\t{p.mtime_ns}".encode())
     return h.hexdigest()[:32]
 
 
@@ -558,15 +559,11 @@ def try_merge(folder: Path, world: int, fp: str, source: Source, info: dict):
             _remove(path)
     for path in parts.iterdir() if parts.is_dir() else []:
         _remove(path)
-    try:
+    with contextlib.suppress(OSError):
         parts.rmdir()
-    except OSError:
-        pass
     return summary
 
 
 def _remove(path: Path):
-    try:
+    with contextlib.suppress(OSError):
         path.unlink()
-    except OSError:
-        pass

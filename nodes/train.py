@@ -434,8 +434,8 @@ class TrainMUMUConnector:
                 "cache_precision": (CACHE_PRECISIONS, {"default": "fp16"}),
             },
             # optional: graphs saved before it existed keep validating
-            "optional": {"dataset": (MUMU_DATASET_TYPE, {"tooltip": "A dataset from Build MUMU Dataset: its "
-                                                                    "stage-1 caption file is used instead of 'captions'"})},
+            "optional": {"dataset": (MUMU_DATASET_TYPE, {
+                "tooltip": "A dataset from Build MUMU Dataset: its stage-1 caption file is used instead of 'captions'"})},
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import PACK_DIR, SavedImage, forget_everything, pack_module, pixel_change
 
 CAPTIONS = ["a man and his dog on a red sofa", "a woman holding a cup", "two dogs in a park",
@@ -195,7 +194,8 @@ def test_head_swap_augmentation_and_control_rates_over_many_pictures(rules):
     heads = sum(i.rule == "head" for i in man) / len(plans)
     augmented = sum(i.augment is not None for p in plans for i in p.images if i.box is not None) / (2 * len(plans))
     control = sum(p.images[0].rule == "control_canny" for p in plans) / len(plans)
-    print(f"\nover 3000 pictures: head swaps {heads:.3f}, augmented crops {augmented:.3f}, control images {control:.3f}")
+    print(f"\nover 3000 pictures: head swaps {heads:.3f}, augmented crops {augmented:.3f}, control images "
+          f"{control:.3f}")
     # binomial standard deviations: ~0.008, ~0.005, ~0.008; 4 of them either side
     assert abs(heads - 0.7) < 0.035 and abs(augmented - 0.2) < 0.02 and abs(control - 0.3) < 0.035
     assert len(looked) == sum(i.rule == "head" for i in man)  # the detector runs only for drawn person crops
@@ -270,7 +270,7 @@ def test_captions_are_made_safe_for_the_trainer_files(rules, pack):
         starts = sorted({m.start() for m in re.finditer(r"\w+", caption)})
         chosen = rng.sample(starts, min(len(starts), 3))
         names = [f"n{i}" for i in range(len(chosen))]
-        prompt = rules.assemble_prompt(caption, list(zip(chosen, names)), rng.choice([None, "canny"]))
+        prompt = rules.assemble_prompt(caption, list(zip(chosen, names, strict=True)), rng.choice([None, "canny"]))
         mumu.bind_placeholders(prompt, names + (["canny"] if prompt.startswith("<canny>") else []))
 
 
@@ -306,7 +306,7 @@ def test_detector_folder_refusals(host, pack, detector_dir, tmp_path, monkeypatc
         shutil.copytree(detector_dir, target)
         return target
 
-    with pytest.raises(errors.LoadError, match=r"Grounding DINO folder 'nope' is not in .*found: .*tiny-grounding-dino"):
+    with pytest.raises(errors.LoadError, match=r"folder 'nope' is not in .*found: .*tiny-grounding-dino"):
         gd.load_grounding_dino("nope")
     llama = base / "llama-here"
     pack_module(pack, "headless.tiny_llm").write_llm_folder(llama)
@@ -395,7 +395,7 @@ def test_build_writes_a_dataset_the_trainers_read(host, pack, rules, files, engi
     # the stage-1 trainer's own reader: every line, its crops bound by name, files in the input folder
     lines = training.read_captions(training.resolve_input_file("ds_main/stage1_captions.txt"))
     assert len(lines) == 8
-    for line, e in zip(lines, entries):
+    for line, e in zip(lines, entries, strict=True):
         text, crops = training.parse_mumu_caption(line)
         assert text.count("<image>") == len(crops) == len(e["images"])
         assert all(training.resolve_input_file(c).is_file() and c.startswith("ds_main/crops/") for c in crops)
@@ -650,7 +650,7 @@ def test_fuzz_the_parsers_of_user_files(host, pack, files):
     (folder / "real.png").write_bytes((PACK_DIR / "docs" / "images" / "mumu_train_sdxl.png").read_bytes())
     pieces = ["real.png", "../fuzz_tsv/real.png", "missing.png", "/etc/passwd", "..", "", " ", "#", "a dog", "\t",
               "\n", "東京", "<x>", "\x00", "a\rb", "\ufeff"]
-    for i in range(300):
+    for _ in range(300):
         text = "".join(rng.choice(pieces) + rng.choice(["\t", "\n", " ", ""]) for _ in range(rng.randint(0, 12)))
         (folder / "fuzz.tsv").write_text(text, encoding="utf-8")
         try:
@@ -747,7 +747,8 @@ def test_stage2_trainer_reads_the_dataset(host, pack, tiny_idefics2, mumu_connec
     g = build_graph("mumu_pictures/", "ds_stage2")
     del g["3"], g["4"]
     g.update({
-        "10": {"class_type": "BeyondCLIP_MUMULoadIdefics2", "inputs": {"idefics2_name": tiny_idefics2, "dtype": "fp32"}},
+        "10": {"class_type": "BeyondCLIP_MUMULoadIdefics2",
+               "inputs": {"idefics2_name": tiny_idefics2, "dtype": "fp32"}},
         "11": {"class_type": "BeyondCLIP_MUMULoadConnector", "inputs": {"connector_name": mumu_connector_file}},
         "12": {"class_type": "BeyondCLIP_TinyCheckpoint", "inputs": {"arch": "sdxl"}},
         "13": {"class_type": "BeyondCLIP_TrainMUMU", "inputs": {
@@ -815,7 +816,8 @@ def test_shipped_dataset_workflow_end_to_end(host, pack, tiny_idefics2, mumu_inp
                    for i in e["images"])
     assert crops == sorted(set(built)) and crops
     positive = host.node_output(ids["BeyondCLIP_MUMUEncode"])[0][0]
-    assert positive[0].shape[0] == 1 and positive[0].shape[2] == 2048 and positive[1]["pooled_output"].shape == (1, 1280)
+    assert positive[0].shape[0] == 1 and positive[0].shape[2] == 2048
+    assert positive[1]["pooled_output"].shape == (1, 1280)
     preview = host.node_output(ids["BeyondCLIP_PreviewMUMUDataset"])[0]
     assert preview.shape[0] == 1 and preview.shape[3] == 3
     assert first.path.name.startswith("MUMU_dataset")
