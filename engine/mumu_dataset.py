@@ -15,6 +15,7 @@ bridges/mumu_dataset.py make the prompt, and loaders/mumu_dataset.py writes the 
 import hashlib
 import json
 import logging
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ class Detector:
         self.handle, self.device, self.head_query = handle, device, head_query
         self.model = None
         self.forwards = 0
+        self._tokenizing = threading.Lock()  # a fast tokenizer refuses calls from two threads at once
         self._head = self.text(rules.query_text(head_query))
 
     def load(self):
@@ -61,9 +63,10 @@ class Detector:
         return self
 
     def text(self, query: str):
-        enc = self.handle.tokenizer(query, return_offsets_mapping=True, truncation=True,
-                                    max_length=self.handle.max_text_len, return_token_type_ids=True,
-                                    return_tensors="pt")
+        with self._tokenizing:
+            enc = self.handle.tokenizer(query, return_offsets_mapping=True, truncation=True,
+                                        max_length=self.handle.max_text_len, return_token_type_ids=True,
+                                        return_tensors="pt")
         offsets = [tuple(int(v) for v in pair) for pair in enc.pop("offset_mapping")[0].tolist()]
         return dict(enc), offsets
 

@@ -498,6 +498,10 @@ def test_two_processes_merge_into_what_one_process_builds(host, rules, engine, d
     assert "rank 0/2: 6 pictures" in outs[0] and "rank 1/2: 5 pictures" in outs[1]
     assert sum("merged:" in o for o in outs) >= 1  # whichever finished last merged
     assert snapshot(folder) == one
+    # the command line's refusals come with the pack's message and exit status 2
+    bad = dataset_cli(host, "--detector", "no-such-detector", "--source", "sharded_pictures/", "--dataset", "ds_x")
+    out = bad.communicate(timeout=600)[0]
+    assert bad.returncode == 2 and "error: Grounding DINO folder 'no-such-detector' is not in" in out, out[-2000:]
     # a rank run again alone finds its shard done and merges nothing new
     again = dataset_cli(host, *args, rank=0, world=1)
     out = again.communicate(timeout=600)[0]
@@ -522,6 +526,7 @@ def test_bad_inputs_are_listed_or_refused(host, pack, rules, files, engine, dete
     (src / "function.txt").write_text("and of the")
     (src / "blank.png").write_bytes((src / "dots.png").read_bytes())
     (src / "blank.txt").write_text("  \n")
+    make_pictures(src, [" ".join(["a red dog and a blue cat"] * 80)], offset=50)  # 480 words: past 256 tokens
     sub = src / "more"
     make_pictures(sub, ["a cat on a sofa"], offset=40)
     folder = input_dir(host) / "ds_awkward"
@@ -537,7 +542,10 @@ def test_bad_inputs_are_listed_or_refused(host, pack, rules, files, engine, dete
                         "awkward_pictures/blank.png": "empty caption"}
     entries = {e["picture"].split("/", 1)[1]: e for e in manifest(folder)}
     assert sorted(entries) == ["dots.png", "function.png", "more/picture_40.png", "picture_00.png", "picture_01.png",
-                               "thin.png"]
+                               "picture_50.png", "thin.png"]
+    # a caption longer than the detector's 256 tokens: its start is searched, the rest kept as words
+    searched = len(" ".join(["a red dog and a blue cat"] * 80)[:1200])
+    assert all(i["span"][1] <= searched for i in entries["picture_50.png"]["images"] if i.get("span"))
     assert entries["thin.png"]["images"] == [] and "too thin" in entries["thin.png"]["note"]
     assert entries["dots.png"]["images"] == [] and "no words" in entries["dots.png"]["note"]
     assert [i for i in entries["function.png"]["images"] if i.get("box")] == []
