@@ -591,8 +591,9 @@ class TrainMUMU(ReadsPairs):
                 "vae": ("VAE", {"tooltip": "The checkpoint's VAE: the pictures become latents once, cached"}),
                 "pairs": (training.pair_sources(), {
                     "tooltip": "In ComfyUI's input folder: a .tsv 'picture<TAB>caption<TAB>crop.png...' whose "
-                               "caption has an <image> before each word a crop shows (crops you cut yourself; no "
-                               "detector is downloaded), or a folder of pictures with same-name .txt captions"}),
+                               "caption has an <image> (or <name> with name=crop.png) before each word a crop shows "
+                               "(crops you cut, or Build MUMU Dataset's stage2_pairs.tsv), or a folder of pictures "
+                               "with same-name .txt captions"}),
                 "run_name": ("STRING", {"default": "mumu_stage2"}),
                 "output_name": ("STRING", {"default": "my_mumu", "tooltip": "Writes models/bridges/<name>.safetensors "
                                            "(connector), models/LLM/<name>-idefics2-lora/ (peft) and "
