@@ -527,6 +527,10 @@ def test_bad_inputs_are_listed_or_refused(host, pack, rules, files, engine, dete
     (src / "blank.png").write_bytes((src / "dots.png").read_bytes())
     (src / "blank.txt").write_text("  \n")
     make_pictures(src, [" ".join(["a red dog and a blue cat"] * 80)], offset=50)  # 480 words: past 256 tokens
+    exif = Image.Exif()
+    exif[0x0112] = 6  # a phone photo stored sideways: shown (and searched, and cropped) upright
+    Image.new("RGB", (640, 400), (90, 90, 200)).save(src / "sideways.jpg", exif=exif)
+    (src / "sideways.txt").write_text("a man on a beach")
     sub = src / "more"
     make_pictures(sub, ["a cat on a sofa"], offset=40)
     folder = input_dir(host) / "ds_awkward"
@@ -542,7 +546,8 @@ def test_bad_inputs_are_listed_or_refused(host, pack, rules, files, engine, dete
                         "awkward_pictures/blank.png": "empty caption"}
     entries = {e["picture"].split("/", 1)[1]: e for e in manifest(folder)}
     assert sorted(entries) == ["dots.png", "function.png", "more/picture_40.png", "picture_00.png", "picture_01.png",
-                               "picture_50.png", "thin.png"]
+                               "picture_50.png", "sideways.jpg", "thin.png"]
+    assert entries["sideways.jpg"]["size"] == [400, 640]
     # a caption longer than the detector's 256 tokens: its start is searched, the rest kept as words
     searched = len(" ".join(["a red dog and a blue cat"] * 80)[:1200])
     assert all(i["span"][1] <= searched for i in entries["picture_50.png"]["images"] if i.get("span"))
@@ -747,6 +752,32 @@ def test_build_and_preview_nodes(host, pack, detector_dir, pictures):
             (pictures / f"picture_08{suffix}").unlink()
     node = pack_module(pack, "nodes.mumu_dataset").BuildMUMUDataset
     assert "is not a folder of captioned pictures" in node.VALIDATE_INPUTS("nowhere/")
+
+
+def test_build_node_stops_at_the_interrupt_button_and_resumes(host, pack, files, detector_dir, pictures):
+    import comfy.model_management as mm
+    import comfy.utils
+    folder = input_dir(host) / "ds_node_interrupted"
+    shutil.rmtree(folder, ignore_errors=True)
+    forget_everything(host)
+
+    def interrupt_at_third_picture(value, total, *args, **kwargs):
+        if (value, total) == (3, 8):
+            mm.interrupt_current_processing(True)
+
+    comfy.utils.set_progress_bar_global_hook(interrupt_at_third_picture)
+    try:
+        with pytest.raises(Exception, match="interrupted"):
+            host.run(build_graph("mumu_pictures/", "ds_node_interrupted"))
+    finally:
+        mm.interrupt_current_processing(False)
+        comfy.utils.set_progress_bar_global_hook(lambda value, total, *a, **k: host.progress.append((value, total)))
+    done = files.work_entries(folder)
+    assert not (folder / "manifest.jsonl").exists() and 3 <= len(done) < 8
+    assert not [p for p in folder.rglob("*") if ".tmp" in p.name]
+    forget_everything(host)
+    host.run(build_graph("mumu_pictures/", "ds_node_interrupted"))
+    assert f"{8 - len(done)} built, {len(done)} kept" in host.node_output("2")[1]
 
 
 def test_stage2_trainer_reads_the_dataset(host, pack, tiny_idefics2, mumu_connector_file, detector_dir, pictures):
