@@ -212,16 +212,14 @@ def build_dataset(detector_handle, source_name: str, dataset_name: str, settings
         raise InputError(f"'{source_name}' holds no captioned pictures" + (f" ({listed})" if listed else "")
                          + ". Put pictures with same-name .txt captions in the folder, or 'picture<TAB>caption' lines "
                            "in the .tsv.")
-    folder = files.prepare_dataset_dir(dataset_name, files._resolve_source(source_name))
+    folder = files.prepare_dataset_dir(dataset_name, files.resolve_source(source_name))
     key = build_key(settings, detector_handle)
     fp = files.fingerprint(key, source)
     part = files.PartWriter(folder, rank, world)
-    known = files.read_manifest(folder)
-    for line in files.work_entries(folder):  # pictures an interrupted build finished
+    known, stamps = files.read_manifest(folder), files.read_stamps(folder)
+    for line in files.work_entries(folder):  # pictures an interrupted build (or another process) finished
         if "skipped" not in line:
             known[line["picture"]] = {k: v for k, v in line.items() if k != "_stamp"}
-    stamps = files.read_stamps(folder)
-    for line in files.work_entries(folder):
         if isinstance(line.get("_stamp"), list) and len(line["_stamp"]) == 3:
             stamps[line["picture"]] = tuple(line["_stamp"])
     mine = source.pictures[rank::world]

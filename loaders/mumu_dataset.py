@@ -113,7 +113,7 @@ def list_sources():
     return found
 
 
-def _resolve_source(name: str) -> Path:
+def resolve_source(name: str) -> Path:
     base = input_dir()
     path = (base / str(name).rstrip("/")).resolve()
     if (base != path and base not in path.parents) or not path.exists():
@@ -141,7 +141,7 @@ def _picture(path: Path, caption: str, problems, item: str):
 
 def read_source(name: str) -> Source:
     """The captioned pictures of a source (see the module's doc), sorted by their key, and its problems."""
-    root = _resolve_source(name)
+    root = resolve_source(name)
     pictures, problems = {}, []
     if root.is_dir():
         if is_dataset(root):

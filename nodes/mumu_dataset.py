@@ -46,7 +46,7 @@ class LoadGroundingDINO:
 def _source_stamp(source):
     """Changes when a picture or caption of the source is added, removed or edited (names, sizes, times)."""
     try:
-        root = files._resolve_source(source)
+        root = files.resolve_source(source)
     except InputError:
         return source
     h = hashlib.sha1()
