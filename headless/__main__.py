@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import train_cli
+from . import dataset_cli, train_cli
 from .host import PACK_DIR, Host, HostError
 
 
@@ -51,6 +51,8 @@ def build_parser():
                                                "save a screenshot of its graph into docs/images/")
     shots.add_argument("--comfyui", help="the ComfyUI folder whose server and frontend to use")
     train_cli.build_parser(sub.add_parser("train", help="train a bridge (mapper, connector, router) from the command line"))
+    dataset_cli.build_parser(sub.add_parser("dataset", help="build a training dataset (MUMU: captioned pictures -> "
+                                                            "prompts with crops), one process or under torchrun"))
     docs = sub.add_parser("docs", help="regenerate README.md's node table from the node definitions")
     docs.add_argument("--comfyui", help="the ComfyUI folder to load the nodes in")
     return parser
@@ -61,6 +63,8 @@ def main(argv=None):
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     if args.command == "train":
         return train_cli.run(args)
+    if args.command == "dataset":
+        return dataset_cli.run(args)
     if args.command == "screenshots":
         return screenshots(args)
     with tempfile.TemporaryDirectory(prefix="beyond-clip-run-") as scratch:

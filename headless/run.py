@@ -7,6 +7,7 @@ from .workflow import WorkflowError, load_workflow, to_api
 
 log = logging.getLogger(__name__)
 TINY_LLM = "beyond-clip-tiny-llama"
+MODEL_DIRECTORIES = ("LLM", "grounding-dino")  # model folders whose entries are Hugging Face folders, not files
 
 
 def _present(folder_paths, folder, name, directory=False):
@@ -67,12 +68,12 @@ def missing_models(workflow: dict, folder_paths) -> list:
     missing = []
     for folder, names in declared.items():
         for name in names:
-            if not _present(folder_paths, folder, name, directory=(folder == "LLM")):
+            if not _present(folder_paths, folder, name, directory=(folder in MODEL_DIRECTORIES)):
                 try:
                     where = folder_paths.get_folder_paths(folder)
                 except KeyError:
                     where = [f"models/{folder}"]
-                kind = "a Hugging Face model folder" if folder == "LLM" else "a file"
+                kind = "a Hugging Face model folder" if folder in MODEL_DIRECTORIES else "a file"
                 missing.append(f"{name} ({kind}) in {folder}: put it in {where[0]}")
     return missing
 

@@ -14,9 +14,14 @@ BRIDGES = "bridges"  # the pack's own small weights: mappers, adapters, routers
 BRIDGE_EXTENSIONS = {".safetensors", ".json"}
 
 
+GROUNDING_DINO = "grounding-dino"  # Grounding DINO Hugging Face folders (MUMU's dataset builder); SAM packs share it
+
+
 def register_model_folders():
-    """Add models/LLM and models/bridges unless ComfyUI or another pack already registered them."""
-    for name, extensions in ((LLM, {".safetensors", ".bin", GGUF}), (BRIDGES, BRIDGE_EXTENSIONS)):
+    """Add models/LLM, models/bridges and models/grounding-dino unless ComfyUI or another pack already registered
+    them (then the pack's extensions are added to theirs)."""
+    for name, extensions in ((LLM, {".safetensors", ".bin", GGUF}), (BRIDGES, BRIDGE_EXTENSIONS),
+                             (GROUNDING_DINO, {".safetensors", ".bin", ".json"})):
         if name not in folder_paths.folder_names_and_paths:
             folder_paths.folder_names_and_paths[name] = ([os.path.join(folder_paths.models_dir, name)], set(extensions))
         else:  # another pack registered it with its own extensions: make sure ours are listed too

@@ -1,5 +1,6 @@
 """Hugging Face causal-LM folders from models/LLM, loaded offline, under ComfyUI's memory manager."""
 import gc
+from contextlib import contextmanager
 import importlib
 import json
 import logging
@@ -174,6 +175,21 @@ def quantized_size(path: Path, choice: str, compute: torch.dtype) -> int:
         else:
             total += (tensor.numel() + 1) // 2 + -(-tensor.numel() // 64) * 4
     return total
+
+
+@contextmanager
+def quiet_loggers(*names):
+    """These loggers say only errors while the block runs (their levels are restored after): transformers' load
+    reports list weights the pack leaves out on purpose."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [q.level for q in loggers]
+    for q in loggers:
+        q.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for q, level in zip(loggers, levels):
+            q.setLevel(level)
 
 
 def from_pretrained(cls, path, dtype, **extra):

@@ -14,7 +14,7 @@ import json
 import logging
 import re
 import shutil
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -31,7 +31,7 @@ from .bridge_files import kind_of, label, load_state_into, read_bridge, save_bri
 from .encode_cache import file_identity
 from .errors import LoadError
 from .handles import Handle, shared
-from .llm import check_folder, choose_dtype, from_pretrained
+from .llm import check_folder, choose_dtype, from_pretrained, quiet_loggers
 
 KIND = "mumu_connector"
 LORA_MODES = ("merged", "unmerged")
@@ -95,20 +95,6 @@ def _check_processor(path: Path, processor, config: dict):
     return tokenizer, tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 
-@contextmanager
-def _quiet(*names):
-    """These loggers say only errors while the block runs (their levels are restored after)."""
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [q.level for q in loggers]
-    for q in loggers:
-        q.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for q, level in zip(loggers, levels):
-            q.setLevel(level)
-
-
 def _load_weights(cls, path, dtype):
     """(model, loading info) offline; the info names missing weights, which loaders.llm's helper does not return.
     Read directly when loaders.direct_weights can (then without the LM head and the perceiver, which MUMU does
@@ -146,7 +132,7 @@ def _load(name, path, dtype, config, progress) -> LoadedIdefics2:
     model = None
     try:
         # transformers warns about the LM head we do not load (a table in v5); missing weights are checked below.
-        with _quiet("transformers.modeling_utils", "transformers.utils.loading_report"):
+        with quiet_loggers("transformers.modeling_utils", "transformers.utils.loading_report"):
             model, info = _load_weights(Idefics2Model, path, dtype)
     except LoadError:
         raise

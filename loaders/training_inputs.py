@@ -1,5 +1,6 @@
 """What the Train nodes read from ComfyUI's input folder: caption files, labelled files, image-caption sets (a
 folder of pictures with same-name .txt captions, or a .tsv), MUMU caption lines with crops, and the pictures."""
+import re
 from pathlib import Path
 
 import folder_paths
@@ -87,15 +88,34 @@ def read_captions(path) -> list:
 
 # ---- MUMU caption lines ------------------------------------------------------------------------------------
 
+_NAMED_CROP = re.compile(r"^([A-Za-z0-9_\-]+)=(.+)$")
+
+
+def split_named_crops(text: str, crops: list) -> tuple:
+    """([names], [paths]) of a caption's crops: with named placeholders in the prompt ('a <man> man'), a crop may
+    be given as 'man=path' (bound to <man>); other crops bind to <image> in order (name ""). A prompt with only
+    <image> placeholders reads every crop as a path, as before."""
+    if all(m.group(1) == mumu_bridge.POSITIONAL for m in mumu_bridge.PLACEHOLDER.finditer(text)):
+        return [""] * len(crops), list(crops)
+    pairs = [(m.group(1), m.group(2).strip()) if m else ("", c) for c, m in ((c, _NAMED_CROP.match(c)) for c in crops)]
+    return [n for n, _ in pairs], [c for _, c in pairs]
+
+
 def parse_mumu_caption(line: str, where: str = "") -> tuple:
     """'prompt' or 'prompt<TAB>crop.png<TAB>...' -> (prompt, [crop names]). The crops are files in ComfyUI's
-    input folder, bound in order to the prompt's <image> placeholders (written before the words they show)."""
+    input folder, bound in order to the prompt's <image> placeholders (written before the words they show), or
+    by name: 'a <man> man<TAB>man=crops/man.png'. Named placeholders come back as <image> with the crops in
+    placeholder order (a name used twice gives its crop twice), so everything downstream binds by position."""
     parts = [p.strip() for p in line.split("\t")]
     text, crops = parts[0], [p for p in parts[1:] if p]
+    names, crops = split_named_crops(text, crops)
     try:
-        mumu_bridge.bind_placeholders(text, [""] * len(crops))
+        segments = mumu_bridge.bind_placeholders(text, names)
     except mumu_bridge.PromptError as e:
         raise LoadError(f"{where}caption {text!r} with {len(crops)} crop(s): {e}") from None
+    if any(names):
+        text = "".join(s if isinstance(s, str) else mumu_bridge.IMAGE_TOKEN for s in segments)
+        crops = [crops[s] for s in segments if not isinstance(s, str)]
     return text, crops
 
 
@@ -154,13 +174,15 @@ def _pairs_of_table(path: Path, base: Path, crops: bool) -> list:
             raise LoadError(f"{path}, line {i + 1}: expected 'image<TAB>caption"
                             f"{'[<TAB>crop...]' if crops else ''}', got {line[:80]!r}")
         files = []
-        for part in [parts[0]] + [c for c in parts[2:] if c]:
+        names, crop_parts = split_named_crops(parts[1], [c for c in parts[2:] if c])
+        for part in [parts[0]] + crop_parts:
             file = (path.parent / part).resolve()
             if base not in file.parents or not file.is_file():
                 raise LoadError(f"{path}, line {i + 1}: '{part}' is not a file beside the .tsv in ComfyUI's "
                                 f"input folder")
             files.append(file)
-        caption = "\t".join([parts[1]] + [f.relative_to(base).as_posix() for f in files[1:]])
+        caption = "\t".join([parts[1]] + [f"{n}={f.relative_to(base).as_posix()}" if n else
+                                           f.relative_to(base).as_posix() for n, f in zip(names, files[1:])])
         pairs.append((files[0], caption))
     return pairs
 

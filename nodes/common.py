@@ -17,6 +17,7 @@ SEED_TOKENS_TYPE = "SEED_TOKENS"  # kept unprefixed: saved workflows name it
 VLM_TYPE = "BEYOND_CLIP_MUMU_VLM"
 CONNECTOR_TYPE = "BEYOND_CLIP_MUMU_CONNECTOR"
 MUMU_IMAGES_TYPE = "BEYOND_CLIP_MUMU_IMAGES"
+MUMU_DATASET_TYPE = "BEYOND_CLIP_MUMU_DATASET"  # a built MUMU dataset folder (Build MUMU Dataset -> the MUMU trainers)
 # Every encoder's disk-cache input: the last optional input of the nodes that got it after their first release
 # (ComfyUI's workflow files store widget values by position); LLM Text Encode had it from the start.
 CACHE_TO_DISK = ("BOOLEAN", {"default": False, "tooltip": "also keep the encoding in output/"

@@ -29,6 +29,7 @@ from ..engine.training import (
 from ..loaders import folders, repadapters, routers, run_folder
 from ..loaders import gill as gill_files
 from ..loaders import mumu as mumu_files
+from ..loaders import mumu_dataset as dataset_files
 from ..loaders import training_inputs as inputs
 from ..loaders.errors import LoadError
 from ..loaders.mappers import KIND as MAPPER_KIND
@@ -40,6 +41,7 @@ from .common import (
     GILL_TYPE,
     LLM_TYPE,
     MAPPER_TYPE,
+    MUMU_DATASET_TYPE,
     VLM_TYPE,
     LazyProgress,
     Progress,
@@ -65,6 +67,13 @@ def _file_choice(name, choices, what):
     if name not in choices:
         return folders.not_found_message(what, name, choices, "ComfyUI's input folder")
     return True
+
+
+def _dataset_file(name, file_name):
+    """Whether `name` is a MUMU dataset's trainer file (input/<dataset>/<file_name>): the Build MUMU Dataset node
+    writes it when the graph runs, so it may not exist yet when the graph is validated."""
+    parts = str(name).split("/")
+    return len(parts) == 2 and parts[1] == file_name and bool(parts[0])
 
 
 def _train_settings(steps, batch_size, learning_rate, loss, val_fraction, seed, eval_every):
@@ -380,8 +389,17 @@ class TrainMUMUConnector(ReadsCaptions):
                 **RUN_INPUTS,
                 "cache_precision": (CACHE_PRECISIONS, {"default": "fp16"}),
             },
+            # optional: graphs saved before it existed keep validating
+            "optional": {"dataset": (MUMU_DATASET_TYPE, {
+                "tooltip": "A dataset from Build MUMU Dataset: its stage-1 caption file is used instead of 'captions'"})},
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, captions):
+        if _dataset_file(captions, dataset_files.STAGE1):
+            return True  # a dataset's file, written when its Build node runs (before this one: it is linked)
+        return super().VALIDATE_INPUTS(captions)
 
     RETURN_TYPES = (CONNECTOR_TYPE, "STRING", "FLOAT")
     RETURN_NAMES = ("connector", "connector_name", "val_loss")
@@ -395,7 +413,9 @@ class TrainMUMUConnector(ReadsCaptions):
 
     def train(self, idefics2, clip, captions, run_name, output_name, steps, batch_size, learning_rate, width, depth,
               heads, hidden_layer, image_resolution, probes, val_fraction, seed, resume, checkpoint_every, eval_every,
-              cache_precision, unique_id=None):
+              cache_precision, unique_id=None, dataset=None):
+        if dataset is not None:
+            captions = dataset.stage1
         lines = inputs.read_captions(inputs.resolve_input_file(captions))
         for i, line in enumerate(lines):
             inputs.parse_mumu_caption(line, f"{captions}, caption {i + 1}: ")
@@ -509,8 +529,9 @@ class TrainMUMU(ReadsPairs):
                 "vae": ("VAE", {"tooltip": "The checkpoint's VAE: the pictures become latents once, cached"}),
                 "pairs": (inputs.pair_sources(), {
                     "tooltip": "In ComfyUI's input folder: a .tsv 'picture<TAB>caption<TAB>crop.png...' whose "
-                               "caption has an <image> before each word a crop shows (crops you cut yourself; no "
-                               "detector is downloaded), or a folder of pictures with same-name .txt captions"}),
+                               "caption has an <image> (or <name> with name=crop.png) before each word a crop shows "
+                               "(crops you cut, or Build MUMU Dataset's stage2_pairs.tsv), or a folder of pictures "
+                               "with same-name .txt captions"}),
                 "run_name": ("STRING", {"default": "mumu_stage2"}),
                 "output_name": ("STRING", {"default": "my_mumu", "tooltip": "Writes models/bridges/<name>.safetensors "
                                            "(connector), models/LLM/<name>-idefics2-lora/ (peft) and "
@@ -530,8 +551,16 @@ class TrainMUMU(ReadsPairs):
                                              "tooltip": "Pixels per side of each crop (MUMU stage 2: 504 -> 1296 tokens)"}),
                 **RUN_INPUTS,
             },
+            "optional": {"dataset": (MUMU_DATASET_TYPE, {"tooltip": "A dataset from Build MUMU Dataset: its "
+                                                                    "stage-2 .tsv is used instead of 'pairs'"})},
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, pairs):
+        if _dataset_file(pairs, dataset_files.STAGE2):
+            return True  # a dataset's file, written when its Build node runs (before this one: it is linked)
+        return super().VALIDATE_INPUTS(pairs)
 
     RETURN_TYPES = (VLM_TYPE, CONNECTOR_TYPE, "MODEL", "STRING", "STRING", "FLOAT")
     RETURN_NAMES = ("idefics2", "connector", "model", "connector_name", "unet_lora_name", "val_loss")
@@ -545,7 +574,9 @@ class TrainMUMU(ReadsPairs):
 
     def train(self, idefics2, connector, model, vae, pairs, run_name, output_name, steps, batch_size, connector_lr,
               idefics2_lora_lr, unet_lora_lr, rank, resolution, image_resolution, val_fraction, seed, resume,
-              checkpoint_every, eval_every, unique_id=None):
+              checkpoint_every, eval_every, unique_id=None, dataset=None):
+        if dataset is not None:
+            pairs = dataset.stage2
         if idefics2.lora is not None:
             raise InputError(f"{idefics2.describe()} already has a LoRA: connect the plain Idefics2 (Load Idefics2)")
         mumu_files.check_connector_fits(idefics2, connector)
