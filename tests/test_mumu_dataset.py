@@ -849,7 +849,7 @@ def test_shipped_dataset_workflow_end_to_end(host, pack, tiny_idefics2, mumu_inp
           f"{history['final_val_loss']:.4f}")
     assert history["final_val_loss"] < history["initial_val_loss"]
     # the trainer read the dataset's prompts and crops
-    cache_about = pack_module(pack, "loaders.training_inputs").cache_about(history["cache"])
+    cache_about = pack_module(pack, "loaders.run_folder").cache_about(history["cache"])
     crops = sorted(cache_about["crops"])
     built = sorted(f"wf_mumu_dataset/{i['file']}" for e in manifest(input_dir(host) / "wf_mumu_dataset")
                    for i in e["images"])
