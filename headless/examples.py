@@ -80,10 +80,9 @@ def place(prompt: dict, input_dir: Path) -> list:
     for rel in named_by(prompt):
         src, dst = EXAMPLES_DIR / rel, Path(input_dir) / rel
         shown = rel + ("/" if src.is_dir() else "")
-        if not dst.exists():
-            if _copy(src, dst):
-                said.append(f"{shown}: the pack's example, copied into {input_dir}")
-                continue
+        if not dst.exists() and _copy(src, dst):
+            said.append(f"{shown}: the pack's example, copied into {input_dir}")
+            continue
         if not _same(src, dst):
             said.append(f"{shown}: yours in {input_dir} (not the pack's example, which is left out): the run uses it")
     return said
