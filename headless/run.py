@@ -27,8 +27,8 @@ BUILTIN_FOLDERS = ("LLM", "bridges", "loras")
 # steps unless --set gives its steps (MUMU stage 2 is a forward and backward pass through Idefics2 and the UNet
 # per example: fewer).
 BUILTIN_TRAIN_STEPS = {"BeyondCLIP_TrainMapper": 60, "BeyondCLIP_TrainGILLMapper": 60,
-                       "BeyondCLIP_TrainGILLDecision": 60, "BeyondCLIP_TrainMUMUConnector": 40,
-                       "BeyondCLIP_TrainRepAdapter": 10, "BeyondCLIP_TrainMUMU": 8}
+                       "BeyondCLIP_TrainGILLDecision": 60, "BeyondCLIP_TrainMUMUConnector": 30,
+                       "BeyondCLIP_TrainRepAdapter": 10, "BeyondCLIP_TrainMUMU": 6}
 
 
 class BuiltinModels:

@@ -30,7 +30,7 @@ TRAIN_OUTPUTS = {  # node type -> files it writes, from its output_name
 SAMPLER_STEPS = 4
 
 
-def run_cli(workflow, tmp_path, *extra, timeout=900):
+def run_cli(workflow, tmp_path, *extra, timeout=1800):  # MUMU training: minutes on a busy 2-core machine
     dirs = {name: tmp_path / name for name in ("models", "input", "output")}
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     folders = [arg for name, path in dirs.items() for arg in (f"--{name}", str(path))]
