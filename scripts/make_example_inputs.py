@@ -193,7 +193,7 @@ def main():
     (OUT / "mumu_captions.tsv").write_text("# caption, or caption<TAB>crop... (one crop per <image>)\n"
                                            + "\n".join(lines) + "\n")
     # Beyond CLIP stage 1: captions, one per line
-    (OUT / "captions.txt").write_text("\n".join(captions(200, seed=0)) + "\n")
+    (OUT / "captions.txt").write_text("\n".join(captions(120, seed=0)) + "\n")
     total = sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file())
     for p in sorted(OUT.rglob("*")):
         if p.is_file():

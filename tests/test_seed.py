@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import PACK_DIR, check_golden_pixels, headless_module, host_module, pack_module, pixel_change, run_saved_image
+from conftest import (PACK_DIR, check_golden_pixels, headless_module, host_module, pack_module, pixel_change,
+                      run_saved_image)
 
 WORKFLOWS = PACK_DIR / "workflows"
 TINY_DIR = ("seed", "tiny")  # models/bridges/seed/tiny/{seed_tokenizer,causal_qformer,eva_vit_g}.pth
@@ -19,7 +20,7 @@ TINY_LABEL = "seed/tiny/seed_tokenizer.pth"
 # The small official-layout files (headless/tiny_seed.py, shared with the workflow runner) and their sizes.
 tiny_seed = headless_module("tiny_seed")
 official_state, write_official, FULL = tiny_seed.official_state, tiny_seed.write_official, tiny_seed.FULL
-W, VIT_LAYERS, VIT_MLP, PATCH, GRID = tiny_seed.W, tiny_seed.VIT_LAYERS, tiny_seed.VIT_MLP, tiny_seed.PATCH, tiny_seed.GRID
+W, VIT_LAYERS, VIT_MLP, PATCH = tiny_seed.W, tiny_seed.VIT_LAYERS, tiny_seed.VIT_MLP, tiny_seed.PATCH
 D, Q_LAYERS, NQ, N_EMBED, CDIM = tiny_seed.D, tiny_seed.Q_LAYERS, tiny_seed.NQ, tiny_seed.N_EMBED, tiny_seed.CDIM
 DEC_BLOCKS, R_LAYERS, NR, OUT = tiny_seed.DEC_BLOCKS, tiny_seed.R_LAYERS, tiny_seed.NR, tiny_seed.OUT
 
