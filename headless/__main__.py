@@ -2,12 +2,14 @@
 
 From the pack's folder:
     python -m headless run workflows/beyond_clip_sd15.json [--set 4.prompt="a red fox"] [--comfyui DIR]
-                                                         [--models DIR] [--output DIR] [--no-builtin-models]
+                                                         [--models DIR] [--input DIR] [--output DIR]
+                                                         [--no-builtin-models]
 
 ComfyUI: --comfyui, else $COMFYUI_PATH, else the ComfyUI this pack is installed in, else a registry copy.
 Workflows: the UI format users share, or the API format. Missing model files are listed before anything
 heavy is loaded; unless --no-builtin-models, small random models of the same layout stand in, and the run
-says so.
+says so. The pack's example inputs (data/examples/) that the workflow names are copied into the input folder
+unless a file of that name is already there (then that one is used, and the run says so).
 """
 import argparse
 import importlib
@@ -43,7 +45,9 @@ def build_parser():
     run.add_argument("--set", dest="overrides", action="append", type=parse_override, default=[],
                      metavar="NODE.INPUT=VALUE", help="override a node input (repeatable)")
     run.add_argument("--comfyui", help="the ComfyUI folder to run in")
-    run.add_argument("--models", type=Path, help="an extra models folder (laid out like ComfyUI/models)")
+    run.add_argument("--models", type=Path, help="an extra models folder (laid out like ComfyUI/models), searched "
+                                                 "first; training results are written there")
+    run.add_argument("--input", type=Path, help="the input folder (default: the host's input folder)")
     run.add_argument("--output", type=Path, help="folder for the images (default: the host's output folder)")
     run.add_argument("--no-builtin-models", action="store_true",
                      help="stop with the list of missing files instead of using small random models")
@@ -97,35 +101,54 @@ def write_docs(args, scratch: Path):
     return 0
 
 
+# Model folders an explicit --models folder always provides (training writes into the first of each).
+MODEL_FOLDERS = ("checkpoints", "loras", "clip_vision", "LLM", "bridges")
+
+
 def run_workflow(args, scratch: Path):
     try:
-        host = Host(args.comfyui, output_dir=args.output, temp_dir=scratch / "temp")
+        host = Host(args.comfyui, output_dir=args.output, temp_dir=scratch / "temp", input_dir=args.input)
     except HostError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"ComfyUI {host.version} at {host.root}")
     if args.models:
-        host.add_models_dir(args.models, [p.name for p in args.models.iterdir() if p.is_dir()])
+        present = {p.name for p in args.models.iterdir() if p.is_dir()} if args.models.is_dir() else set()
+        host.add_models_dir(args.models, sorted(present | set(MODEL_FOLDERS)))
     pack = host.load_pack(scratch / "custom_nodes")
     run = importlib.import_module(pack.__name__ + ".headless.run")
     tiny = importlib.import_module(pack.__name__ + ".headless.tiny_models")
     host.register_nodes(tiny.NODE_CLASS_MAPPINGS, tiny.NODE_DISPLAY_NAME_MAPPINGS)
+    if args.no_builtin_models:
+        try:
+            missing = run.missing_models(run.load_workflow(args.workflow), host.folder_paths)
+        except run.WorkflowError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if missing:
+            print("error: the workflow needs model files that are not here:", file=sys.stderr)
+            for line in missing:
+                print("  - " + line, file=sys.stderr)
+            return 2
     try:
-        prompt, missing, swapped = run.prepare(args.workflow, host, args.overrides,
-                                               builtin_models=not args.no_builtin_models)
+        prompt, _, swapped, placed = run.prepare(args.workflow, host, args.overrides,
+                                                 builtin_models=not args.no_builtin_models,
+                                                 first_models_dirs=1 if args.models else 0)
     except (run.WorkflowError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if missing and not swapped:
-        print("error: the workflow needs model files that are not here:", file=sys.stderr)
-        for line in missing:
-            print("  - " + line, file=sys.stderr)
-        return 2
+    if placed:
+        print("Example inputs:")
+        for line in placed:
+            print("  - " + line)
     if swapped:
         print("NOTE: model files are missing, so this run uses SMALL BUILT-IN RANDOM MODELS instead. The code path "
               "is the real one; the picture will not look like the prompt:")
         for line in swapped:
             print("  - " + line)
+        if not args.models:
+            print("  (anything this run trains is written beside the built-in models and removed when it ends; "
+                  "--models DIR keeps it)")
     start = time.perf_counter()
     try:
         ui = host.run(prompt)

@@ -15,6 +15,7 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
+from . import examples
 from .host import PACK_DIR, PACK_FOLDER_NAME, HostError, find_comfyui
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
@@ -22,21 +23,61 @@ CHROMEDRIVER = os.environ.get("CHROMEDRIVER", "/usr/bin/chromedriver")
 
 LOAD_WORKFLOW_JS = """
 const workflow = arguments[0];
+const name = arguments[1];
 const done = arguments[arguments.length - 1];
 (async () => {
   try {
-    await window.app.loadGraphData(workflow);
+    // 2025 frontends open the graph in a tab named after the file (older ones ignore the name)
+    await window.app.loadGraphData(workflow, true, false, name);
+    const manager = window.app.extensionManager;
+    const store = manager && manager.workflow;
+    if (store && store.openWorkflows && store.closeWorkflow) {  // one tab: close the others (never modified here)
+      for (const other of [...store.openWorkflows]) {
+        if (other !== store.activeWorkflow) await store.closeWorkflow(other);
+      }
+    }
     const registered = (window.LiteGraph && window.LiteGraph.registered_node_types) || {};
     const nodes = window.app.graph._nodes || window.app.graph.nodes || [];
     done({
       missing: workflow.nodes.map(n => n.type).filter(t => !(t in registered)),
       loaded: nodes.length,
       broken: nodes.filter(n => n.has_errors).map(n => n.type),
+      tabs: store && store.openWorkflows ? store.openWorkflows.map(w => w.filename) : null,
     });
   } catch (e) {
     done({error: String((e && e.stack) || e)});
   }
 })();
+"""
+
+FIT_GRAPH_JS = """
+// The whole graph in view, inside the part of the canvas that the menus and toolbars leave free.
+const canvas = window.app.canvas;
+const nodes = window.app.graph._nodes || window.app.graph.nodes || [];
+if (!canvas || !canvas.ds || !nodes.length) return;
+const title = (window.LiteGraph && window.LiteGraph.NODE_TITLE_HEIGHT) || 30;
+let x0 = Infinity, y0 = Infinity, x1 = -Infinity, y1 = -Infinity;
+for (const n of nodes) {
+  x0 = Math.min(x0, n.pos[0]); y0 = Math.min(y0, n.pos[1] - title);
+  x1 = Math.max(x1, n.pos[0] + n.size[0]); y1 = Math.max(y1, n.pos[1] + n.size[1]);
+}
+const el = canvas.canvas, ratio = window.devicePixelRatio || 1;
+const free = {left: 80, top: 100, right: el.width / ratio - 30, bottom: el.height / ratio - 70};
+const w = free.right - free.left, h = free.bottom - free.top;
+const scale = Math.min(w / (x1 - x0), h / (y1 - y0), 1.2);
+canvas.ds.scale = scale;
+canvas.ds.offset[0] = (free.left + w / 2) / scale - (x0 + x1) / 2;
+canvas.ds.offset[1] = (free.top + h / 2) / scale - (y0 + y1) / 2;
+canvas.setDirty(true, true);
+"""
+
+# Whether every picture of the graph's Load Image nodes has arrived (previews are fetched after the load, and the
+# nodes grow to show them), and the nodes' sizes now.
+LAYOUT_JS = """
+const nodes = window.app.graph._nodes || window.app.graph.nodes || [];
+const shown = nodes.filter(n => n.type === 'LoadImage')
+                   .every(n => n.imgs && n.imgs.length && n.imgs.every(i => i.complete && i.naturalWidth > 0));
+return [shown, nodes.map(n => [n.pos[0], n.pos[1], n.size[0], n.size[1]])];
 """
 
 
@@ -47,23 +88,31 @@ def _free_port() -> int:
 
 
 def input_images_of(workflow: dict):
-    """The files a workflow's stock LoadImage nodes read from ComfyUI's input folder."""
-    return sorted({n["widgets_values"][0] for n in workflow.get("nodes", [])
-                   if n.get("type") in ("LoadImage", "LoadImageMask") and n.get("widgets_values")})
+    """The files a workflow reads from ComfyUI's input folder: its LoadImage pictures, and the pack's example
+    inputs (caption files, picture folders) its widgets name."""
+    names = {n["widgets_values"][0] for n in workflow.get("nodes", [])
+             if n.get("type") in ("LoadImage", "LoadImageMask") and n.get("widgets_values")}
+    names |= {v.rstrip("/") for n in workflow.get("nodes", []) for v in (n.get("widgets_values") or [])
+              if examples.example_path(v) is not None}
+    return sorted(names)
 
 
 @contextmanager
 def comfyui_server(comfyui=None, input_images=(), timeout=300):
     """The real server (main.py) on loopback with the pack in its custom_nodes; yields its URL. Each name in
-    input_images is put in its input folder as a small picture, as a user has their own pictures there."""
+    input_images is put in its input folder, as a user has their own pictures there: the pack's example of that
+    name (data/examples/), else a small plain picture."""
     from PIL import Image
 
     root = find_comfyui(comfyui)
     with tempfile.TemporaryDirectory(prefix="beyond-clip-server-") as scratch:
         scratch = Path(scratch)
         (scratch / "input").mkdir()
+        shipped = [name for name in input_images if examples.example_path(name) is not None]
+        examples.place({"inputs": {"inputs": {str(i): name for i, name in enumerate(shipped)}}}, scratch / "input")
         for name in input_images:
-            Image.new("RGB", (64, 64), (90, 140, 200)).save(scratch / "input" / name)
+            if name not in shipped:
+                Image.new("RGB", (64, 64), (90, 140, 200)).save(scratch / "input" / name)
         port = _free_port()
         cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
                "--disable-auto-launch", "--output-directory", str(scratch / "output"),
@@ -109,7 +158,7 @@ def comfyui_server(comfyui=None, input_images=(), timeout=300):
 
 
 @contextmanager
-def browser(width=2000, height=1100):
+def browser(width=2000, height=1300):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -130,13 +179,19 @@ def browser(width=2000, height=1100):
             driver.quit()
 
 
+# Settings of a returning user: no template gallery (2025 frontends open it for a new user), no minimap over the
+# graph. 2024 hosts have no such settings and ignore them.
+SETTINGS = {"Comfy.TutorialCompleted": b"true", "Comfy.Minimap.Visible": b"false",
+            "LiteGraph.Canvas.MinFontSizeForLOD": b"1"}  # and the node text drawn at any zoom
+
+
 def _mark_tutorial_seen(url):
-    """The 2025 frontend opens a template gallery for a new user; a returning user does not see it."""
-    request = urllib.request.Request(url + "/settings/Comfy.TutorialCompleted", data=b"true", method="POST")
-    try:
-        urllib.request.urlopen(request, timeout=10).close()
-    except OSError:
-        pass  # 2024 hosts have no such setting and no gallery
+    for key, value in SETTINGS.items():
+        request = urllib.request.Request(f"{url}/settings/{key}", data=value, method="POST")
+        try:
+            urllib.request.urlopen(request, timeout=10).close()
+        except OSError:
+            pass
 
 
 def open_app(driver, url, timeout=120):
@@ -151,11 +206,42 @@ def open_app(driver, url, timeout=120):
     driver.get_log("browser")  # start each workflow with an empty console
 
 
+# The pictures the Load Image nodes show: [file name, width, height] each.
+PICTURES_JS = """
+const nodes = window.app.graph._nodes || window.app.graph.nodes || [];
+return nodes.filter(n => n.type === 'LoadImage').map(n => [
+  String(n.widgets && n.widgets[0] && n.widgets[0].value),
+  n.imgs && n.imgs[0] ? n.imgs[0].naturalWidth : 0, n.imgs && n.imgs[0] ? n.imgs[0].naturalHeight : 0]);
+"""
+
+
+def _settled_layout(driver, timeout=30):
+    """The nodes' places and sizes once the pictures are in and nothing has moved for a second."""
+    deadline, last, steady = time.monotonic() + timeout, None, 0
+    while steady < 4 and time.monotonic() < deadline:
+        time.sleep(0.25)
+        shown, layout = driver.execute_script(LAYOUT_JS)
+        steady = steady + 1 if shown and layout == last else 0
+        last = layout
+    return last
+
+
 def load_in_page(driver, workflow_path, screenshot=None):
-    """Load a workflow file in the page; returns {"missing", "loaded", "broken", "console_errors"}."""
+    """Load a workflow file in the page, in one tab named after the file with the whole graph in view; returns
+    {"missing", "loaded", "broken", "tabs", "pictures", "console_errors"}."""
     workflow = json.loads(Path(workflow_path).read_text())
-    result = driver.execute_async_script(LOAD_WORKFLOW_JS, workflow)
-    time.sleep(1)
+    result = driver.execute_async_script(LOAD_WORKFLOW_JS, workflow, Path(workflow_path).stem)
+    # Nodes grow when they are first drawn (Load Image to show its picture), and only nodes in view are drawn:
+    # fit, let the layout settle, and fit again until the fitted layout is the settled one.
+    fitted = None
+    for _ in range(5):
+        layout = _settled_layout(driver)
+        if layout == fitted:
+            break
+        driver.execute_script(FIT_GRAPH_JS)
+        fitted = layout
+    time.sleep(1)  # the next frames
+    result["pictures"] = driver.execute_script(PICTURES_JS)
     result["console_errors"] = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
     if screenshot:
         Path(screenshot).parent.mkdir(parents=True, exist_ok=True)

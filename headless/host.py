@@ -149,17 +149,17 @@ class Host:
             return self.execution.PromptExecutor(self.server, cache_type=False)
         return self.execution.PromptExecutor(self.server)
 
-    def add_models_dir(self, models_dir, names):
+    def add_models_dir(self, models_dir, names, position=0):
         """Register <models_dir>/<name> for each folder name, as an extra_model_paths.yaml entry would, first in
-        the list (as `is_default: true` does): files written into models/<name> (training results) land there,
-        not in the ComfyUI checkout."""
+        the list (as `is_default: true` does; `position` places it after that many entries): files written into
+        models/<name> (training results) land in the first one, not in the ComfyUI checkout."""
         for name in names:
             path = Path(models_dir) / name
             path.mkdir(parents=True, exist_ok=True)
             self.folder_paths.add_model_folder_path(name, str(path))
             paths = self.folder_paths.folder_names_and_paths[name][0]
             paths.remove(str(path))
-            paths.insert(0, str(path))
+            paths.insert(min(position, len(paths)), str(path))
 
     def load_pack(self, custom_nodes_dir):
         """Load the pack as ComfyUI loads a folder in custom_nodes/ (a link to this checkout)."""

@@ -1,64 +1,243 @@
-"""Run a workflow file end to end in a booted host; stand in small built-in models for missing weights."""
+"""Run a workflow file end to end in a booted host; stand in small built-in models for missing weights and put
+the pack's example inputs where ComfyUI looks for them."""
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
-from . import tiny_llm
+from . import examples
 from .workflow import WorkflowError, load_workflow, to_api
 
 log = logging.getLogger(__name__)
+
+# Names of the built-in models (written into the run's temp folder, under folders registered like models/<folder>).
 TINY_LLM = "beyond-clip-tiny-llama"
-MODEL_DIRECTORIES = ("LLM", "grounding-dino")  # model folders whose entries are Hugging Face folders, not files
+MODEL_DIRECTORIES = ("LLM", "grounding-dino")  # model folders whose entries are Hugging Face folders (or .gguf files)
+TINY_OPT = "beyond-clip-tiny-opt"
+TINY_GILL = "beyond-clip-tiny-gill"
+TINY_SEED = "seed/beyond-clip-tiny/seed_tokenizer.pth"
+TINY_IDEFICS2 = "beyond-clip-tiny-idefics2"
+TINY_IDEFICS2_LORA = "beyond-clip-tiny-idefics2-lora"
+TINY_CONNECTOR = "beyond-clip-tiny-mumu-connector.safetensors"
+TINY_UNET_LORA = "beyond-clip-tiny-mumu-unet-lora.safetensors"
+TINY_REPADAPTER = "beyond-clip-tiny-repadapter.safetensors"
+# The built-in Idefics2 takes pictures up to 504 px in 14-px patches (as idefics2-8b's patches), so the workflows'
+# image resolutions (252 and 504) run as written; its text model reads 4096 tokens (three 324-token pictures fit).
+TINY_IDEFICS2_SIZE = {"image_size": 504, "patch_size": 14, "context": 4096, "image_seq_len": 64}
+BUILTIN_FOLDERS = ("LLM", "bridges", "loras")
+# Training on built-in random models shows the code path, not a result: each Train node stops after this many
+# steps unless --set gives its steps (MUMU stage 2 is a forward and backward pass through Idefics2 and the UNet
+# per example: fewer).
+BUILTIN_TRAIN_STEPS = {"BeyondCLIP_TrainMapper": 60, "BeyondCLIP_TrainGILLMapper": 60,
+                       "BeyondCLIP_TrainGILLDecision": 60, "BeyondCLIP_TrainMUMUConnector": 30,
+                       "BeyondCLIP_TrainRepAdapter": 10, "BeyondCLIP_TrainMUMU": 6}
 
 
-def _present(folder_paths, folder, name, directory=False):
-    if directory:
-        return any((Path(p) / name / "config.json").is_file() for p in folder_paths.get_folder_paths(folder))
-    return folder_paths.get_full_path(folder, name) is not None
+class BuiltinModels:
+    """Writes each built-in model once per run into `root`/<folder>/ and returns the name its loader lists."""
+
+    def __init__(self, root: Path, arch: str):
+        self.root, self.arch = Path(root), arch
+
+    def _made(self, folder, name, write):
+        path = self.root / folder / name
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write(path)
+        return path
+
+    def llama(self):
+        from .tiny_llm import write_llm_folder
+        return self._made("LLM", TINY_LLM, write_llm_folder)
+
+    def opt(self):
+        from .tiny_gill import write_opt_folder
+        return self._made("LLM", TINY_OPT, write_opt_folder)
+
+    def mapper(self):
+        from ..loaders.mappers import save_mapper
+        from .tiny_llm import random_mapper
+        target = "sdxl" if self.arch == "sdxl" else "sd1"
+        name = f"beyond-clip-tiny-mapper-{self.arch}.safetensors"
+        self._made("bridges", name, lambda p: save_mapper(p, random_mapper(64, target)))
+        return name
+
+    def repadapter(self):
+        from ..loaders.repadapters import save_repadapter
+        from .tiny_llm import random_repadapters
+        llm = self.llama()
+        self._made("bridges", TINY_REPADAPTER, lambda p: save_repadapter(p, random_repadapters(llm), 8, 2, 0.5))
+        return TINY_REPADAPTER
+
+    def gill(self):
+        from . import tiny_gill
+        self._made("bridges", TINY_GILL, lambda p: tiny_gill.write_release(p, tiny_gill.random_state()))
+        return TINY_GILL
+
+    def seed(self):
+        from .tiny_seed import write_official
+        self._made("bridges", str(Path(TINY_SEED).parent), write_official)
+        return TINY_SEED
+
+    def idefics2(self):
+        from .tiny_mumu import write_idefics2_folder
+        return self._made("LLM", TINY_IDEFICS2, lambda p: write_idefics2_folder(p, **TINY_IDEFICS2_SIZE))
+
+    def idefics2_lora(self):
+        from .tiny_mumu import write_idefics2_lora
+        base = self.idefics2()
+        return self._made("LLM", TINY_IDEFICS2_LORA, lambda p: write_idefics2_lora(p, base))
+
+    def connector(self):
+        from .tiny_mumu import write_connector
+        self._made("bridges", TINY_CONNECTOR, write_connector)
+        return TINY_CONNECTOR
+
+    def unet_lora(self):
+        from .tiny_models import tiny_checkpoint
+        from .tiny_mumu import write_unet_lora
+        self._made("loras", TINY_UNET_LORA, lambda p: write_unet_lora(p, tiny_checkpoint("sdxl")[0]))
+        return TINY_UNET_LORA
 
 
-def use_builtin_models(prompt: dict, arch: str, host, demo_dir: Path):
-    """Swap every loader whose file is absent for a small random model of the same layout. Returns what was
-    swapped, so the caller can say so plainly."""
-    from ..loaders.mappers import save_mapper
-    from ..loaders.repadapters import save_repadapter
+@dataclass(frozen=True)
+class StandIn:
+    """How one loader node type gets a built-in model: the input naming its file, the family of models that must
+    fit together (one missing swaps the whole family), and what stands in."""
+    family: str
+    input: str
+    says: str  # what the built-in model is, for the run's message
+    swap: object  # (builtins, node) -> None: points the node at the built-in model (or replaces the node)
 
-    fp = host.folder_paths
-    swapped = []
-    llm_dir = demo_dir / "LLM"
-    bridges_dir = demo_dir / "bridges"
-    for node_id, node in prompt.items():
-        kind, inputs = node["class_type"], node["inputs"]
-        if kind == "CheckpointLoaderSimple" and not _present(fp, "checkpoints", inputs["ckpt_name"]):
-            swapped.append(f"checkpoint {inputs['ckpt_name']} -> tiny random {arch} UNet, CLIP and VAE")
-            prompt[node_id] = {"class_type": "BeyondCLIP_TinyCheckpoint", "inputs": {"arch": arch}}
-        elif kind == "BeyondCLIP_LLMLoader" and not _present(fp, "LLM", inputs["llm_name"], directory=True):
-            if not (llm_dir / TINY_LLM / "config.json").is_file():
-                tiny_llm.write_llm_folder(llm_dir / TINY_LLM)
-            swapped.append(f"LLM {inputs['llm_name']} -> {TINY_LLM} (2 layers, width 64, random)")
-            inputs["llm_name"] = TINY_LLM
-        elif kind == "BeyondCLIP_MapperLoader" and not _present(fp, "bridges", inputs["mapper_name"]):
-            name = f"beyond-clip-tiny-mapper-{arch}.safetensors"
-            if not (bridges_dir / name).is_file():
-                save_mapper(bridges_dir / name, tiny_llm.random_mapper(64, "sdxl" if arch == "sdxl" else "sd1"))
-            swapped.append(f"mapper {inputs['mapper_name']} -> {name} (random)")
-            inputs["mapper_name"] = name
-        elif kind == "BeyondCLIP_RepAdapterLoader" and not _present(fp, "bridges", inputs["adapter_name"]):
-            name = "beyond-clip-tiny-repadapter.safetensors"
-            if not (bridges_dir / name).is_file():
-                if not (llm_dir / TINY_LLM / "config.json").is_file():
-                    tiny_llm.write_llm_folder(llm_dir / TINY_LLM)
-                save_repadapter(bridges_dir / name, tiny_llm.random_repadapters(llm_dir / TINY_LLM), 8, 2, 0.5)
-            swapped.append(f"RepAdapter {inputs['adapter_name']} -> {name} (random, for {TINY_LLM})")
-            inputs["adapter_name"] = name
-    if swapped:
-        for folder, path in (("LLM", llm_dir), ("bridges", bridges_dir)):
-            path.mkdir(parents=True, exist_ok=True)
-            if str(path) not in fp.get_folder_paths(folder):
-                fp.add_model_folder_path(folder, str(path))
-        for node in prompt.values():  # the tiny UNet is made for small latents
-            if node["class_type"] == "EmptyLatentImage":
-                node["inputs"].update(width=128, height=128)
-    return swapped
+
+def _point(input_name, make):
+    def swap(builtins, node):
+        made = make(builtins)
+        node["inputs"][input_name] = made.name if isinstance(made, Path) else made
+    return swap
+
+
+def _replace(class_type, inputs):
+    def swap(builtins, node):
+        node["class_type"], node["inputs"] = class_type, inputs(builtins)
+    return swap
+
+
+def _lora(builtins, node):
+    node["inputs"]["lora_name"] = builtins.unet_lora()
+
+
+STAND_INS = {
+    "CheckpointLoaderSimple": StandIn("checkpoint", "ckpt_name", "small random {arch} UNet, CLIP and VAE",
+                                      _replace("BeyondCLIP_TinyCheckpoint", lambda b: {"arch": b.arch})),
+    "LoraLoaderModelOnly": StandIn("checkpoint", "lora_name", f"{TINY_UNET_LORA} (random, for the small UNet)",
+                                   _lora),
+    "BeyondCLIP_LLMLoader": StandIn("beyond_clip", "llm_name", f"{TINY_LLM} (Llama, 2 layers, width 64, random)",
+                                    _point("llm_name", BuiltinModels.llama)),
+    "BeyondCLIP_MapperLoader": StandIn("beyond_clip", "mapper_name", "beyond-clip-tiny-mapper-{arch}.safetensors "
+                                       "(random)", _point("mapper_name", BuiltinModels.mapper)),
+    "BeyondCLIP_RepAdapterLoader": StandIn("beyond_clip", "adapter_name", f"{TINY_REPADAPTER} (random, for "
+                                           f"{TINY_LLM})", _point("adapter_name", BuiltinModels.repadapter)),
+    "BeyondCLIP_GILLLoader": StandIn("gill", "gill_name", f"{TINY_GILL}/ (random, official release layout, for "
+                                     f"{TINY_OPT})", _point("gill_name", BuiltinModels.gill)),
+    "CLIPVisionLoader": StandIn("gill", "clip_name", "small random CLIP vision tower (width 64, 224 px)",
+                                _replace("BeyondCLIP_TinyCLIPVision", lambda b: {"seed": 0})),
+    "BeyondCLIP_SEEDLoader": StandIn("seed", "seed_model", f"{TINY_SEED} (random, official file layout, small "
+                                     f"widths)", _point("seed_model", BuiltinModels.seed)),
+    "BeyondCLIP_MUMULoadIdefics2": StandIn("mumu", "idefics2_name", f"{TINY_IDEFICS2} (random, 14-px patches up to "
+                                           f"504 px, text width 64)", _point("idefics2_name", BuiltinModels.idefics2)),
+    "BeyondCLIP_MUMUIdefics2LoRA": StandIn("mumu", "lora_name", f"{TINY_IDEFICS2_LORA} (random peft LoRA, for "
+                                           f"{TINY_IDEFICS2})", _point("lora_name", BuiltinModels.idefics2_lora)),
+    "BeyondCLIP_MUMULoadConnector": StandIn("mumu", "connector_name", f"{TINY_CONNECTOR} (random, 2 layers)",
+                                            _point("connector_name", BuiltinModels.connector)),
+}
+# GILL's LLM is OPT: with a GILL model in the graph, Load LLM belongs to GILL's family and gets the small OPT.
+GILL_LLM = StandIn("gill", "llm_name", f"{TINY_OPT} (OPT, 2 layers, width 64, random)",
+                   _point("llm_name", BuiltinModels.opt))
+
+
+@dataclass(frozen=True)
+class Fit:
+    """A setting made for full-size models that the built-in ones cannot take in reasonable time on a CPU."""
+    family: str  # applied when this family runs on built-in models
+    values: dict
+    why: str
+
+
+FITS = {
+    "EmptyLatentImage": Fit("checkpoint", {"width": 128, "height": 128}, "the small UNet is made for small latents"),
+    "BeyondCLIP_TrainRepAdapter": Fit("checkpoint", {"resolution": 128}, "the small UNet is made for small latents"),
+}
+# Second fits of the same node types, for another family.
+FITS_MUMU = {
+    "BeyondCLIP_TrainMUMUConnector": Fit("mumu", {"width": 64, "depth": 2, "heads": 4, "image_resolution": 126},
+                                         "a small connector, 81 tokens per crop: training on a CPU"),
+    "BeyondCLIP_TrainMUMU": Fit("mumu", {"image_resolution": 126}, "81 tokens per crop: training on a CPU"),
+}
+FITS_CHECKPOINT = {
+    "BeyondCLIP_TrainMUMU": Fit("checkpoint", {"resolution": 128}, "the small UNet is made for small latents"),
+}
+
+
+def _stand_in(prompt, node):
+    if node["class_type"] == "BeyondCLIP_LLMLoader" and any(
+            n["class_type"] == "BeyondCLIP_GILLLoader" for n in prompt.values()):
+        return GILL_LLM
+    return STAND_INS.get(node["class_type"])
+
+
+def _listed(host, node, input_name) -> bool:
+    """Whether the node's dropdown lists the chosen name: what the host's validation checks."""
+    node_class = host.nodes.NODE_CLASS_MAPPINGS[node["class_type"]]
+    spec = node_class.INPUT_TYPES().get("required", {}).get(input_name)
+    value = node["inputs"].get(input_name)
+    return spec is not None and isinstance(spec[0], (list, tuple)) and value in spec[0]
+
+
+def use_builtin_models(prompt: dict, arch: str, host, demo_dir: Path, first_models_dirs=0, fixed=()):
+    """Swap every loader whose model is not listed for a small random model of the same layout, and with it every
+    loader of the same family (the built-in models fit one another, not full-size ones). Settings the built-in
+    models cannot take are fitted (except those in `fixed`, (node id, input) pairs set by the user). Returns the
+    lines to show, so the caller can say plainly what was swapped and changed."""
+    builtins = BuiltinModels(demo_dir, arch)
+    rows = {node_id: _stand_in(prompt, node) for node_id, node in prompt.items()}
+    rows = {node_id: row for node_id, row in rows.items() if row is not None}
+    missing = {node_id for node_id, row in rows.items() if not _listed(host, prompt[node_id], row.input)}
+    families = {rows[node_id].family for node_id in missing}
+    if not families:
+        return []
+    for folder in BUILTIN_FOLDERS:  # before ComfyUI's own folders: training results of built-in runs land here
+        host.add_models_dir(demo_dir, [folder], position=first_models_dirs)
+    said = []
+    for node_id in sorted(rows, key=_node_order):
+        row, node = rows[node_id], prompt[node_id]
+        if row.family not in families:
+            continue
+        old = node["inputs"].get(row.input)
+        why = "" if node_id in missing else " (present, but the built-in models of its family need their own)"
+        row.swap(builtins, node)
+        said.append(f"{old}{why} -> {row.says.format(arch=arch)}")
+    for node_id in sorted(prompt, key=_node_order):
+        node = prompt[node_id]
+        for table in (FITS, FITS_CHECKPOINT, FITS_MUMU):
+            fit = table.get(node["class_type"])
+            if fit is None or fit.family not in families:
+                continue
+            changed = {k: v for k, v in fit.values.items()
+                       if (node_id, k) not in fixed and k in node["inputs"] and node["inputs"][k] != v}
+            if changed:
+                node["inputs"].update(changed)
+                said.append(f"node {node_id} ({node['class_type']}): " + ", ".join(
+                    f"{k} {v}" for k, v in changed.items()) + f" ({fit.why})")
+        steps, cap = node["inputs"].get("steps"), BUILTIN_TRAIN_STEPS.get(node["class_type"])
+        if cap and (node_id, "steps") not in fixed and isinstance(steps, int) and steps > cap:
+            node["inputs"]["steps"] = cap
+            said.append(f"node {node_id} ({node['class_type']}): {cap} training steps instead of {steps} (random "
+                        f"models: this shows the code path; --set {node_id}.steps=N trains longer)")
+    return said
+
+
+def _node_order(node_id):
+    return (0, int(node_id)) if str(node_id).isdigit() else (1, str(node_id))
 
 
 def missing_models(workflow: dict, folder_paths) -> list:
@@ -78,6 +257,17 @@ def missing_models(workflow: dict, folder_paths) -> list:
     return missing
 
 
+def _present(folder_paths, folder, name, directory=False):
+    try:
+        paths = folder_paths.get_folder_paths(folder)
+    except KeyError:
+        return False
+    if directory and not name.endswith(".gguf"):  # a model folder (config.json), or a peft LoRA folder
+        return any((Path(p) / name / marker).is_file() for p in paths for marker in ("config.json",
+                                                                                     "adapter_config.json"))
+    return any((Path(p) / name).exists() for p in paths)
+
+
 def apply_overrides(prompt: dict, overrides):
     for node_id, name, value in overrides:
         if node_id not in prompt:
@@ -86,16 +276,19 @@ def apply_overrides(prompt: dict, overrides):
         prompt[node_id]["inputs"][name] = value
 
 
-def prepare(path, host, overrides=(), builtin_models=True):
-    """(API prompt, missing files, swapped models) for a workflow file, the UI format converted with the
-    host's node definitions."""
+def prepare(path, host, overrides=(), builtin_models=True, first_models_dirs=0):
+    """(API prompt, missing files, swapped models and fitted settings, example inputs placed) for a workflow file,
+    the UI format converted with the host's node definitions. Example inputs the workflow names are put in the
+    host's input folder first (a file of the same name there is kept and used)."""
     workflow = load_workflow(path)
     prompt = to_api(workflow, host.nodes.NODE_CLASS_MAPPINGS)
     apply_overrides(prompt, overrides)
+    placed = examples.place(prompt, Path(host.folder_paths.get_input_directory()))
     missing = missing_models(workflow, host.folder_paths)
     swapped = []
-    if missing and builtin_models:
+    if builtin_models:
         about = (workflow.get("extra") or {}).get("beyond_clip", {})
         demo_dir = Path(host.folder_paths.get_temp_directory()) / "beyond_clip_builtin_models"
-        swapped = use_builtin_models(prompt, about.get("arch", "sd15"), host, demo_dir)
-    return prompt, missing, swapped
+        swapped = use_builtin_models(prompt, about.get("arch", "sd15"), host, demo_dir, first_models_dirs,
+                                     fixed={(node_id, name) for node_id, name, _ in overrides})
+    return prompt, missing, swapped, placed

@@ -15,6 +15,8 @@ import tempfile
 
 import torch
 
+from .tiny_clip_vision import TinyCLIPVisionLoader
+
 ARCHES = ("sd15", "sdxl")
 
 _UNET_COMMON = {
@@ -203,5 +205,7 @@ class TinyCheckpointLoader:
         return tiny_checkpoint(arch)
 
 
-NODE_CLASS_MAPPINGS = {"BeyondCLIP_TinyCheckpoint": TinyCheckpointLoader}
-NODE_DISPLAY_NAME_MAPPINGS = {"BeyondCLIP_TinyCheckpoint": "Tiny Checkpoint (Beyond CLIP, random weights)"}
+NODE_CLASS_MAPPINGS = {"BeyondCLIP_TinyCheckpoint": TinyCheckpointLoader,
+                       "BeyondCLIP_TinyCLIPVision": TinyCLIPVisionLoader}
+NODE_DISPLAY_NAME_MAPPINGS = {"BeyondCLIP_TinyCheckpoint": "Tiny Checkpoint (Beyond CLIP, random weights)",
+                              "BeyondCLIP_TinyCLIPVision": "Tiny CLIP Vision (Beyond CLIP, random weights)"}

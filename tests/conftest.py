@@ -50,6 +50,20 @@ def bridge_module(name: str):
 @pytest.fixture(scope="session")
 def bridges():
     return bridge_module
+
+
+def headless_module(name):
+    """headless/<name>.py loaded by path, for the builders of small models that import nothing of the pack at
+    module level (tiny_seed, tiny_clip_vision): tests need their sizes and functions before the host boots."""
+    key = f"beyond_clip_headless_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, PACK_DIR / "headless" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        spec.loader.exec_module(module)
+    return sys.modules[key]
+
+
 MODEL_FOLDERS = ("checkpoints", "LLM", "bridges", "loras", "clip_vision", "text_encoders")
 
 
@@ -187,64 +201,29 @@ def adapter_file(host, pack, tiny_llama):
 
 # ---------------------------------------------------------------------------------------------------- MUMU
 
-def write_tiny_idefics2(folder, build_tokenizer, seed=0, text_width=64, context=512):
-    """A small random Idefics2 folder in the real layout: config.json, model.safetensors (with LM head and
-    perceiver, as released), tokenizer and processor files built locally (14 px patches -> 4 px here)."""
-    from transformers import Idefics2Config, Idefics2ForConditionalGeneration, Idefics2ImageProcessor, Idefics2Processor
-
-    tokenizer = build_tokenizer()
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<fake_token_around_image>", "<image>",
-                                                                "<end_of_utterance>"]})
-    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-           "pad_token_id": tokenizer.pad_token_id}
-    config = Idefics2Config(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=64, patch_size=4),
-        text_config=dict(model_type="mistral", vocab_size=len(tokenizer), hidden_size=text_width,
-                         intermediate_size=2 * text_width, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=context, **ids),
-        perceiver_config=dict(hidden_size=text_width, resampler_n_latents=8, resampler_depth=1, resampler_n_heads=2,
-                              resampler_head_dim=16, num_key_value_heads=1),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), **ids)
-    torch.manual_seed(seed)
-    model = Idefics2ForConditionalGeneration(config)
-    folder = Path(folder)
-    model.save_pretrained(str(folder))
-    image_processor = Idefics2ImageProcessor(do_image_splitting=False, size={"longest_edge": 64, "shortest_edge": 32})
-    Idefics2Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=8).save_pretrained(str(folder))
-    return folder
-
-
 @pytest.fixture(scope="session")
 def tiny_idefics2(host, pack):
-    """models/LLM/tiny-idefics2: vision 32 wide (4 px patches, up to 64 px), Mistral text model 64 wide, context 512."""
-    write_tiny_idefics2(host.models_dir / "LLM" / "tiny-idefics2", pack_module(pack, "headless.tiny_llm").build_tokenizer)
+    """models/LLM/tiny-idefics2: vision 32 wide (4 px patches, up to 64 px), Mistral text model 64 wide, context 512
+    (headless/tiny_mumu.py)."""
+    pack_module(pack, "headless.tiny_mumu").write_idefics2_folder(host.models_dir / "LLM" / "tiny-idefics2")
     return "tiny-idefics2"
 
 
 @pytest.fixture(scope="session")
 def mumu_connector_file(host, pack, tiny_idefics2):
     """A random 2-layer MUMU connector for the tiny Idefics2 (width 64), in the pack's format."""
-    mumu = pack_module(pack, "bridges.mumu")
-    torch.manual_seed(5)
-    connector = mumu.MUMUConnector(mumu.ConnectorConfig(in_dim=64, width=64, depth=2, heads=4, hidden_layer=-1))
     name = "tiny-mumu-connector.safetensors"
-    pack_module(pack, "loaders.mumu").save_connector(host.models_dir / "bridges" / name, connector.eval())
+    pack_module(pack, "headless.tiny_mumu").write_connector(host.models_dir / "bridges" / name)
     return name
 
 
 @pytest.fixture(scope="session")
-def mumu_idefics2_lora(host, tiny_idefics2):
+def mumu_idefics2_lora(host, pack, tiny_idefics2):
     """A peft LoRA (written by peft itself) on the tiny Idefics2's vision tower, projection and text model."""
-    import peft  # the test extras install it: missing, the test fails
-    from transformers import Idefics2ForConditionalGeneration
-    model = Idefics2ForConditionalGeneration.from_pretrained(str(host.models_dir / "LLM" / tiny_idefics2))
-    torch.manual_seed(6)
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"],
-                             init_lora_weights=False)  # random B too, so the LoRA changes the output
-    peft_model = peft.get_peft_model(model, config)
+    import peft  # noqa: F401 - the test extras install it: missing, the test fails (headless.tiny_mumu uses it)
     name = "tiny-idefics2-mumu-lora"
-    peft_model.save_pretrained(str(host.models_dir / "LLM" / name))
+    pack_module(pack, "headless.tiny_mumu").write_idefics2_lora(host.models_dir / "LLM" / name,
+                                                                 host.models_dir / "LLM" / tiny_idefics2)
     return name
 
 
@@ -252,16 +231,8 @@ def mumu_idefics2_lora(host, tiny_idefics2):
 def mumu_unet_lora(host, pack):
     """A rank-4 MUMU UNet LoRA for the tiny SDXL UNet, in kohya's SDXL key format (models/loras)."""
     model = pack_module(pack, "headless.tiny_models").tiny_checkpoint("sdxl")[0]
-    files = pack_module(pack, "loaders.mumu")
-    state = model.model.state_dict()
-    generator = torch.Generator().manual_seed(7)
-    factors = {}
-    for key in files.unet_lora_targets(state):
-        out_features, in_features = state[key].shape
-        factors[key] = (torch.randn(4, in_features, generator=generator) * in_features ** -0.5,
-                        torch.randn(out_features, 4, generator=generator) * 0.5)
     name = "tiny-mumu-unet-lora.safetensors"
-    files.save_unet_lora(host.models_dir / "loras" / name, factors, alpha=4.0)
+    pack_module(pack, "headless.tiny_mumu").write_unet_lora(host.models_dir / "loras" / name, model)
     return name
 
 

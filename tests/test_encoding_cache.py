@@ -168,7 +168,7 @@ def gill_graph(llm, image=None, prompt="<image> a red fox in the snow", tower_se
         "9": {"class_type": "TestConditioningSink", "inputs": {"conditioning": ["4", 0]}},
     }
     if image is not None:
-        g["3"] = {"class_type": "TestTinyCLIPVision", "inputs": {"seed": tower_seed}}
+        g["3"] = {"class_type": "BeyondCLIP_TinyCLIPVision", "inputs": {"seed": tower_seed}}
         g["5"] = {"class_type": "LoadImage", "inputs": {"image": image}}
         g["4"]["inputs"].update(images=["5", 0], clip_vision=["3", 0])
     return g

@@ -5,6 +5,7 @@ import os
 import shutil
 
 import pytest
+from PIL import Image
 from conftest import PACK_DIR, pack_module
 
 WORKFLOWS = sorted((PACK_DIR / "workflows").glob("*.json"))
@@ -43,6 +44,12 @@ def test_workflow_loads_in_the_real_frontend(page, workflow, tmp_path):
     assert result["broken"] == []
     assert result["console_errors"] == [], result["console_errors"]
     assert result["loaded"] == len(json.loads(workflow.read_text())["nodes"])
+    # 2025 frontends: one tab, named after the file (2024 ones have no tabs)
+    assert result["tabs"] in (None, [workflow.stem]), result["tabs"]
+    # each Load Image node shows the pack's example picture of its name (data/examples/)
+    for name, width, height in result["pictures"]:
+        with Image.open(frontend.examples.EXAMPLES_DIR / name) as shipped:
+            assert (width, height) == shipped.size, f"Load Image {name} shows a {width}x{height} picture"
     data = shot.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000  # a drawn graph, not a blank page
 

@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import PACK_DIR, api_workflow, check_golden_pixels, node_of, pack_module, pixel_change, run_saved_image
+from conftest import PACK_DIR, api_workflow, check_golden_pixels, headless_module, node_of, pack_module, pixel_change, run_saved_image
 from PIL import Image
 from torch import nn
 
 WORKFLOWS = PACK_DIR / "workflows"
 LLM_DIM = 64  # the small OPT's width
-VISION_DIM = 64  # the small CLIP tower's width
+VISION_DIM = headless_module("tiny_clip_vision").WIDTH  # the small CLIP tower's width
 
 
 # ---- a faithful transcription of the reference (kohjingyu/gill, gill/layers.py) ---------------------------
@@ -92,71 +92,14 @@ class Reference(nn.Module):
 
 
 def write_release(folder: Path, ref: Reference, **args_override) -> Path:
-    """The jykoh/gill release layout: pretrained_ckpt.pth.tar, decision_model.pth.tar, model_args.json."""
-    folder.mkdir(parents=True, exist_ok=True)
-    sd = {f"model.{k}": v.clone() for k, v in ref.state_dict().items() if not k.startswith("decision_model.")}
-    torch.save({"state_dict": sd}, folder / "pretrained_ckpt.pth.tar")
-    torch.save({"state_dict": {k: v.clone() for k, v in ref.decision_model.state_dict().items()}},
-               folder / "decision_model.pth.tar")
-    args = {"opt_version": "facebook/opt-6.7b", "visual_encoder": "openai/clip-vit-large-patch14",
-            "n_visual_tokens": 4, "ret_emb_dim": 256, "gen_emb_dim": 768, "text_emb_layers": [-1],
-            "text_fc_mode": "gill_mapper", "ret_text_fc_mode": "linear", "num_gen_tokens": 8, "num_ret_tokens": 8,
-            "num_clip_tokens": 77, "share_ret_gen": True}
-    args.update(args_override)
-    (folder / "model_args.json").write_text(json.dumps(args, indent=4))
-    return folder
+    """The reference's weights in the jykoh/gill release layout (headless/tiny_gill.py writes it)."""
+    return headless_module("tiny_gill").write_release(folder, ref.state_dict(), **args_override)
 
 
-# ---- a small CLIP vision tower, as ComfyUI's CLIP_VISION and as transformers' CLIPVisionModel ---------------
-
-_TOWERS = {}
-
+# ---- a small CLIP vision tower (headless/tiny_clip_vision.py), as transformers' model for the reference side --
 
 def hf_tower(seed):
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-    torch.manual_seed(100 + seed)
-    config = CLIPVisionConfig(hidden_size=VISION_DIM, intermediate_size=128, num_hidden_layers=2,
-                              num_attention_heads=4, image_size=224, patch_size=32, projection_dim=32,
-                              hidden_act="quick_gelu")
-    model = CLIPVisionModelWithProjection(config).eval()
-    with torch.no_grad():  # values exact in fp16, so ComfyUI's half-precision copy holds the very same weights
-        for name, p in model.named_parameters():
-            # attention 4x stronger (a power of two: still exact in fp16): at the default init the class token
-            # is mostly its own embedding, and two different pictures give nearly the same pooled output
-            p.copy_((p * 4 if ".out_proj." in name else p).half().float())
-    return model
-
-
-def comfy_tower(seed, tmp_dir):
-    if seed not in _TOWERS:
-        import comfy.clip_vision
-        hf = hf_tower(seed)
-        config = {"hidden_size": VISION_DIM, "intermediate_size": 128, "num_hidden_layers": 2,
-                  "num_attention_heads": 4, "image_size": 224, "patch_size": 32, "projection_dim": 32,
-                  "hidden_act": "quick_gelu", "num_channels": 3, "model_type": "clip_vision_model",
-                  "layer_norm_eps": 1e-5}
-        path = Path(tmp_dir) / f"tiny_clip_vision_{seed}.json"
-        path.write_text(json.dumps(config))
-        tower = comfy.clip_vision.ClipVisionModel(str(path))
-        missing, _ = tower.load_sd({k: v for k, v in hf.state_dict().items() if "position_ids" not in k})
-        assert not missing
-        _TOWERS[seed] = tower
-    return _TOWERS[seed]
-
-
-class TinyCLIPVision:
-    """Test node standing in for 'Load CLIP Vision' (the stock loader knows only full-size towers)."""
-    RETURN_TYPES = ("CLIP_VISION",)
-    FUNCTION = "load"
-    CATEGORY = "testing"
-    tmp_dir = None
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 10})}}
-
-    def load(self, seed):
-        return (comfy_tower(seed, self.tmp_dir),)
+    return headless_module("tiny_clip_vision").hf_tower(seed)
 
 
 # ---- fixtures ---------------------------------------------------------------------------------------------
@@ -177,17 +120,12 @@ def gill_engine(pack):
 
 @pytest.fixture(scope="module")
 def tiny_opt(host, pack):
-    """models/LLM/tiny-opt, with attention outputs 10x the default init: otherwise each position's state is
-    mostly its own input embedding, and the [IMG] states hardly depend on the prompt or the pictures before."""
+    """models/LLM/tiny-opt (headless/tiny_gill.py): a small OPT with strong attention outputs, so the [IMG] states
+    depend on the prompt and the pictures before them."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
-    folder = pack_module(pack, "headless.tiny_llm").write_llm_folder(host.models_dir / "LLM" / "tiny-opt", arch="opt")
-    weights = folder / "model.safetensors"
-    with safe_open(weights, "pt") as f:
-        metadata = f.metadata()
-        sd = {k: f.get_tensor(k) * (10 if k.endswith("self_attn.out_proj.weight") else 1) for k in f.keys()}
-    assert sum(k.endswith("self_attn.out_proj.weight") for k in sd) == 2
-    save_file(sd, weights, metadata=metadata)
+    folder = pack_module(pack, "headless.tiny_gill").write_opt_folder(host.models_dir / "LLM" / "tiny-opt")
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        assert sum(k.endswith("self_attn.out_proj.weight") for k in f.keys()) == 2
     return "tiny-opt"
 
 
@@ -203,10 +141,9 @@ def release(host, reference):
 
 
 @pytest.fixture(scope="module")
-def towers(host, tmp_path_factory):
-    TinyCLIPVision.tmp_dir = tmp_path_factory.mktemp("towers")
-    host.register_nodes({"TestTinyCLIPVision": TinyCLIPVision})
-    return lambda seed=0: comfy_tower(seed, TinyCLIPVision.tmp_dir)
+def towers(pack):
+    """The same towers the BeyondCLIP_TinyCLIPVision node gives, as ComfyUI CLIP_VISION objects."""
+    return pack_module(pack, "headless.tiny_clip_vision").comfy_tower
 
 
 @pytest.fixture(scope="module")
@@ -577,7 +514,7 @@ def workflow_prompt(host, pack, name, *, llm, seed=None, prompt_text=None, thres
         if kind == "CheckpointLoaderSimple":
             prompt[node_id] = {"class_type": "BeyondCLIP_TinyCheckpoint", "inputs": {"arch": "sd15"}}
         elif kind == "CLIPVisionLoader":
-            prompt[node_id] = {"class_type": "TestTinyCLIPVision", "inputs": {"seed": 0}}
+            prompt[node_id] = {"class_type": "BeyondCLIP_TinyCLIPVision", "inputs": {"seed": 0}}
         elif kind == "BeyondCLIP_LLMLoader":
             inputs.update(llm_name=llm, dtype="fp32")
         elif kind == "BeyondCLIP_GILLLoader":
