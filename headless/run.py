@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import examples
-from .workflow import WorkflowError, load_workflow, to_api
+from .workflow import WorkflowError, host_at_least, host_requirement_reason, load_workflow, to_api
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,8 @@ TINY_REPADAPTER = "beyond-clip-tiny-repadapter.safetensors"
 # The built-in Idefics2 takes pictures up to 504 px in 14-px patches (as idefics2-8b's patches), so the workflows'
 # image resolutions (252 and 504) run as written; its text model reads 4096 tokens (three 324-token pictures fit).
 TINY_IDEFICS2_SIZE = {"image_size": 504, "patch_size": 14, "context": 4096, "image_seq_len": 64}
-BUILTIN_FOLDERS = ("LLM", "bridges", "loras")
+TINY_GROUNDING_DINO = "beyond-clip-tiny-grounding-dino"
+BUILTIN_FOLDERS = ("LLM", "bridges", "loras", "text_encoders", "grounding-dino")
 # Training on built-in random models shows the code path, not a result: each Train node stops after this many
 # steps unless --set gives its steps (MUMU stage 2 is a forward and backward pass through Idefics2 and the UNet
 # per example: fewer).
@@ -92,6 +93,18 @@ class BuiltinModels:
         self._made("bridges", TINY_CONNECTOR, write_connector)
         return TINY_CONNECTOR
 
+    def grounding_dino(self):
+        from .tiny_grounding_dino import write_grounding_dino_folder
+        return self._made("grounding-dino", TINY_GROUNDING_DINO, write_grounding_dino_folder)
+
+    def text_encoder(self, kind):
+        """A small text-encoder file of ComfyUI's own classes for Load CLIP type `kind` (its hidden width is the
+        built-in mapper's, 64)."""
+        from .tiny_text_encoders import write_text_encoder
+        name = f"beyond-clip-tiny-{kind}.safetensors"
+        self._made("text_encoders", name, lambda p: write_text_encoder(p, kind))
+        return name
+
     def unet_lora(self):
         from .tiny_models import tiny_checkpoint
         from .tiny_mumu import write_unet_lora
@@ -126,6 +139,17 @@ def _lora(builtins, node):
     node["inputs"]["lora_name"] = builtins.unet_lora()
 
 
+def _text_encoder(builtins, node):
+    """The stock Load CLIP becomes the test loader of the same file layout (ComfyUI's classes are full-size)."""
+    from .tiny_text_encoders import KINDS
+    kind = node["inputs"].get("type")
+    if kind not in KINDS:
+        raise WorkflowError(f"no built-in text encoder stands in for Load CLIP type {kind!r} (built-in: "
+                            f"{', '.join(KINDS)}); put the workflow's text-encoder file in models/text_encoders")
+    node["class_type"], node["inputs"] = "BeyondCLIP_TinyTextEncoderLoader", {
+        "clip_name": builtins.text_encoder(kind), "type": kind}
+
+
 STAND_INS = {
     "CheckpointLoaderSimple": StandIn("checkpoint", "ckpt_name", "small random {arch} UNet, CLIP and VAE",
                                       _replace("BeyondCLIP_TinyCheckpoint", lambda b: {"arch": b.arch})),
@@ -149,6 +173,12 @@ STAND_INS = {
                                            f"{TINY_IDEFICS2})", _point("lora_name", BuiltinModels.idefics2_lora)),
     "BeyondCLIP_MUMULoadConnector": StandIn("mumu", "connector_name", f"{TINY_CONNECTOR} (random, 2 layers)",
                                             _point("connector_name", BuiltinModels.connector)),
+    "BeyondCLIP_LoadGroundingDINO": StandIn("dataset", "detector_name", f"{TINY_GROUNDING_DINO} (random Grounding "
+                                            f"DINO, small Swin and BERT)", _point("detector_name",
+                                                                                  BuiltinModels.grounding_dino)),
+    # a mapper is trained for one text encoder: the encoder and the mapper stand in together
+    "CLIPLoader": StandIn("beyond_clip", "clip_name", "a small random text encoder of ComfyUI's own classes, in "
+                          "its file layout (width 64)", _text_encoder),
 }
 # GILL's LLM is OPT: with a GILL model in the graph, Load LLM belongs to GILL's family and gets the small OPT.
 GILL_LLM = StandIn("gill", "llm_name", f"{TINY_OPT} (OPT, 2 layers, width 64, random)",
@@ -276,11 +306,20 @@ def apply_overrides(prompt: dict, overrides):
         prompt[node_id]["inputs"][name] = value
 
 
+def check_host(workflow: dict, host):
+    """A workflow that needs a newer ComfyUI than the one running says so (extra.beyond_clip.requires_comfyui)."""
+    needed = ((workflow.get("extra") or {}).get("beyond_clip") or {}).get("requires_comfyui")
+    if needed and not host_at_least(host.version, needed):
+        raise WorkflowError(f"this workflow needs ComfyUI {needed} or newer ({host_requirement_reason(workflow)}); "
+                            f"this is ComfyUI {host.version}")
+
+
 def prepare(path, host, overrides=(), builtin_models=True, first_models_dirs=0):
     """(API prompt, missing files, swapped models and fitted settings, example inputs placed) for a workflow file,
     the UI format converted with the host's node definitions. Example inputs the workflow names are put in the
     host's input folder first (a file of the same name there is kept and used)."""
     workflow = load_workflow(path)
+    check_host(workflow, host)
     prompt = to_api(workflow, host.nodes.NODE_CLASS_MAPPINGS)
     apply_overrides(prompt, overrides)
     placed = examples.place(prompt, Path(host.folder_paths.get_input_directory()))

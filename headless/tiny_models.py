@@ -16,6 +16,7 @@ import tempfile
 import torch
 
 from .tiny_clip_vision import TinyCLIPVisionLoader
+from .tiny_text_encoders import TinyTextEncoderLoader
 
 ARCHES = ("sd15", "sdxl")
 
@@ -206,6 +207,8 @@ class TinyCheckpointLoader:
 
 
 NODE_CLASS_MAPPINGS = {"BeyondCLIP_TinyCheckpoint": TinyCheckpointLoader,
-                       "BeyondCLIP_TinyCLIPVision": TinyCLIPVisionLoader}
+                       "BeyondCLIP_TinyCLIPVision": TinyCLIPVisionLoader,
+                       "BeyondCLIP_TinyTextEncoderLoader": TinyTextEncoderLoader}
 NODE_DISPLAY_NAME_MAPPINGS = {"BeyondCLIP_TinyCheckpoint": "Tiny Checkpoint (Beyond CLIP, random weights)",
-                              "BeyondCLIP_TinyCLIPVision": "Tiny CLIP Vision (Beyond CLIP, random weights)"}
+                              "BeyondCLIP_TinyCLIPVision": "Tiny CLIP Vision (Beyond CLIP, random weights)",
+                              "BeyondCLIP_TinyTextEncoderLoader": "Tiny Text Encoder (Beyond CLIP, random weights)"}

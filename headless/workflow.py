@@ -102,3 +102,15 @@ def to_api(workflow: dict, node_classes: dict) -> dict:
         api[str(node_id)] = {"class_type": node["type"], "inputs": inputs,
                              "_meta": {"title": node.get("title", node["type"])}}
     return api
+
+
+def host_at_least(version: str, needed: str) -> bool:
+    """Whether a ComfyUI version string ('0.3.64'; the 2024 registry copy has none) is at least `needed`."""
+    def parts(v):
+        return tuple(int(x) for x in str(v).split(".") if x.isdigit())
+    return bool(parts(version)) and parts(version) >= parts(needed)
+
+
+def host_requirement_reason(workflow: dict) -> str:
+    """Why a workflow needs a newer ComfyUI (extra.beyond_clip.requires_comfyui_for)."""
+    return ((workflow.get("extra") or {}).get("beyond_clip") or {}).get("requires_comfyui_for", "newer nodes")

@@ -125,6 +125,21 @@ def captions(n, seed):
     return seen
 
 
+MUMU_PICTURES = {  # MUMU's dataset builder: captioned photos (same-name .txt), large enough for 150-px crops
+    "camera": ("camera", "a man with a camera on a tripod in a park"),
+    "astronaut": ("astronaut", "a woman in an orange space suit in front of a flag"),
+    "cat": ("chelsea", "a cat lying on a wooden floor"),
+    "coffee": ("coffee", "a cup of coffee on a saucer on a wooden table"),
+}
+
+
+def make_mumu_pictures(sk: dict):
+    for name, (source, caption) in MUMU_PICTURES.items():
+        img = sk[source]
+        save_jpeg(fit(img.convert("RGB"), 384), OUT / "mumu_pictures" / f"{name}.jpg")
+        (OUT / "mumu_pictures" / f"{name}.txt").write_text(caption + "\n")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skimage", type=Path, required=True, help="scikit-image's skimage/data folder")
@@ -192,6 +207,7 @@ def main():
               "a <image> man and his <image> dog in a city street\tmumu_pairs/man_crop.png\tmumu_pairs/dog_crop.png"]
     (OUT / "mumu_captions.tsv").write_text("# caption, or caption<TAB>crop... (one crop per <image>)\n"
                                            + "\n".join(lines) + "\n")
+    make_mumu_pictures(sk)
     # Beyond CLIP stage 1: captions, one per line
     (OUT / "captions.txt").write_text("\n".join(captions(120, seed=0)) + "\n")
     total = sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file())

@@ -91,8 +91,6 @@ def host(tmp_path_factory):
     pack = h.load_pack(base / "custom_nodes")
     tiny = importlib.import_module(pack.__name__ + ".headless.tiny_models")
     h.register_nodes(tiny.NODE_CLASS_MAPPINGS, tiny.NODE_DISPLAY_NAME_MAPPINGS)
-    tiny_te = importlib.import_module(pack.__name__ + ".headless.tiny_text_encoders")
-    h.register_nodes(tiny_te.NODE_CLASS_MAPPINGS, tiny_te.NODE_DISPLAY_NAME_MAPPINGS)
     h.register_nodes({"TestConditioningSink": ConditioningSink})
     print(f"\nComfyUI host: {h.version} at {h.root}")
     return h
