@@ -5,7 +5,7 @@ import logging
 from ..bridges import llm_text
 from ..engine import beyond_clip as beyond_clip_engine
 from ..engine import llm as llm_engine
-from ..engine.conditioning import zero_conditioning_like
+from ..engine.conditioning import guard_family, zero_conditioning_like
 from ..loaders import folders, routers
 from ..loaders.llm import LLM_DTYPES, load_llm
 from ..loaders.mappers import KIND as MAPPER_KIND
@@ -128,7 +128,8 @@ def encode_pair(llm, mapper, prompt, negative_prompt, negative, hidden_layer, te
         neg = beyond_clip_engine.encode_conditioning(llm, mapper, negative_prompt, hidden_layer=hidden_layer,
                                                      template=template, allow_empty=True, disk_cache=cache_to_disk)
     progress.step()
-    return positive, neg
+    what = f"{mapper.describe()} ({mapper.source})"
+    return guard_family(positive, what), guard_family(neg, what)
 
 
 def chat_reply(llm, prompt, max_new_tokens, template):

@@ -9,7 +9,7 @@ import folder_paths
 from ..bridges.errors import InputError
 from ..bridges.gill import PLACEHOLDER, RETRIEVE
 from ..engine import gill as gill_engine
-from ..engine.conditioning import check_fits_model
+from ..engine.conditioning import check_fits_model, guard_family
 from ..loaders import folders
 from ..loaders import gill as gill_files
 from ..loaders import training_inputs as inputs
@@ -136,7 +136,7 @@ class GILLEncode:
         progress = Progress(3)
         out = gill_engine.encode_conditioning(llm, gill, prompt, images, clip_vision, disk_cache=cache_to_disk,
                                               progress=progress.step)
-        return (out["conditioning"], out["img_states"])
+        return (guard_family(out["conditioning"], gill.describe()), out["img_states"])
 
 
 class GILLBuildIndex:

@@ -6,7 +6,7 @@ from ..bridges import contract
 from ..bridges import mumu as mumu_bridge
 from ..bridges.errors import InputError
 from ..engine import mumu as mumu_engine
-from ..engine.conditioning import check_fits_model, zero_conditioning_like
+from ..engine.conditioning import check_fits_model, guard_family, zero_conditioning_like
 from ..loaders import folders
 from ..loaders import mumu as mumu_files
 from ..loaders.llm import DTYPES
@@ -193,6 +193,7 @@ class Encode:
             neg = mumu_engine.encode_conditioning(idefics2, connector, negative_prompt, [], grid, resolution, 0,
                                                   disk_cache=cache_to_disk)
         progress.step()
+        positive, neg = guard_family(positive, connector.describe()), guard_family(neg, connector.describe())
         size = dict(zip(SIZE_INPUTS, (width, height, target_width, target_height)))
         if all(size.values()):  # else ComfyUI uses the latent's size
             size.update(crop_w=0, crop_h=0)  # MUMU pads to square and never crops

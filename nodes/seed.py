@@ -5,7 +5,7 @@ import comfy.model_management as mm
 from ..bridges import seed as seed_bridge
 from ..bridges.errors import InputError
 from ..engine import seed as seed_engine
-from ..engine.conditioning import check_fits_model, conditioning, zero_conditioning_like
+from ..engine.conditioning import check_fits_model, conditioning, guard_family, zero_conditioning_like
 from ..loaders import folders
 from ..loaders import seed as seed_files
 from ..loaders.errors import LoadError
@@ -143,6 +143,7 @@ class SeedDetokenize:
         progress = Progress(2)
         # the negative is the checkpoint's own CLIP (or zeros): ComfyUI's CLIP objects carry no file identity
         positive = seed_engine.detokenize_conditioning(seed_model, seed_tokens.codes, disk_cache=cache_to_disk)
+        positive = guard_family(positive, f"the SEED de-tokenizer ({seed_model.describe()})")
         progress.step()
         neg = _negative(negative, clip, positive, config.out_dim)
         progress.step()
