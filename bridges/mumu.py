@@ -23,6 +23,8 @@ from torch import nn
 
 from . import contract, hooks
 from .errors import InputError
+from .llm_text import check_text
+from .pixels import check_pixels
 
 IMAGE_TOKEN = "<image>"
 FAKE_TOKEN = "<fake_token_around_image>"
@@ -57,6 +59,7 @@ def bind_placeholders(text: str, names):
     image; `<name>` takes the image with that name (it may appear more than once). Returns a list of str
     (text pieces) and int (image index). Every placeholder needs an image and every image a placeholder.
     """
+    check_text(text, "the MUMU prompt", PromptError)
     names = [check_image_name(n) for n in names]
     seen = {}
     for i, n in enumerate(names):
@@ -102,10 +105,12 @@ def bind_placeholders(text: str, names):
 
 # ---------------------------------------------------------------------------------------------------- images
 
-def to_rgb(image: torch.Tensor) -> torch.Tensor:
-    """(H, W, C) in [0, 1] -> (3, H, W). Grayscale is repeated; alpha is composited onto black (the padding)."""
+def to_rgb(image: torch.Tensor, what: str = "a reference image") -> torch.Tensor:
+    """(H, W, C) in [0, 1] -> (3, H, W). Grayscale is repeated; alpha is composited onto black (the padding).
+    Empty pictures, other channel counts and NaN / infinite values are refused (bridges/pixels.py)."""
     if image.ndim != 3:
-        raise PromptError(f"an image must be (height, width, channels); got shape {tuple(image.shape)}")
+        raise PromptError(f"{what} must be (height, width, channels); got shape {tuple(image.shape)}")
+    image = check_pixels(image, what, PromptError)[0]
     c = image.shape[-1]
     image = image.float().clamp(0, 1)
     if c in (2, 4):
@@ -113,20 +118,16 @@ def to_rgb(image: torch.Tensor) -> torch.Tensor:
         c -= 1
     if c == 1:
         image = image.expand(*image.shape[:2], 3)
-    elif c != 3:
-        raise PromptError(f"an image has {c} channels; expected 1 (gray), 2 (gray+alpha), 3 (RGB) or 4 (RGBA)")
     return image.permute(2, 0, 1)
 
 
-def prepare_image(image: torch.Tensor, resolution: int, mean, std) -> torch.Tensor:
+def prepare_image(image: torch.Tensor, resolution: int, mean, std, what: str = "a reference image") -> torch.Tensor:
     """(H, W, C) in [0, 1] -> normalised (3, resolution, resolution), padded to square with black.
 
     Resizing the long side first and padding after is the same picture as padding first (black stays black),
     and never allocates a huge square for a very large input."""
-    rgb = to_rgb(image)
+    rgb = to_rgb(image, what)
     h, w = rgb.shape[1:]
-    if min(h, w) < 1:
-        raise PromptError(f"an image is empty ({h}x{w} pixels)")
     scale = resolution / max(h, w)
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
     rgb = F.interpolate(rgb[None], size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)[0].clamp(0, 1)

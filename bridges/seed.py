@@ -18,6 +18,8 @@ from PIL import Image
 from torch import nn
 from transformers import Blip2QFormerConfig, Blip2QFormerModel, Blip2VisionConfig, Blip2VisionModel
 
+from .pixels import check_pixels
+
 NUM_CODES = 32  # codes per image in SEED v1 (the causal Q-Former's query count)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -194,17 +196,13 @@ def preprocess(images: torch.Tensor, size: int) -> torch.Tensor:
     """ComfyUI IMAGE (B, H, W, C) in [0, 1] -> (B, 3, size, size) as the reference prepares a PIL image:
     convert("RGB") (alpha dropped, grey repeated), Resize((size, size), BICUBIC) on 8-bit pixels (the aspect
     ratio is not kept, as in the reference), ToTensor, Normalize(CLIP mean, std)."""
-    if images.ndim == 3:
+    if images.ndim == 3:  # (B, H, W): a batch of grey pictures (a MASK)
         images = images[..., None]
-    if images.ndim != 4 or images.shape[0] == 0:
-        raise ValueError(f"expected a non-empty image batch (B, H, W, C), got shape {tuple(images.shape)}")
-    channels = images.shape[-1]
-    if channels in (1, 2):  # grey, grey + alpha
+    images = check_pixels(images, "the image for SEED")  # empty, 0-pixel, odd channels, NaN: refused by name
+    if images.shape[-1] in (1, 2):  # grey, grey + alpha
         images = images[..., :1].expand(*images.shape[:-1], 3)
-    elif channels in (3, 4):
-        images = images[..., :3]
     else:
-        raise ValueError(f"an image with {channels} channels is not a picture (expected 1 to 4)")
+        images = images[..., :3]
     pixels = (images.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).numpy()
     out = []
     for array in pixels:

@@ -5,6 +5,7 @@ import logging
 from ..bridges import contract
 from ..bridges import mumu as mumu_bridge
 from ..bridges.errors import InputError
+from ..bridges.pixels import check_pixels
 from ..engine import mumu as mumu_engine
 from ..engine.conditioning import check_fits_model, guard_family, zero_conditioning_like
 from ..loaders import folders
@@ -127,6 +128,7 @@ class ReferenceImage:
             raise InputError(f"reference image {label} holds a batch of {image.shape[0] if image.ndim == 4 else '?'} "
                              f"images; each placeholder stands for one image. Split the batch (e.g. ImageFromBatch) "
                              f"and add each image with its own node.")
+        check_pixels(image, f"reference image {label}")  # refused here, at the node that got it
         return (list(images or []) + [(name, image[0])],)
 
 

@@ -417,6 +417,15 @@ def test_placeholders_and_images_must_match(gill_nodes, llm, loaded, towers):
         encode(llm, loaded, "a <image> b", images=two, clip_vision=towers(0))
     with pytest.raises(ValueError, match="no clip_vision"):
         encode(llm, loaded, "a <image> b <image>", images=two)
+    # pictures no model can read are refused by name, not drawn as NaN, cut to 3 channels, or failed inside torch
+    nan = two.clone()
+    nan[1, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="GILL Encode: picture 2 of 2 holds NaN or infinite pixel values"):
+        encode(llm, loaded, "a <image> b <image>", images=nan, clip_vision=towers(0))
+    with pytest.raises(ValueError, match="has 5 channels"):
+        encode(llm, loaded, "a <image> b", images=torch.rand(1, 32, 32, 5), clip_vision=towers(0))
+    with pytest.raises(ValueError, match="is 0x32 pixels"):
+        encode(llm, loaded, "a <image> b", images=torch.rand(1, 0, 32, 3), clip_vision=towers(0))
 
 
 def write_photos(folder: Path, n, start=0):

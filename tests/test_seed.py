@@ -386,7 +386,7 @@ def test_preprocessing_takes_any_size_alpha_and_grey(seed_mods):
     assert torch.equal(out, ref_transform(rgba.convert("RGB"))[None])  # PIL's convert drops alpha
     grey = picture(8, 300, 40, channels=1)
     assert torch.equal(bridge.preprocess(as_image_tensor(grey), 224), ref_transform(grey.convert("RGB"))[None])
-    with pytest.raises(ValueError, match="non-empty"):
+    with pytest.raises(ValueError, match="empty batch"):
         bridge.preprocess(torch.zeros(0, 64, 64, 3), 224)
 
 
@@ -628,6 +628,10 @@ def test_empty_batch_and_progress(host, pack, loaded, seed_mods):
     seed, _ = loaded
     with pytest.raises(ValueError, match="the image batch is empty"):
         nodes.SeedTokenize().tokenize(seed, torch.zeros(0, 64, 64, 3))
+    with pytest.raises(ValueError, match="is 0x64 pixels"):  # was read as a black picture
+        nodes.SeedTokenize().tokenize(seed, torch.zeros(1, 0, 64, 3))
+    with pytest.raises(ValueError, match="holds NaN or infinite pixel values"):
+        nodes.SeedTokenize().tokenize(seed, torch.full((1, 8, 8, 3), float("inf")))
     batch = torch.cat([as_image_tensor(picture(s, 64, 64)) for s in range(10)])  # two vision passes
     result = nodes.SeedTokenize().tokenize(seed, batch)
     tokens = result["result"][0]
