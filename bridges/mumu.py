@@ -52,6 +52,34 @@ def _describe(names, i):
     return f"image #{i + 1} (named '{names[i]}')" if names[i] else f"image #{i + 1} (unnamed)"
 
 
+_WORD_CHAR = re.compile(r"[A-Za-z0-9_]")
+
+
+def _check_brackets(text: str):
+    """Angle brackets outside placeholders that look like a placeholder gone wrong are refused, not read as words:
+    '<>', a '<' that opens something never closed ('a <man man'), a '>' right after a word ('a man> dog'). A '<'
+    or '>' beside a space (or another bracket) stays text, so 'x < y' still reads as written."""
+    inside = set()
+    for match in PLACEHOLDER.finditer(text):
+        inside.update(range(match.start(), match.end()))
+    for i, char in enumerate(text):
+        if i in inside or char not in "<>":
+            continue
+        snippet = text[max(0, i - 8):i + 12].replace("\n", " ")
+        if text.startswith("<>", i):
+            raise PromptError(f"empty placeholder '<>' at character {i} (in '{snippet}'): write <image> for the next "
+                              f"unnamed image or <name> for a named one. A '<' with a space after it stays text.")
+        nxt = text[i + 1:i + 2]
+        if char == "<" and nxt and not nxt.isspace() and nxt not in "<>":
+            raise PromptError(f"the '<' at character {i} (in '{snippet}') opens a placeholder that never closes: a "
+                              f"placeholder is <image> or <name>, with no spaces inside. Close it with '>', or put a "
+                              f"space after the '<' to keep it as text.")
+        if char == ">" and i > 0 and (i - 1) not in inside and _WORD_CHAR.match(text[i - 1]):
+            raise PromptError(f"the '>' at character {i} (in '{snippet}') closes no placeholder: a placeholder is "
+                              f"<image> or <name>. Add the missing '<', or put a space before the '>' to keep it as "
+                              f"text.")
+
+
 def bind_placeholders(text: str, names):
     """Split `text` at its placeholders and bind each to an image.
 
@@ -93,6 +121,7 @@ def bind_placeholders(text: str, names):
         used.add(index)
         segments.append(index)
     segments.append(text[pos:])
+    _check_brackets(text)
     left = [i for i in range(len(names)) if i not in used]
     if left:
         i = left[0]
