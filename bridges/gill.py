@@ -147,9 +147,11 @@ class GILLModel(nn.Module):
         return F.normalize(self.visual_fc(pooled), dim=-1)
 
     def text_retrieval_embedding(self, img_hidden: torch.Tensor) -> torch.Tensor:
-        """(B, 8, llm_dim) [IMG] hidden states -> (B, ret_dim) unit vectors, from [IMG0] only (as the reference,
-        which runs the Linear on all 8 tokens and keeps the first; no input embeddings are added here)."""
-        return F.normalize(self.ret_text_hidden_fcs[0].model(img_hidden[:, 0]), dim=-1)
+        """(B, 8, llm_dim) [IMG] hidden states -> (B, ret_dim) unit vectors of [IMG0]. As the reference computes it
+        (`ret_text_hidden_fcs[0](raw_emb, None)[:, 0]`): the Linear runs on all 8 states and the first row is kept,
+        since a matrix product over 8 rows can round differently from one over a single row; no input embeddings
+        are added."""
+        return F.normalize(self.ret_text_hidden_fcs[0].model(img_hidden)[:, 0], dim=-1)
 
     def generation_embedding(self, img_hidden: torch.Tensor):
         """(B, 8, llm_dim) -> tokens (B, 77, out_dim), pooled or None; the [IMG] input embeddings are added."""
