@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from ..bridges.gill import GILLConfig, GILLModel, squash_224
 from ..bridges.retrieval import ImageIndex, fingerprint
 from . import patcher as patching
+from . import pickles
 from .bridge_files import kind_of, load_state_into, read_bridge, save_bridge, writable_path
 from .encode_cache import file_identity
 from .errors import LoadError
@@ -46,14 +47,7 @@ class LoadedGILL(Handle):
 # ---- the official release ---------------------------------------------------------------------------------
 
 def _torch_load(path: Path):
-    try:
-        return torch.load(str(path), weights_only=True, map_location="cpu")
-    except FileNotFoundError:
-        raise LoadError(f"{path}: no such file.") from None
-    except Exception as e:  # pickle refuses objects other than tensors and plain containers; zip errors; EOF
-        raise LoadError(f"{path} could not be read as a weights-only checkpoint ({type(e).__name__}: "
-                        f"{str(e)[:300]}). It is truncated, not a PyTorch checkpoint, or holds Python objects "
-                        f"this pack will not unpickle; download it again from the jykoh/gill release.") from None
+    return pickles.load(path, f"Download it again from the jykoh/gill release ({CKPT}, {DECISION}, {ARGS}).")
 
 
 def _state_dict_of(obj, path: Path) -> dict:

@@ -27,6 +27,7 @@ from transformers import AutoProcessor, Idefics2Model
 from ..bridges import mumu as mumu_bridge
 from . import direct_weights, folders
 from . import patcher as patching
+from . import pickles
 from .bridge_files import kind_of, label, load_state_into, read_bridge, save_bridge, writable_path
 from .encode_cache import file_identity
 from .errors import LoadError
@@ -267,13 +268,16 @@ def read_peft_lora(folder: Path) -> tuple:
     weights = next((folder / w for w in PEFT_WEIGHTS if (folder / w).is_file()), None)
     if weights is None:
         raise LoadError(f"{folder} has no {' or '.join(PEFT_WEIGHTS)}; copy the adapter weights into the folder.")
-    try:
-        if weights.suffix == ".safetensors":
+    if weights.suffix == ".safetensors":
+        try:
             state = load_file(str(weights), device="cpu")
-        else:
-            state = torch.load(str(weights), weights_only=True, map_location="cpu")
-    except Exception as e:  # safetensors / pickle errors of many kinds
-        raise LoadError(f"{weights} could not be read ({type(e).__name__}: {e}); it is truncated or corrupt.") from None
+        except Exception as e:  # safetensors raises several kinds
+            raise LoadError(f"{weights} could not be read ({type(e).__name__}: {e}); it is truncated or corrupt. "
+                            f"Copy the adapter again.") from None
+    else:
+        state = pickles.load(weights, "Copy the adapter again, or save it as adapter_model.safetensors.")
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise LoadError(f"{weights} does not hold a state dict of tensors; it is not a peft adapter's weights.")
     pairs, other = {}, []
     for key, tensor in state.items():
         m = _PEFT_KEY.match(key)

@@ -22,6 +22,7 @@ import torch
 
 from ..bridges.seed import SeedConfig, SeedTokenizer
 from . import patcher as patching
+from . import pickles
 from .bridge_files import FORMAT, read_bridge, read_metadata, save_bridge
 from .encode_cache import file_identity
 from .errors import LoadError
@@ -53,23 +54,11 @@ SEED2_MARKERS = ("distill_image_proj.", "blocks_image.", "pos_embed_image", "ima
 
 def read_pickle(path: Path, what: str) -> dict:
     """A state dict from an official .pth/.pt file, unpickled with weights_only=True only."""
+    where = (f"SEED v1 needs {TOKENIZER_FILE}, {QFORMER_FILE} and {VIT_FILE} in one folder under "
+             f"models/bridges/")
     if not path.is_file():
-        raise LoadError(f"{path}: no such file. Put the {what} there (SEED v1 needs {TOKENIZER_FILE}, {QFORMER_FILE} "
-                        f"and {VIT_FILE} in one folder under models/bridges/).")
-    try:
-        try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except Exception as e:  # torch raises many kinds for damaged and unsafe files
-        message = str(e).split("\n")[0][:200]
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            raise LoadError(f"{path} holds Python objects besides tensors, so it was not unpickled ({message}). "
-                            f"This pack only reads pickles with weights_only=True; use the official file.") from None
-        raise LoadError(f"{path} could not be read as a PyTorch checkpoint ({type(e).__name__}: {message}); it is "
-                        f"truncated or corrupt. Download the {what} again.") from None
+        raise LoadError(f"{path}: no such file. Put the {what} there ({where}).")
+    obj = pickles.load(path, f"Download the {what} of the official release again ({where}).")
     for nest in ("model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(nest), dict):
             obj = obj[nest]

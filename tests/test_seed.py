@@ -483,7 +483,7 @@ def test_missing_unexpected_and_wrong_files_are_named(tmp_path, pack, seed_mods,
     trunc = write_official(tmp_path / "trunc")
     data = (trunc.parent / "causal_qformer.pth").read_bytes()
     (trunc.parent / "causal_qformer.pth").write_bytes(data[: len(data) // 2])
-    with pytest.raises(LoadError, match=r"causal_qformer\.pth could not be read.*truncated or corrupt"):
+    with pytest.raises(LoadError, match=r"causal_qformer\.pth is truncated or corrupt.*Download the SEED causal"):
         _convert(loader, trunc, tmp_path)
     # Not plain tensors: never unpickled.
     unsafe = write_official(tmp_path / "unsafe")
@@ -665,3 +665,15 @@ def test_half_precision_vision_tower(seed_mods, loaded):
         full = loaded[0].inner.encode(pixels)
         assert codes.shape == (1, 32) and model.decode(codes).dtype == torch.float32
     assert (codes == full).float().mean() > 0.5  # mostly the same codes as fp32
+
+
+# ------------------------------------------------------------------ issue 19: files told for what they are
+
+def test_random_bytes_are_not_called_python_objects(tmp_path, pack, seed_mods):
+    _, loader, _ = seed_mods
+    LoadError = pack_module(pack, "loaders.errors").LoadError
+    tok = write_official(tmp_path / "random")
+    (tok.parent / "causal_qformer.pth").write_bytes(bytes(range(256)) * 40)
+    with pytest.raises(LoadError, match=r"causal_qformer\.pth is not a PyTorch weights file") as e:
+        _convert(loader, tok, tmp_path)
+    assert "Python objects" not in str(e.value) and "weights_only" not in str(e.value)
