@@ -32,7 +32,7 @@ from .bridge_files import kind_of, label, load_state_into, read_bridge, save_bri
 from .encode_cache import file_identity
 from .errors import LoadError
 from .handles import Handle, shared
-from .llm import check_folder, choose_dtype, from_pretrained
+from .llm import check_folder, choose_dtype, from_pretrained, tokenizer_failure, weights_failure
 
 KIND = "mumu_connector"
 LORA_MODES = ("merged", "unmerged")
@@ -140,8 +140,8 @@ def _load(name, path, dtype, config, progress) -> LoadedIdefics2:
     try:
         processor = AutoProcessor.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except Exception as e:  # transformers raises many kinds here
-        raise LoadError(f"the Idefics2 processor in {path} could not be loaded ({type(e).__name__}: {e}). Copy "
-                        f"the processor and tokenizer files of the release into the folder.") from None
+        raise LoadError(tokenizer_failure(path, e).replace("the tokenizer in", "the Idefics2 processor in") +
+                        " (the processor and tokenizer files of the release)") from None
     tokenizer, mean, std = _check_processor(path, processor, config)
     progress and progress(2)
     model = None
@@ -152,8 +152,7 @@ def _load(name, path, dtype, config, progress) -> LoadedIdefics2:
     except LoadError:
         raise
     except Exception as e:  # transformers and safetensors raise many kinds here
-        raise LoadError(f"the weights in {path} could not be loaded ({type(e).__name__}: {e}). A weight file is "
-                        f"truncated, corrupt or does not belong to this config.json; copy the folder again.") from None
+        raise LoadError(weights_failure(path, config, e, Idefics2Model)) from None
     finally:
         if model is None:
             gc.collect()
