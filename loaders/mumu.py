@@ -28,7 +28,16 @@ from ..bridges import mumu as mumu_bridge
 from . import direct_weights, folders
 from . import patcher as patching
 from . import pickles
-from .bridge_files import kind_of, label, load_state_into, read_bridge, save_bridge, writable_path
+from .bridge_files import (
+    check_layer_counts,
+    checked_build,
+    kind_of,
+    label,
+    load_state_into,
+    read_bridge,
+    save_bridge,
+    writable_path,
+)
 from .encode_cache import file_identity
 from .errors import LoadError
 from .handles import Handle, shared
@@ -205,12 +214,16 @@ class LoadedConnector(Handle):
 def load_connector(path) -> LoadedConnector:
     config, state_dict = read_bridge(path, KIND)
     try:
-        # Built on the CPU and filled (not assigned the file's memory-mapped tensors, as the mapper is): the
-        # connector's pictures are kept byte-identical to those of earlier versions, and matrix kernels can round
-        # differently on differently aligned memory.
-        connector = mumu_bridge.MUMUConnector(mumu_bridge.ConnectorConfig.from_dict(config))
+        connector_config = mumu_bridge.ConnectorConfig.from_dict(config)
     except (TypeError, ValueError) as e:
         raise LoadError(f"{path}: its MUMU connector config is not valid ({e}). Write the file again.") from None
+    # Every size the config claims is checked against the tensors before anything is allocated.
+    check_layer_counts({"depth": (connector_config.depth, "layers.")}, state_dict, path, "MUMU connector")
+    checked_build(lambda: mumu_bridge.MUMUConnector(connector_config), state_dict, path, "MUMU connector")
+    # Built on the CPU and filled (not assigned the file's memory-mapped tensors, as the mapper is): the connector's
+    # pictures are kept byte-identical to those of earlier versions, and matrix kernels can round differently on
+    # differently aligned memory.
+    connector = mumu_bridge.MUMUConnector(connector_config)
     load_state_into(connector, state_dict, path, "MUMU connector")
     return host_connector(connector.eval().requires_grad_(False), path)
 
