@@ -677,3 +677,30 @@ def test_random_bytes_are_not_called_python_objects(tmp_path, pack, seed_mods):
     with pytest.raises(LoadError, match=r"causal_qformer\.pth is not a PyTorch weights file") as e:
         _convert(loader, tok, tmp_path)
     assert "Python objects" not in str(e.value) and "weights_only" not in str(e.value)
+
+
+def test_the_reverse_qformer_position_ids_buffer_draws_no_warning(tmp_path, seed_mods, caplog):
+    """transformers of SEED's time saved BERT's position_ids buffer with the Reverse Q-Former: it is computed, not
+    learnt, and is left out with the other unused tensors, never reported as 'not part of SEED v1'."""
+    _, loader, _ = seed_mods
+    tok = write_official(tmp_path / "posids", tok={
+        "Reverse_Qformer.bert.embeddings.position_ids": torch.arange(512)[None]})
+    with caplog.at_level(logging.INFO):
+        report = _convert(loader, tok, tmp_path)
+    assert report["unexpected"] == [] and "not part of SEED v1" not in caplog.text
+    assert "the reverse Q-Former's position_ids buffer" in report["ignored"]
+
+
+def test_conversion_checks_every_shape_before_writing(tmp_path, pack, seed_mods):
+    """A wrongly shaped tensor in an official file is named with its file before anything is written: no converted
+    file (which would fail at every load and be converted again), no partial file."""
+    _, loader, _ = seed_mods
+    LoadError = pack_module(pack, "loaders.errors").LoadError
+    _, _, tok = official_state(0)
+    key = "Reverse_Qformer.bert.encoder.layer.0.attention.output.dense.weight"
+    bad = write_official(tmp_path / "shape", tok={key: torch.zeros(tok[key].shape[0], tok[key].shape[1] + 1)})
+    out = tmp_path / "converted" / "out.safetensors"
+    out.parent.mkdir()
+    with pytest.raises(LoadError, match=rf"'{re.escape(key)}' in seed_tokenizer\.pth: .*Nothing was written"):
+        loader.convert_official(bad, out)
+    assert list(out.parent.iterdir()) == []
