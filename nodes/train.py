@@ -236,8 +236,8 @@ class TrainRouter(ReadsExamples):
         try:
             router, report, accuracy = train_beyond_clip.train_router(texts, labels, alpha=alpha, bigrams=bigrams,
                                                                       val_fraction=val_fraction, seed=seed)
-        except ValueError as e:
-            raise LoadError(f"{examples}: {e}") from None
+        except InputError as e:
+            raise InputError(f"{examples}: {e}") from None
         path = folders.bridge_output_path(output_name, extension=routers.EXTENSION)
         routers.save_router(path, router)  # the file holds the fit on every example
         text = report + f"wrote models/bridges/{path.name} ({len(texts)} examples)"
@@ -272,7 +272,7 @@ class TrainGILLDecision(ReadsExamples):
 
 
     def train(self, llm, gill, examples, output_name, steps, learning_rate, val_fraction, seed):
-        texts, labels = routers.read_labelled_tsv(inputs.resolve_input_file(examples))
+        texts, labels = routers.read_labelled_tsv(inputs.resolve_input_file(examples), (GENERATE, RETRIEVE))
         out_path = folders.bridge_output_path(output_name, kind=gill_files.KIND)
         progress = Progress(len(texts) + 1)
         report, f1 = train_gill.train_decision(llm, gill, texts, labels, out_path, steps=steps,
