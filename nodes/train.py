@@ -92,6 +92,12 @@ def _summary(trainer, out_name, what="captions"):
             f"{len(trainer.train_idx)} training {what}")
 
 
+def _warn_left_out(pairs, left_out):
+    """Pictures of a set that are not trained on are said so: in the log now, and in the node's summary."""
+    if left_out:
+        log.warning("training on '%s': %s", pairs, inputs.left_out_note(left_out))
+
+
 def _cache(run, texts, spec, precision="fp32"):
     caching = Progress(len(texts))
     return run_folder.build_cache(run, texts, spec.input_fn, spec.teacher, spec.identity, precision,
@@ -459,7 +465,8 @@ class TrainRepAdapter(ReadsPairs):
         check_mapper_fits(llm, mapper, model)
         if hidden_dim % groups:
             raise InputError(f"groups={groups} must divide hidden_dim={hidden_dim}")
-        found = inputs.read_pairs(pairs)
+        found, left_out = inputs.read_pair_set(pairs)
+        _warn_left_out(pairs, left_out)
         texts, images = [c for _, c in found], [p for p, _ in found]
         run = run_folder.run_dir(run_name)
         out_path = folders.bridge_output_path(output_name, kind=repadapters.KIND)
@@ -484,6 +491,7 @@ class TrainRepAdapter(ReadsPairs):
         parts = trainer.task.last_parts
         text = _summary(trainer, out_path.name) + (f"; last step: caption {parts['caption']:.5f}, diffusion "
                                                    f"{parts['diffusion']:.5f}" if parts else "")
+        text += f"\n{inputs.left_out_note(left_out)}" if left_out else ""
         adapted = repadapters.apply_repadapter(llm, repadapters.load_repadapter(out_path), "unmerged")
         return ui_text(text, adapted, out_path.name, trainer.last_val_loss())
 
@@ -542,7 +550,8 @@ class TrainMUMU(ReadsPairs):
             raise InputError(f"{idefics2.describe()} already has a LoRA: connect the plain Idefics2 (Load Idefics2)")
         mumu_files.check_connector_fits(idefics2, connector)
         check_fits_model(model, connector.config.out_dim, connector.config.pooled_dim, connector.describe())
-        found = inputs.read_pairs(pairs, crops=True)
+        found, left_out = inputs.read_pair_set(pairs, crops=True)
+        _warn_left_out(pairs, left_out)
         captions, images = [c for _, c in found], [p for p, _ in found]
         run = run_folder.run_dir(run_name)
         out_paths = mumu_files.stage2_output_paths(output_name)
@@ -561,6 +570,7 @@ class TrainMUMU(ReadsPairs):
                 rank=rank, lrs=lrs, hidden_layer=connector.config.hidden_layer, device=device, resume=resume,
                 on_step=on_step, checkpoint_every=checkpoint_every))
         text = _summary(trainer, out_paths["connector"].name, "pictures")
+        text += f"\n{inputs.left_out_note(left_out)}" if left_out else ""
         lora = mumu_files.load_idefics2_lora(out_paths["idefics2_lora"], idefics2)
         adapted = mumu_files.apply_idefics2_lora(idefics2, lora, 1.0, "unmerged")
         hosted = mumu_files.load_connector(out_paths["connector"])
