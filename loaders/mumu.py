@@ -12,6 +12,7 @@
 import gc
 import json
 import logging
+import math
 import re
 import shutil
 from contextlib import contextmanager, nullcontext
@@ -25,9 +26,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoProcessor, Idefics2Model
 
 from ..bridges import mumu as mumu_bridge
-from . import direct_weights, folders
+from . import direct_weights, folders, pickles
 from . import patcher as patching
-from . import pickles
 from .bridge_files import (
     check_layer_counts,
     checked_build,
@@ -39,9 +39,9 @@ from .bridge_files import (
     writable_path,
 )
 from .encode_cache import file_identity
-from .errors import LoadError
+from .errors import InputError, LoadError
 from .handles import Handle, shared
-from .llm import check_folder, choose_dtype, from_pretrained, tokenizer_failure, weights_failure
+from .llm import check_folder, choose_dtype, from_pretrained, read_json, tokenizer_failure, weights_failure
 
 KIND = "mumu_connector"
 LORA_MODES = ("merged", "unmerged")
@@ -188,10 +188,10 @@ def grid_for(vlm: LoadedIdefics2, resolution: int):
     """(grid, resolution actually used): the image is resized to grid*patch pixels, grid^2 tokens."""
     grid = resolution // vlm.patch_size
     if grid < 1:
-        raise ValueError(f"image_resolution {resolution} is smaller than one {vlm.patch_size}-pixel patch of "
+        raise InputError(f"image_resolution {resolution} is smaller than one {vlm.patch_size}-pixel patch of "
                          f"{vlm.describe()}; use at least {vlm.patch_size}")
     if grid * vlm.patch_size > vlm.max_resolution:
-        raise ValueError(f"image_resolution {resolution} is above the {vlm.max_resolution} pixels {vlm.describe()}'s "
+        raise InputError(f"image_resolution {resolution} is above the {vlm.max_resolution} pixels {vlm.describe()}'s "
                          f"vision tower was made for; use at most {vlm.max_resolution}")
     if grid * vlm.patch_size != resolution:
         log.info("MUMU: image_resolution %d is not a multiple of the %d-pixel patch; using %d (%d tokens per image)",
@@ -256,13 +256,10 @@ class PeftLoRA:
 def read_peft_lora(folder: Path) -> tuple:
     """(adapter config, {peft module path: (A, B)}) of a peft LoRA folder, refusing what is not plain LoRA."""
     cfg_path = folder / PEFT_CONFIG
-    try:
-        config = json.loads(cfg_path.read_text())
-    except FileNotFoundError:
+    if not cfg_path.is_file():
         raise LoadError(f"{folder} has no {PEFT_CONFIG}: it is not a peft LoRA folder. Save the LoRA with "
-                        f"peft's save_pretrained (or this pack's trainer) into models/LLM/<name>/.") from None
-    except ValueError as e:
-        raise LoadError(f"{cfg_path} is not valid JSON ({e}); copy it again.") from None
+                        f"peft's save_pretrained (or this pack's trainer) into models/LLM/<name>/.")
+    config = read_json(cfg_path, "the adapter's folder")
     problems = []
     if str(config.get("peft_type", "LORA")).upper() != "LORA":
         problems.append(f"peft_type {config.get('peft_type')!r} (only LORA is read)")
@@ -277,6 +274,7 @@ def read_peft_lora(folder: Path) -> tuple:
     if problems:
         raise LoadError(f"{folder}: this peft adapter uses {', '.join(problems)}, which the MUMU loader does not "
                         f"apply. Use a plain LoRA (peft LoraConfig with default options).")
+    _check_alphas(config, cfg_path)
     weights = next((folder / w for w in PEFT_WEIGHTS if (folder / w).is_file()), None)
     if weights is None:
         raise LoadError(f"{folder} has no {' or '.join(PEFT_WEIGHTS)}; copy the adapter weights into the folder.")
@@ -370,6 +368,31 @@ def _alpha_for(config: dict, path: str) -> float:
     return float(config.get("lora_alpha", 8))
 
 
+def _check_alphas(config: dict, path: Path):
+    """lora_alpha and alpha_pattern as peft writes them (numbers, regular expressions), or LoadError naming them."""
+    def number(value):
+        return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+    patterns = config.get("alpha_pattern") or {}
+    problem = None
+    if not number(config.get("lora_alpha", 8)):
+        problem = f"lora_alpha {config.get('lora_alpha')!r} is not a number"
+    elif not isinstance(patterns, dict):
+        problem = f"alpha_pattern is a {type(patterns).__name__}, not a {{pattern: alpha}} object"
+    else:
+        for pattern, alpha in patterns.items():
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                problem = f"alpha_pattern {pattern!r} is not a regular expression ({e})"
+                break
+            if not number(alpha):
+                problem = f"alpha_pattern {pattern!r} gives {alpha!r}, not a number"
+                break
+    if problem:
+        raise LoadError(f"{path}: {problem}. Save the LoRA again with peft (or this pack's trainer).")
+
+
 def load_idefics2_lora(folder: Path, vlm: LoadedIdefics2) -> PeftLoRA:
     """Resolve a peft LoRA's layers in `vlm` (saved from Idefics2ForConditionalGeneration ('model.' prefix) or
     Idefics2Model) and check every shape before anything is applied."""
@@ -392,7 +415,8 @@ def load_idefics2_lora(folder: Path, vlm: LoadedIdefics2) -> PeftLoRA:
             unknown.append(path)
             continue
         name, linear = target
-        if a.shape[1] != linear.in_features or b.shape[0] != linear.out_features or a.shape[0] != b.shape[1]:
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] < 1 or a.shape[1] != linear.in_features \
+                or b.shape[0] != linear.out_features or a.shape[0] != b.shape[1]:
             wrong.append(f"{path}: A {tuple(a.shape)}, B {tuple(b.shape)} vs layer {linear.in_features}->"
                          f"{linear.out_features}")
             continue
@@ -434,7 +458,7 @@ def apply_idefics2_lora(vlm: LoadedIdefics2, lora: PeftLoRA, strength: float, mo
     if mode not in LORA_MODES:
         raise ValueError(f"unknown LoRA mode {mode!r}; choose one of {LORA_MODES}")
     if vlm.lora is not None:
-        raise ValueError(f"{vlm.describe()} already has a LoRA; apply one LoRA to the plain Idefics2")
+        raise InputError(f"{vlm.describe()} already has a LoRA; apply one LoRA to the plain Idefics2")
     if mode == "unmerged":
         return vlm.with_lora(vlm.patcher, AppliedLoRA(lora, strength, mode))
     clone = vlm.patcher.clone()

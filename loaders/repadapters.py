@@ -100,7 +100,7 @@ def apply_repadapter(llm, adapters: LoadedRepAdapter, mode: str):
     if mode not in MODES:
         raise ValueError(f"unknown RepAdapter mode {mode!r}; choose one of {MODES}")
     if llm.adapter is not None:
-        raise ValueError(f"{llm.describe()} already has an adapter; apply one adapter to the plain LLM")
+        raise InputError(f"{llm.describe()} already has an adapter; apply one adapter to the plain LLM")
     _check_fits(llm, adapters)
     if mode == "merged" and llm.quantized:
         raise LoadError(f"{llm.describe()} is loaded {llm.quantized}: its weights cannot take a merged adapter. "

@@ -3,6 +3,7 @@ into the LLM's weights, and the router that sends a request to chat or to drawin
 import logging
 
 from ..bridges import llm_text
+from ..bridges.errors import InputError
 from ..engine import beyond_clip as beyond_clip_engine
 from ..engine import llm as llm_engine
 from ..engine.conditioning import guard_family, zero_conditioning_like
@@ -157,7 +158,7 @@ class Chat:
 
     def chat(self, llm, prompt, max_new_tokens, template):
         if not prompt.strip():
-            raise ValueError("the chat prompt is empty: write a question or instruction")
+            raise InputError("the chat prompt is empty: write a question or instruction")
         answer = chat_reply(llm, prompt, max_new_tokens, template)
         return ui_text(answer, answer)
 
@@ -247,7 +248,7 @@ class ChatOrDrawRouter:
 
     def run(self, llm, mapper, router, prompt, max_new_tokens, template, model=None):
         if not prompt.strip():
-            raise ValueError("the prompt is empty: write a question or a picture description")
+            raise InputError("the prompt is empty: write a question or a picture description")
         route, p = _load_router(router).predict(prompt)
         p_draw = p if route == "draw" else 1.0 - p
         if route == "chat":
