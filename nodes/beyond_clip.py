@@ -93,7 +93,8 @@ class TextEncode:
             },
             "optional": {
                 "model": ("MODEL", {"tooltip": "Connect the MODEL you sample with to check the mapper fits it "
-                                               "before sampling starts"}),
+                                               "before encoding (unconnected, the sampler checks it on ComfyUI from "
+                                               "December 2024 on)"}),
             },
         }
 

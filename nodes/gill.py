@@ -116,7 +116,9 @@ class GILLEncode:
                 "images": ("IMAGE", {"tooltip": f"One image per {PLACEHOLDER}, in order (a batch; combine several "
                                                 f"with 'Batch Images')"}),
                 "clip_vision": ("CLIP_VISION", {"tooltip": "CLIP ViT-L/14 (clip-vit-large-patch14) from 'Load CLIP Vision'"}),
-                "model": ("MODEL", {"tooltip": "Connect the MODEL you sample with to check the mapper fits it"}),
+                "model": ("MODEL", {"tooltip": "Connect the MODEL you sample with to check the mapper fits it "
+                                               "before encoding (unconnected, the sampler checks it on ComfyUI from "
+                                               "December 2024 on)"}),
                 "cache_to_disk": CACHE_TO_DISK,
             },
         }

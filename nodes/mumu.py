@@ -139,7 +139,10 @@ class Encode:
             "required": {
                 "idefics2": (VLM_TYPE,),
                 "connector": (CONNECTOR_TYPE,),
-                "prompt": ("STRING", {"multiline": True, "default": "a <image> man and his <image> dog"}),
+                "prompt": ("STRING", {"multiline": True, "default": "a <image> man and his <image> dog",
+                                      "tooltip": "Words, with <image> (the next unnamed reference image) or <name> "
+                                                 "before the word each image shows. A '<' right before a letter or "
+                                                 "digit starts a placeholder; beside a space it stays text"}),
                 "negative_prompt": ("STRING", {"multiline": True, "default": ""}),
                 "negative": (NEGATIVE_MODES, {"default": NEGATIVE_MODES[0],
                                               "tooltip": "encode the negative text (empty = MUMU's 'no negative "
@@ -161,7 +164,8 @@ class Encode:
             },
             "optional": {
                 "images": (MUMU_IMAGES_TYPE,),
-                "model": ("MODEL", {"tooltip": "Connect the MODEL you sample with to check it is SDXL before sampling"}),
+                "model": ("MODEL", {"tooltip": "Connect the MODEL you sample with to check it is SDXL before encoding "
+                                               "(unconnected, the sampler checks it on ComfyUI from December 2024 on)"}),
                 "cache_to_disk": CACHE_TO_DISK,
             },
         }

@@ -123,7 +123,8 @@ class SeedDetokenize:
             "optional": {
                 "clip": ("CLIP", {"tooltip": "the SD1.x checkpoint's CLIP, for the empty-text negative"}),
                 "model": ("MODEL", {"tooltip": "connect the MODEL you sample with to have a non-SD1.x model "
-                                               "refused before sampling"}),
+                                               "refused before encoding (unconnected, the sampler refuses it on "
+                                               "ComfyUI from December 2024 on)"}),
                 "cache_to_disk": CACHE_TO_DISK,
             },
         }
@@ -155,7 +156,9 @@ class SeedCodesFromText:
     def INPUT_TYPES(cls):
         return {"required": {"codes": ("STRING", {"multiline": True, "default": "",
                                                   "tooltip": f"{seed_bridge.NUM_CODES} whole numbers per image (0 to "
-                                                             f"8191), one image per line"})}}
+                                                             f"8191), one image per line, separated by spaces, "
+                                                             f"commas or semicolons. Digits of any script count by "
+                                                             f"their value (full-width １２ = 12)"})}}
 
     RETURN_TYPES = (SEED_TOKENS_TYPE,)
     RETURN_NAMES = ("seed_tokens",)
