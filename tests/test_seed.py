@@ -4,6 +4,7 @@ import copy
 import logging
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -704,3 +705,18 @@ def test_conversion_checks_every_shape_before_writing(tmp_path, pack, seed_mods)
     with pytest.raises(LoadError, match=rf"'{re.escape(key)}' in seed_tokenizer\.pth: .*Nothing was written"):
         loader.convert_official(bad, out)
     assert list(out.parent.iterdir()) == []
+
+
+def test_fuzz_converted_seed_files(pack, seed_mods, loaded, tmp_path):
+    """The converted file's config and tensors, mutated (seeded): every count and shape is checked before anything is
+    built, and only the pack's own errors come out."""
+    from fuzzing import check, fuzz, mutate_safetensors
+    _, loader, _ = seed_mods
+    valid = loaded[1].read_bytes()
+    path = tmp_path / "seed-fuzz.safetensors"
+
+    def case(rng):
+        path.write_bytes(mutate_safetensors(rng, valid))
+        return path
+    check(fuzz("SEED converted file", lambda p: loader.load_seed(p), case,
+               pack_module(pack, "bridges.errors").PackError, budget_s=3.0, min_cases=60))
