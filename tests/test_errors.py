@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import forget_everything, pack_module
+from conftest import pack_module
 from safetensors.torch import load_file, save_file
 
 
@@ -260,7 +260,8 @@ def with_config(path, out, change):
     from safetensors import safe_open
     with safe_open(str(path), "pt") as f:
         meta = dict(f.metadata())
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        names = f.keys()
+        tensors = {k: f.get_tensor(k) for k in names}
     config = json.loads(meta["config"])
     change(config)
     meta["config"] = json.dumps(config)
@@ -315,7 +316,8 @@ def test_gill_and_seed_configs_claiming_other_layer_counts_are_refused(pack, err
 def test_non_finite_weights_are_never_written_or_loaded(host, pack, errors, mapper_files, tmp_path):
     files = pack_module(pack, "loaders.bridge_files")
     with pytest.raises(errors.LoadError, match="holds NaN or infinite values.*Nothing was written"):
-        files.save_bridge(tmp_path / "nan.safetensors", "beyond_clip_mapper", {}, {"w": torch.tensor([1.0, float("nan")])})
+        files.save_bridge(tmp_path / "nan.safetensors", "beyond_clip_mapper", {},
+                          {"w": torch.tensor([1.0, float("nan")])})
     assert not (tmp_path / "nan.safetensors").exists()
     state = load_file(str(host.models_dir / "bridges" / mapper_files["sd1"]))
     state["tokens.0.weight"][0, 0] = float("inf")

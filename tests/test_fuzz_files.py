@@ -184,7 +184,8 @@ def test_fuzz_model_folder_json(host, pack, allowed, scratch, tiny_llama):
     def folder_case(rng):
         (folder / "config.json").write_bytes(to_bytes(rng, json_text(rng, mutate_json(rng, config))))
         tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "auto_map": {"AutoTokenizer": ["x.Y", None]}}
-        (folder / "tokenizer_config.json").write_bytes(to_bytes(rng, json_text(rng, mutate_json(rng, tokenizer_config))))
+        tokenizer_text = json_text(rng, mutate_json(rng, tokenizer_config))
+        (folder / "tokenizer_config.json").write_bytes(to_bytes(rng, tokenizer_text))
         return folder
     check(fuzz("model folder (config.json, auto_map)", llm.check_folder, folder_case, allowed))
 

@@ -290,7 +290,7 @@ def test_encode_matches_the_reference_pipeline(gill_nodes, loaded, llm, referenc
     assert hf.image_embeds.shape == (1, 32)  # the projected output ComfyUI exposes: not what GILL reads
     tokens, extra = conditioning[0]
     assert tokens.shape == (1, 77, 768) and tokens.dtype == torch.float32
-    assert set(extra) <= {"hooks"}  # only the model-family check the sampler consults (engine.conditioning.guard_family)
+    assert set(extra) <= {"hooks"}  # only the family check the sampler consults (engine.conditioning.guard_family)
     state_err = (states - raw).abs().max().item()
     err = (tokens - want).abs().max().item()
     print(f"[IMG] states vs reference: {state_err:.2e}; conditioning vs reference: {err:.2e}")

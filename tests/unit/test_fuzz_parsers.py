@@ -1,7 +1,7 @@
 """Seeded fuzzing of the parsers of user text in bridges/ (no ComfyUI): SEED codes typed as text, MUMU prompts and
 image names, GILL prompts, prompt templates, the router's words, and pictures as tensors. Thousands of cases from a
-fixed seed within a time budget; only the pack's own errors (PackError subclasses) may come out. tests/test_fuzz_files.py
-fuzzes the parsers of files the same way."""
+fixed seed within a time budget; only the pack's own errors (PackError subclasses) may come out.
+tests/test_fuzz_files.py fuzzes the parsers of files the same way."""
 import random
 
 import pytest
@@ -88,7 +88,8 @@ def test_fuzz_router_words(b):
 
 
 def picture_case(rng: random.Random):
-    shape = [rng.choice([0, 1, 2, 3]), rng.choice([0, 1, 5, 17]), rng.choice([0, 1, 6, 13]), rng.choice([1, 2, 3, 4, 5])]
+    shape = [rng.choice([0, 1, 2, 3]), rng.choice([0, 1, 5, 17]), rng.choice([0, 1, 6, 13]),
+             rng.choice([1, 2, 3, 4, 5])]
     if rng.random() < 0.1:
         shape = shape[rng.randint(0, 2):]
     dtype = rng.choice([torch.float32, torch.float32, torch.float16, torch.float64, torch.uint8, torch.bool,
