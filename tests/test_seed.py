@@ -719,4 +719,4 @@ def test_fuzz_converted_seed_files(pack, seed_mods, loaded, tmp_path):
         path.write_bytes(mutate_safetensors(rng, valid))
         return path
     check(fuzz("SEED converted file", lambda p: loader.load_seed(p), case,
-               pack_module(pack, "bridges.errors").PackError, budget_s=3.0, min_cases=60))
+               pack_module(pack, "bridges.errors").PackError, budget_s=2.0, min_cases=60))
