@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import InputError
+from .llm_text import check_text
+from .pixels import check_pixels
 
 PLACEHOLDER = "<image>"
 GENERATE, RETRIEVE = "generate", "retrieve"  # decision classes 0 and 1 of the reference decision model
@@ -145,9 +147,11 @@ class GILLModel(nn.Module):
         return F.normalize(self.visual_fc(pooled), dim=-1)
 
     def text_retrieval_embedding(self, img_hidden: torch.Tensor) -> torch.Tensor:
-        """(B, 8, llm_dim) [IMG] hidden states -> (B, ret_dim) unit vectors, from [IMG0] only (as the reference,
-        which runs the Linear on all 8 tokens and keeps the first; no input embeddings are added here)."""
-        return F.normalize(self.ret_text_hidden_fcs[0].model(img_hidden[:, 0]), dim=-1)
+        """(B, 8, llm_dim) [IMG] hidden states -> (B, ret_dim) unit vectors of [IMG0]. As the reference computes it
+        (`ret_text_hidden_fcs[0](raw_emb, None)[:, 0]`): the Linear runs on all 8 states and the first row is kept,
+        since a matrix product over 8 rows can round differently from one over a single row; no input embeddings
+        are added."""
+        return F.normalize(self.ret_text_hidden_fcs[0].model(img_hidden)[:, 0], dim=-1)
 
     def generation_embedding(self, img_hidden: torch.Tensor):
         """(B, 8, llm_dim) -> tokens (B, 77, out_dim), pooled or None; the [IMG] input embeddings are added."""
@@ -177,7 +181,7 @@ class GILLModel(nn.Module):
 def split_prompt(text: str, placeholder: str = PLACEHOLDER):
     """'a <image> b' -> ['a', 0, 'b']: text segments (stripped, empty ones dropped) and image numbers in order.
     Each segment is tokenized on its own, as the reference tokenizes each string of its interleaved list."""
-    parts, pieces = [], text.split(placeholder)
+    parts, pieces = [], check_text(text, "the GILL prompt", GILLInputError).split(placeholder)
     for i, piece in enumerate(pieces):
         if piece.strip():
             parts.append(piece.strip())
@@ -265,8 +269,12 @@ def img_hidden_states(model, inputs: GILLInputs, num_img_tokens: int) -> torch.T
 
 def squash_224(images: torch.Tensor, size: int = 224) -> torch.Tensor:
     """ComfyUI IMAGE (B, H, W, C) in [0, 1] -> (B, size, size, 3), resized without cropping as the reference
-    does (`img.resize((224, 224))`) before CLIP's own preprocessing, which then leaves it as it is."""
-    x = images[..., :3].movedim(-1, 1).float()
+    does (`img.resize((224, 224))`) before CLIP's own preprocessing, which then leaves it as it is. Channels as
+    the reference's PIL convert("RGB") gives them: grey repeated, alpha dropped. Pictures that are empty, have
+    another channel count or hold NaN / infinite values are refused (bridges/pixels.py)."""
+    images = check_pixels(images, "an image for GILL")
+    rgb = images[..., :3] if images.shape[-1] >= 3 else images[..., :1].expand(*images.shape[:-1], 3)
+    x = rgb.movedim(-1, 1).float()
     if x.shape[-2:] != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
     return x.clamp(0, 1).movedim(1, -1)

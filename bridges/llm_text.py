@@ -29,6 +29,20 @@ class EncodedPrompt:
     weights: list = None  # one per position (prompt_weights); None when the prompt has no weights
 
 
+def check_text(text: str, what: str = "the prompt", error=PromptError) -> str:
+    """`text` when a tokenizer can read it. A lone UTF-16 surrogate (what a broken copy and paste, or JSON's
+    "\\ud800", leaves in a string) is no character at all: the tokenizers refuse it with a TypeError that names
+    nothing, so it is refused here by position."""
+    if not isinstance(text, str):
+        raise error(f"{what} is a {type(text).__name__}, not text")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise error(f"{what} holds U+{ord(text[e.start]):04X} at character {e.start}, half of a character pair that "
+                    f"lost its other half (a broken copy and paste?): delete it, or paste the text again.") from None
+    return text
+
+
 def apply_template(text: str, template: str) -> str:
     return _templated(text, template)[0]
 
@@ -72,7 +86,7 @@ def pad_id(tokenizer) -> int:
 def tokenize(tokenizer, text: str, max_tokens: int):
     """Token ids (1, n) with the tokenizer's own special tokens; cut to max_tokens keeping the start.
     Returns (ids, prompt_tokens, truncated_to)."""
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=True)["input_ids"]
+    ids = tokenizer(check_text(text), return_tensors="pt", add_special_tokens=True)["input_ids"]
     n = ids.shape[1]
     if n > max_tokens:
         return ids[:, :max_tokens], n, max_tokens

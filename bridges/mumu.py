@@ -23,6 +23,8 @@ from torch import nn
 
 from . import contract, hooks
 from .errors import InputError
+from .llm_text import check_text
+from .pixels import check_pixels
 
 IMAGE_TOKEN = "<image>"
 FAKE_TOKEN = "<fake_token_around_image>"
@@ -50,6 +52,34 @@ def _describe(names, i):
     return f"image #{i + 1} (named '{names[i]}')" if names[i] else f"image #{i + 1} (unnamed)"
 
 
+_WORD_CHAR = re.compile(r"[A-Za-z0-9_]")
+
+
+def _check_brackets(text: str):
+    """Angle brackets outside placeholders that look like a placeholder gone wrong are refused, not read as words:
+    '<>', a '<' that opens something never closed ('a <man man'), a '>' right after a word ('a man> dog'). A '<'
+    or '>' beside a space (or another bracket) stays text, so 'x < y' still reads as written."""
+    inside = set()
+    for match in PLACEHOLDER.finditer(text):
+        inside.update(range(match.start(), match.end()))
+    for i, char in enumerate(text):
+        if i in inside or char not in "<>":
+            continue
+        snippet = text[max(0, i - 8):i + 12].replace("\n", " ")
+        if text.startswith("<>", i):
+            raise PromptError(f"empty placeholder '<>' at character {i} (in '{snippet}'): write <image> for the next "
+                              f"unnamed image or <name> for a named one. A '<' with a space after it stays text.")
+        nxt = text[i + 1:i + 2]
+        if char == "<" and nxt and not nxt.isspace() and nxt not in "<>":
+            raise PromptError(f"the '<' at character {i} (in '{snippet}') opens a placeholder that never closes: a "
+                              f"placeholder is <image> or <name>, with no spaces inside. Close it with '>', or put a "
+                              f"space after the '<' to keep it as text.")
+        if char == ">" and i > 0 and (i - 1) not in inside and _WORD_CHAR.match(text[i - 1]):
+            raise PromptError(f"the '>' at character {i} (in '{snippet}') closes no placeholder: a placeholder is "
+                              f"<image> or <name>. Add the missing '<', or put a space before the '>' to keep it as "
+                              f"text.")
+
+
 def bind_placeholders(text: str, names):
     """Split `text` at its placeholders and bind each to an image.
 
@@ -57,6 +87,7 @@ def bind_placeholders(text: str, names):
     image; `<name>` takes the image with that name (it may appear more than once). Returns a list of str
     (text pieces) and int (image index). Every placeholder needs an image and every image a placeholder.
     """
+    check_text(text, "the MUMU prompt", PromptError)
     names = [check_image_name(n) for n in names]
     seen = {}
     for i, n in enumerate(names):
@@ -90,6 +121,7 @@ def bind_placeholders(text: str, names):
         used.add(index)
         segments.append(index)
     segments.append(text[pos:])
+    _check_brackets(text)
     left = [i for i in range(len(names)) if i not in used]
     if left:
         i = left[0]
@@ -102,10 +134,12 @@ def bind_placeholders(text: str, names):
 
 # ---------------------------------------------------------------------------------------------------- images
 
-def to_rgb(image: torch.Tensor) -> torch.Tensor:
-    """(H, W, C) in [0, 1] -> (3, H, W). Grayscale is repeated; alpha is composited onto black (the padding)."""
+def to_rgb(image: torch.Tensor, what: str = "a reference image") -> torch.Tensor:
+    """(H, W, C) in [0, 1] -> (3, H, W). Grayscale is repeated; alpha is composited onto black (the padding).
+    Empty pictures, other channel counts and NaN / infinite values are refused (bridges/pixels.py)."""
     if image.ndim != 3:
-        raise PromptError(f"an image must be (height, width, channels); got shape {tuple(image.shape)}")
+        raise PromptError(f"{what} must be (height, width, channels); got shape {tuple(image.shape)}")
+    image = check_pixels(image, what, PromptError)[0]
     c = image.shape[-1]
     image = image.float().clamp(0, 1)
     if c in (2, 4):
@@ -113,20 +147,16 @@ def to_rgb(image: torch.Tensor) -> torch.Tensor:
         c -= 1
     if c == 1:
         image = image.expand(*image.shape[:2], 3)
-    elif c != 3:
-        raise PromptError(f"an image has {c} channels; expected 1 (gray), 2 (gray+alpha), 3 (RGB) or 4 (RGBA)")
     return image.permute(2, 0, 1)
 
 
-def prepare_image(image: torch.Tensor, resolution: int, mean, std) -> torch.Tensor:
+def prepare_image(image: torch.Tensor, resolution: int, mean, std, what: str = "a reference image") -> torch.Tensor:
     """(H, W, C) in [0, 1] -> normalised (3, resolution, resolution), padded to square with black.
 
     Resizing the long side first and padding after is the same picture as padding first (black stays black),
     and never allocates a huge square for a very large input."""
-    rgb = to_rgb(image)
+    rgb = to_rgb(image, what)
     h, w = rgb.shape[1:]
-    if min(h, w) < 1:
-        raise PromptError(f"an image is empty ({h}x{w} pixels)")
     scale = resolution / max(h, w)
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
     rgb = F.interpolate(rgb[None], size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)[0].clamp(0, 1)

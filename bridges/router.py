@@ -64,9 +64,10 @@ class NaiveBayesRouter:
         scores = {}
         for label in self.labels:
             counts = self.token_counts[label]
-            log_denominator = math.log(self._totals[label] + self.alpha * len(self.vocab))
-            scores[label] = math.log(self.doc_counts[label] / n_docs) + sum(
-                math.log(counts.get(t, 0) + self.alpha) - log_denominator for t in tokens)
+            scores[label] = math.log(self.doc_counts[label] / n_docs)
+            if tokens:  # (with no known token the prior decides; an empty vocabulary has no denominator)
+                log_denominator = math.log(self._totals[label] + self.alpha * len(self.vocab))
+                scores[label] += sum(math.log(counts.get(t, 0) + self.alpha) - log_denominator for t in tokens)
         return scores
 
     def predict_proba(self, text):

@@ -18,6 +18,9 @@ from PIL import Image
 from torch import nn
 from transformers import Blip2QFormerConfig, Blip2QFormerModel, Blip2VisionConfig, Blip2VisionModel
 
+from .errors import InputError
+from .pixels import check_pixels
+
 NUM_CODES = 32  # codes per image in SEED v1 (the causal Q-Former's query count)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -194,17 +197,13 @@ def preprocess(images: torch.Tensor, size: int) -> torch.Tensor:
     """ComfyUI IMAGE (B, H, W, C) in [0, 1] -> (B, 3, size, size) as the reference prepares a PIL image:
     convert("RGB") (alpha dropped, grey repeated), Resize((size, size), BICUBIC) on 8-bit pixels (the aspect
     ratio is not kept, as in the reference), ToTensor, Normalize(CLIP mean, std)."""
-    if images.ndim == 3:
+    if images.ndim == 3:  # (B, H, W): a batch of grey pictures (a MASK)
         images = images[..., None]
-    if images.ndim != 4 or images.shape[0] == 0:
-        raise ValueError(f"expected a non-empty image batch (B, H, W, C), got shape {tuple(images.shape)}")
-    channels = images.shape[-1]
-    if channels in (1, 2):  # grey, grey + alpha
+    images = check_pixels(images, "the image for SEED")  # empty, 0-pixel, odd channels, NaN: refused by name
+    if images.shape[-1] in (1, 2):  # grey, grey + alpha
         images = images[..., :1].expand(*images.shape[:-1], 3)
-    elif channels in (3, 4):
-        images = images[..., :3]
     else:
-        raise ValueError(f"an image with {channels} channels is not a picture (expected 1 to 4)")
+        images = images[..., :3]
     pixels = (images.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).numpy()
     out = []
     for array in pixels:
@@ -224,43 +223,60 @@ class SeedCodes:
 
     def __post_init__(self):
         if self.codes.ndim != 2 or self.codes.shape[0] == 0:
-            raise ValueError(f"SEED codes must be (images, {NUM_CODES}); got shape {tuple(self.codes.shape)}")
+            raise InputError(f"SEED codes must be (images, {NUM_CODES}); got shape {tuple(self.codes.shape)}")
         self.codes = self.codes.detach().to("cpu", torch.int64)
 
     def text(self) -> str:
         return "\n".join(" ".join(str(int(c)) for c in row) for row in self.codes)
 
 
+MAX_CODE_DIGITS = 9  # no codebook comes near a billion entries: longer numbers are refused before conversion
+_SEPARATORS = re.compile(r"[\s,;\uff0c\uff1b\u3001]+")  # whitespace, commas, semicolons (also full-width ones)
+
+
+def _shown(item: str) -> str:
+    return repr(item if len(item) <= 24 else item[:24] + "...")
+
+
 def parse_codes(text: str, count: int = NUM_CODES) -> torch.Tensor:
-    """One image per line, `count` non-negative integers separated by spaces or commas ([ ] allowed)."""
+    """One image per line, `count` codes separated by spaces, commas or semicolons ([ ] or ( ) around them allowed).
+
+    A code is a whole number written in decimal digits. Digits of any script count by their value, as Python reads
+    them: full-width '１２' (from an East-Asian keyboard) and Arabic-Indic '١٢' are both 12. Anything else is
+    refused by name: signs, decimal points, exponents, other numerals (superscripts, Roman numerals, fractions),
+    and numbers of more than 9 digits (far outside any codebook; SEED v1 has 8192 codes). Whether a code is inside
+    the loaded tokenizer's codebook is checked where the codes are used (check_codes)."""
     rows = []
     for number, line in enumerate(text.splitlines(), 1):
         line = line.strip().strip("[]()").strip()
         if not line:
             continue
-        items = [t for t in re.split(r"[\s,;]+", line.replace("[", " ").replace("]", " ")) if t]
+        items = [t for t in _SEPARATORS.split(line.replace("[", " ").replace("]", " ")) if t]
         row = []
         for item in items:
-            if not re.fullmatch(r"\d+", item):
-                raise ValueError(f"line {number}: {item!r} is not a code; SEED codes are whole numbers from 0 to "
-                                 f"8191, {count} per line")
+            if not item.isdecimal():
+                raise InputError(f"line {number}: {_shown(item)} is not a code; SEED codes are whole numbers from 0 "
+                                 f"to 8191, {count} per line")
+            if len(item) > MAX_CODE_DIGITS:
+                raise InputError(f"line {number}: {_shown(item)} has {len(item)} digits, far outside any SEED "
+                                 f"codebook (SEED v1's codes are 0 to 8191)")
             row.append(int(item))
         if len(row) != count:
-            raise ValueError(f"line {number} has {len(row)} codes; an image takes exactly {count} SEED codes")
+            raise InputError(f"line {number} has {len(row)} codes; an image takes exactly {count} SEED codes")
         rows.append(row)
     if not rows:
-        raise ValueError(f"no SEED codes in the text: write {count} whole numbers (0 to 8191) per image, one image "
+        raise InputError(f"no SEED codes in the text: write {count} whole numbers (0 to 8191) per image, one image "
                          f"per line")
     return torch.tensor(rows, dtype=torch.int64)
 
 
 def check_codes(codes: torch.Tensor, config: SeedConfig):
     if codes.shape[-1] != config.num_queries:
-        raise ValueError(f"an image takes exactly {config.num_queries} SEED codes; got {codes.shape[-1]}")
+        raise InputError(f"an image takes exactly {config.num_queries} SEED codes; got {codes.shape[-1]}")
     bad = (codes < 0) | (codes >= config.codebook_size)
     if bad.any():
         image, position = (int(i) for i in bad.nonzero()[0])
-        raise ValueError(f"SEED code {int(codes[image, position])} (image {image + 1}, position {position + 1}) is "
+        raise InputError(f"SEED code {int(codes[image, position])} (image {image + 1}, position {position + 1}) is "
                          f"out of range: this tokenizer's codebook has {config.codebook_size} entries (0 to "
                          f"{config.codebook_size - 1})")
 
@@ -269,10 +285,10 @@ def mix_codes(a: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
     """The first k codes of a, the rest from b. Causal codes make a prefix meaningful on its own.
     A batch of 1 pairs with every image of the other batch."""
     if a.shape[1] != b.shape[1]:
-        raise ValueError(f"the two code sets have {a.shape[1]} and {b.shape[1]} codes per image")
+        raise InputError(f"the two code sets have {a.shape[1]} and {b.shape[1]} codes per image")
     if a.shape[0] != b.shape[0]:
         if 1 not in (a.shape[0], b.shape[0]):
-            raise ValueError(f"cannot pair {a.shape[0]} images with {b.shape[0]}: use equal batches, or one image")
+            raise InputError(f"cannot pair {a.shape[0]} images with {b.shape[0]}: use equal batches, or one image")
         n = max(a.shape[0], b.shape[0])
         a, b = a.expand(n, -1), b.expand(n, -1)
     k = max(0, min(int(k), a.shape[1]))

@@ -39,12 +39,55 @@ def model_needs_pooled(model) -> bool:
         return False
 
 
+def family_problem(model, width: int, pooled: int):
+    """Why tokens `width` wide (with a pooled vector `pooled` wide, 0 = none) cannot condition `model` (a MODEL's
+    ModelPatcher), or None when they can or the model does not say its width."""
+    expected = model_context_width(model)
+    if expected is None:
+        return None
+    return contract.mismatch(width, pooled, expected, model_needs_pooled(model))
+
+
 def check_fits_model(model, width: int, pooled: int, what: str):
     """Fail before sampling when a bridge (tokens `width` wide, a pooled vector `pooled` wide or 0) was made for
     another model family than the MODEL's."""
-    expected = model_context_width(model)
-    if expected is None:
-        return
-    problem = contract.mismatch(width, pooled, expected, model_needs_pooled(model))
+    problem = family_problem(model, width, pooled)
     if problem:
         raise InputError(f"{what} {problem}")
+
+
+def _family_check(width: int, pooled: int, what: str):
+    """A should_register function for ComfyUI's hooks: the sampler calls it with the MODEL before it reads the
+    conditioning; it refuses a MODEL of another family by name, and otherwise registers nothing."""
+    def should_register(hook, model, model_options, target_dict, registered):
+        problem = family_problem(model, width, pooled)
+        if problem:
+            raise InputError(f"{what} {problem} (checked by the sampler; connect the MODEL to the encoder's optional "
+                             f"'model' input to be told before encoding)")
+        return False  # nothing to add to the sampling: the hook is dropped from the conditioning
+    return should_register
+
+
+def guard_family(cond, what: str):
+    """CONDITIONING that names its model family to the sampler: on hosts with conditioning hooks (ComfyUI from
+    December 2024 on), each entry carries one that the sampler consults with its MODEL before it reads the tokens,
+    so a bridge made for SD1.x sampled with SDXL (or the other way round) stops with the pack's message, not with
+    KeyError: 'pooled_output' or a matrix shape error, whether or not the encoder's optional MODEL input is
+    connected. The hook registers nothing (it is dropped before sampling): pictures are unchanged. Older hosts have
+    no such hook and no other place where the pack sees the sampler's model without patching ComfyUI, so there the
+    check runs only when the MODEL input is connected."""
+    try:
+        import comfy.hooks as hooks
+    except ImportError:
+        return cond
+    out = []
+    for tokens, extra in cond:
+        pooled = extra.get("pooled_output")
+        hook = hooks.AdditionalModelsHook(models=[])
+        hook.custom_should_register = _family_check(int(tokens.shape[-1]), int(pooled.shape[-1]) if torch.is_tensor(
+            pooled) else 0, what)
+        group = hooks.HookGroup()
+        group.add(hook)
+        existing = extra.get("hooks")
+        out.append([tokens, {**extra, "hooks": existing.clone_and_combine(group) if existing is not None else group}])
+    return out

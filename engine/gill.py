@@ -17,6 +17,7 @@ from ..bridges.gill import (
     img_hidden_states,
     split_prompt,
 )
+from ..bridges.pixels import check_pixels
 from ..bridges.retrieval import ImageIndex
 from ..loaders import gill as gill_files
 from ..loaders import images as picture_files
@@ -63,6 +64,8 @@ def img_states(llm, gill, prompt: str, images=None, clip_vision=None, progress=N
     """Prompt (+ images, one per <image>) -> (1, 8, llm_dim) float32 [IMG] hidden states. progress() after the
     pictures and after the LLM."""
     cfg = gill.config
+    if images is not None:
+        images = check_pixels(images, "the images connected to GILL Encode")
     _check_placeholders(prompt, 0 if images is None else images.shape[0])
     parts = split_prompt(prompt)
     if not parts:

@@ -24,8 +24,10 @@ def prepare_prompt(vlm, text: str, images, grid: int, resolution: int) -> Prepar
     sequence and the pixels Idefics2 reads."""
     segments = mumu_bridge.bind_placeholders(text, [name for name, _ in images])
     seq = mumu_bridge.build_sequence(vlm.tokenizer, segments, grid, context=vlm.context)
-    pixels = (torch.stack([mumu_bridge.prepare_image(img, resolution, vlm.image_mean, vlm.image_std)
-                           for _, img in images]) if images else None)
+    pixels = (torch.stack([mumu_bridge.prepare_image(img, resolution, vlm.image_mean, vlm.image_std,
+                                                     f"reference image '{name}'" if name else
+                                                     f"reference image #{i + 1} (unnamed)")
+                           for i, (name, img) in enumerate(images)]) if images else None)
     return PreparedPrompt(seq, pixels)
 
 

@@ -3,7 +3,7 @@ the LLM (stage 2, caption loss + the frozen UNet's denoising loss), and the chat
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..bridges.errors import LoadError
+from ..bridges.errors import InputError, LoadError
 from ..bridges.mapper import BeyondCLIPMapper, MapperConfig
 from ..bridges.repadapter import build_adapters, find_linear_targets
 from ..bridges.router import NaiveBayesRouter
@@ -114,7 +114,7 @@ def train_router(texts, labels, *, alpha=1.0, bigrams=True, val_fraction=0.0, se
     from a router fitted on the training split only."""
     unknown = sorted(set(labels) - {"chat", "draw"})
     if unknown or len(set(labels)) < 2:
-        raise ValueError(f"labels must be 'chat' and 'draw' (both present); found {sorted(set(labels))}")
+        raise InputError(f"the examples need both labels, 'chat' and 'draw'; found only {sorted(set(labels))}")
     train_idx, val_idx = split_indices(len(texts), val_fraction, seed)
     report, accuracy = "", float("nan")
     if len(val_idx):

@@ -173,17 +173,30 @@ def run_training(run: Path, trainer: Trainer, start_info: dict, write_result, *,
     return trainer
 
 
+# The start_info entry that says which kind of run a checkpoint belongs to (one per trainer).
+RUN_KINDS = {"mapper_config": "Beyond CLIP mapper", "repadapter": "RepAdapter (stage 2)", "gill_config": "GILL mapper",
+             "connector_config": "MUMU connector", "mumu_stage2": "MUMU stage 2"}
+
+
+def _kind(info: dict):
+    return next((label for key, label in RUN_KINDS.items() if key in info), None)
+
+
 def _resume(run: Path, trainer: Trainer, saved: dict, start_info: dict):
     where = run / run_folder.CHECKPOINT
-    advice = "use the same settings to resume, another run name, or switch 'resume' off"
+    saved_kind, kind = _kind(saved), _kind(start_info)
+    if saved_kind != kind:
+        raise LoadError(f"{where} holds the state of {'a ' + saved_kind if saved_kind else 'another kind of'} "
+                        f"training run, not of this {kind or ''} run. {run_folder.RESUME_ADVICE}")
     differ = resume_mismatch({k: saved.get(k) for k in start_info}, start_info)
     if differ:
-        raise LoadError(f"{where} was made with other settings ({', '.join(differ)} differ); {advice}.")
+        raise LoadError(f"{where} was made with other settings ({', '.join(differ)} differ); use the same settings to "
+                        f"resume. {run_folder.RESUME_ADVICE}")
     if int(saved["step"]) > trainer.config.steps:
         raise LoadError(f"{where} is at step {saved['step']}, past the {trainer.config.steps} steps asked for; ask "
                         f"for more steps or switch 'resume' off.")
     try:
         trainer.load_state_dict(saved)
     except (KeyError, RuntimeError, ValueError, TypeError) as e:
-        raise LoadError(f"{where} does not hold this run's trained weights ({type(e).__name__}: {str(e)[:200]}); "
-                        f"delete it to start the run again, or switch 'resume' off.") from None
+        raise LoadError(f"{where} does not hold this run's training state: {str(e)[:300]}. "
+                        f"{run_folder.RESUME_ADVICE}") from None

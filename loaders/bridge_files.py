@@ -59,6 +59,11 @@ def save_bridge(path, kind: str, config: dict, state_dict: dict):
     if kind not in KINDS:
         raise ValueError(f"unknown bridge kind {kind!r}")
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, "config": json.dumps(config)}
+    bad = next((k for k, t in state_dict.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if bad is not None:
+        raise LoadError(f"the {label(kind)} to be written to {path} holds NaN or infinite values (in '{bad}'): the "
+                        f"training diverged. Nothing was written; train again with a lower learning rate (with "
+                        f"'resume' off).")
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -104,7 +109,7 @@ def read_bridge(path, kind: str):
                                 f"Load it with the matching node, or choose a {label(kind)} file here.")
             try:
                 config = json.loads(metadata["config"])
-            except (KeyError, ValueError) as e:
+            except (KeyError, ValueError, RecursionError) as e:
                 raise LoadError(f"{path}: its config metadata is missing or not JSON ({e}). The file is "
                                 f"damaged; write it again.") from None
             if not isinstance(config, dict):
@@ -116,26 +121,76 @@ def read_bridge(path, kind: str):
                         f"Copy or train it again.") from None
     except OSError as e:
         raise LoadError(f"{path} could not be read ({e}).") from None
+    bad = next((k for k, t in state_dict.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if bad is not None:  # it would turn every picture into noise without a word
+        raise LoadError(f"{path} holds NaN or infinite values (in '{bad}'): the training that wrote it diverged, or "
+                        f"the file was damaged. Train it again (with a lower learning rate), or use another file.")
     return config, state_dict
 
 
-def load_state_into(module: torch.nn.Module, state_dict: dict, path, what: str):
-    """Strict load that explains missing, unexpected and wrongly shaped tensors by name. A module built on the
-    meta device takes the file's tensors as its parameters (no second copy in memory)."""
-    own = module.state_dict()
+REWRITE = "The file is damaged or was edited; write it again."
+
+
+def _mismatch(own: dict, state_dict: dict) -> list:
+    """What differs between a module's state dict and a file's tensors, as phrases (empty when they match)."""
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
     wrong = [f"{k}: file {tuple(state_dict[k].shape)} vs expected {tuple(own[k].shape)}"
              for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} tensor(s) e.g. {missing[:3]}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} tensor(s) e.g. {unexpected[:3]}")
-        if wrong:
-            parts.append(f"wrong shapes: {wrong[:3]}")
-        raise LoadError(f"{path} does not match the {what} its config describes: " + "; ".join(parts) +
-                        ". The file is damaged or was edited; write it again.")
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} tensor(s) e.g. {missing[:3]}")
+    if unexpected:
+        parts.append(f"unexpected {len(unexpected)} tensor(s) e.g. {unexpected[:3]}")
+    if wrong:
+        parts.append(f"wrong shapes: {wrong[:3]}")
+    return parts
+
+
+def load_state_into(module: torch.nn.Module, state_dict: dict, path, what: str, advice: str = REWRITE):
+    """Strict load that explains missing, unexpected and wrongly shaped tensors by name (and `advice`: what to do).
+    A module built on the meta device takes the file's tensors as its parameters (no second copy in memory)."""
+    own = module.state_dict()
+    parts = _mismatch(own, state_dict)
+    if parts:
+        raise LoadError(f"{path} does not match the {what} its config describes: " + "; ".join(parts) + f". {advice}")
     on_meta = any(t.is_meta for t in own.values())
     module.load_state_dict(state_dict, strict=True, assign=on_meta)
+
+
+def layer_count(state_dict: dict, prefix: str) -> int:
+    """How many numbered layers the tensors under `prefix` hold ('layers.0.', 'layers.1.', ... -> 2)."""
+    found = set()
+    for key in state_dict:
+        if key.startswith(prefix):
+            head = key[len(prefix):].split(".", 1)[0]
+            if head.isdigit():
+                found.add(int(head))
+    return len(found)
+
+
+def check_layer_counts(counts: dict, state_dict: dict, path, what: str, advice: str = REWRITE):
+    """counts: {config field: (its value, tensor prefix of those layers)}. The numbers of layers a config asks for
+    are checked against the layers the file's tensors hold before any module is built: a config that claims a
+    million layers is refused, never built."""
+    for field, (value, prefix) in counts.items():
+        found = layer_count(state_dict, prefix)
+        if isinstance(value, bool) or not isinstance(value, int) or value != found:
+            raise LoadError(f"{path}: its {what} config gives {field}={value!r}, but the file holds {found} such "
+                            f"layer(s) ('{prefix}N.*' tensors). {advice}")
+
+
+def checked_build(build, state_dict: dict, path, what: str, advice: str = REWRITE) -> torch.nn.Module:
+    """build() on the meta device (no memory is allocated, whatever sizes the config claims), its tensors compared
+    with the file's by name and shape: LoadError naming what differs, or a config the module refuses. Returns the
+    meta module; only a file that matches it is ever built for real."""
+    try:
+        with torch.device("meta"):
+            module = build()
+    except Exception as e:  # a config the module's constructor refuses (bad sizes, heads that do not divide, ...)
+        raise LoadError(f"{path}: its {what} config is not valid ({type(e).__name__}: {str(e)[:200]}). "
+                        f"{advice}") from None
+    parts = _mismatch(module.state_dict(), state_dict)
+    if parts:
+        raise LoadError(f"{path} does not match the {what} its config describes: " + "; ".join(parts) + f". {advice}")
+    return module

@@ -210,11 +210,11 @@ def _transformers_5():
 
 
 def _model_class(cls, config):
-    """cls itself, or the class an Auto class picks for config (never remote code)."""
+    """cls itself, or the class an Auto class picks for config (transformers' own, never remote code)."""
     if not hasattr(cls, "_model_mapping"):
         return cls
-    if cls.__name__ in (getattr(config, "auto_map", None) or {}):
-        raise Fallback("the config asks for remote code")
+    # An auto_map naming code in the folder is ignored, as from_pretrained without remote code ignores it for a
+    # model type transformers ships (loaders.llm.check_remote_code tells the user).
     from transformers.models.auto.auto_factory import _get_model_class
     try:
         return _get_model_class(config, cls._model_mapping)
@@ -254,13 +254,14 @@ def _build(model_class, config, dtype, no_tie_weights):
         return model_class(config)
 
 
-def _targets(model, entries_by_file, skip):
-    """{checkpoint key: model key} with from_pretrained's base-model prefix rule (strip first, then add); model
-    keys are those of the state dict. Fallback for keys that do not match."""
+def _match(model, entries_by_file, skip):
+    """(targets {checkpoint key: model key}, unexpected checkpoint keys, wrong shapes as text, model keys seen,
+    the model's state dict) with from_pretrained's base-model prefix rule (strip first, then add). Fallback for
+    two checkpoint keys that give one model key."""
     expected = model.state_dict()
     prefix = model.base_model_prefix
-    targets, unexpected, seen = {}, [], {}
-    for entries in entries_by_file:
+    targets, unexpected, wrong, seen = {}, [], [], {}
+    for file, entries in entries_by_file:
         for e in entries:
             key = e.key
             if prefix and key.startswith(prefix + ".") and key[len(prefix) + 1:] in expected:
@@ -275,13 +276,46 @@ def _targets(model, entries_by_file, skip):
             if key in seen:
                 raise Fallback(f"checkpoint keys '{seen[key]}' and '{e.key}' both give '{key}'")
             if tuple(expected[key].shape) != e.shape:
-                raise Fallback(f"'{e.key}' has shape {e.shape}, the model {tuple(expected[key].shape)}")
+                wrong.append(f"{file.name} holds '{e.key}' with shape {list(e.shape)}, the config makes it "
+                             f"{list(expected[key].shape)}")
             seen[key] = e.key
             targets[e.key] = key
+    return targets, unexpected, wrong, seen, expected
+
+
+def _targets(model, entries_by_file, skip, folder):
+    """{checkpoint key: model key}, model keys missing from the checkpoint, the model's state dict. LoadError naming
+    wrongly shaped tensors (from_pretrained refuses them too, but names them only in its log); Fallback for keys
+    that do not match."""
+    targets, unexpected, wrong, seen, expected = _match(model, entries_by_file, skip)
+    if wrong:
+        raise LoadError(shape_message(folder, wrong))
     if unexpected:
         raise Fallback(f"{len(unexpected)} checkpoint key(s) the model does not have, e.g. {unexpected[:3]}")
     missing = {k for k in expected if k not in seen and not k.startswith(skip)}
     return targets, missing, expected
+
+
+def shape_message(folder: Path, wrong: list) -> str:
+    named = "; ".join(wrong[:3]) + (f" (+{len(wrong) - 3} more)" if len(wrong) > 3 else "")
+    return (f"the weights in {folder} do not fit its config.json: {named}. The weight files and config.json come "
+            f"from different models, or a file was edited; copy the folder again.")
+
+
+def shape_mismatches(cls, path, skip: tuple = ()) -> list:
+    """The wrongly shaped tensors of a safetensors folder against the model its config.json builds, as text (for
+    messages when from_pretrained refused the folder); [] when they cannot be told from the headers."""
+    path = Path(path)
+    try:
+        get_model_conversion_mapping, no_tie_weights = _transformers_5()
+        files = checkpoint_files(path)
+        entries_by_file = [(f, read_header(f)) for f in files]
+        config = _load_config(cls, path, torch.float32)
+        model = _build(_model_class(cls, config), config, torch.float32, no_tie_weights)
+        return _match(model, entries_by_file, tuple(skip))[2]
+    except Exception as e:  # a message helper: whatever stops it, the caller says what it knows
+        log.debug("%s: shapes not compared (%s: %s)", path, type(e).__name__, e)
+        return []
 
 
 def _read_file(file: Path, entries, targets, wanted, use_mmap):
@@ -398,7 +432,7 @@ def _load(cls, path: Path, dtype, skip: tuple, use_mmap: bool):
             raise Fallback("big-endian machine")
         get_model_conversion_mapping, no_tie_weights = _transformers_5()
         files = checkpoint_files(path)
-        entries_by_file = [read_header(f) for f in files]  # LoadError here: truncated or corrupt
+        entries_by_file = [(f, read_header(f)) for f in files]  # LoadError here: truncated or corrupt
         try:
             config = _load_config(cls, path, dtype)
             model = _build(_model_class(cls, config), config, dtype, no_tie_weights)
@@ -412,14 +446,14 @@ def _load(cls, path: Path, dtype, skip: tuple, use_mmap: bool):
             raise Fallback("keep-in-fp32 modules")
         if get_model_conversion_mapping(model, add_legacy=False):
             raise Fallback("transformers converts this model's checkpoint keys")
-        targets, missing, expected = _targets(model, entries_by_file, skip)
+        targets, missing, expected = _targets(model, entries_by_file, skip, path)
         untied = missing - set(model.all_tied_weights_keys) - set(model.all_tied_weights_keys.values())
         if untied:  # before reading anything; tie_weights below settles the tied ones
             raise Fallback(f"{len(untied)} model key(s) not in the checkpoint, e.g. {sorted(untied)[:3]}")
         # from_pretrained casts to `dtype`, or to the model's own dtype for tensors it creates in another one:
         # the dtype of the tensor it replaces, built under `dtype` as the default.
         wanted = {k: expected[t].dtype for k, t in targets.items()}
-        for file, entries in zip(files, entries_by_file):
+        for file, entries in entries_by_file:
             for key, tensor in _read_file(file, entries, targets, wanted, use_mmap).items():
                 _assign(model, targets[key], tensor)
         model.tie_weights(missing_keys=missing, recompute_mapping=False)  # removes the tied ones from `missing`

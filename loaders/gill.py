@@ -21,11 +21,21 @@ from safetensors.torch import save_file
 from ..bridges.gill import GILLConfig, GILLModel, squash_224
 from ..bridges.retrieval import ImageIndex, fingerprint
 from . import patcher as patching
-from .bridge_files import kind_of, load_state_into, read_bridge, save_bridge, writable_path
+from . import pickles
+from .bridge_files import (
+    check_layer_counts,
+    checked_build,
+    kind_of,
+    load_state_into,
+    read_bridge,
+    save_bridge,
+    writable_path,
+)
 from .encode_cache import file_identity
 from .errors import LoadError
 from .handles import Handle
 from .images import is_image_file, load_image
+from .llm import read_json
 
 KIND = "gill"
 CKPT, DECISION, ARGS = "pretrained_ckpt.pth.tar", "decision_model.pth.tar", "model_args.json"
@@ -46,14 +56,7 @@ class LoadedGILL(Handle):
 # ---- the official release ---------------------------------------------------------------------------------
 
 def _torch_load(path: Path):
-    try:
-        return torch.load(str(path), weights_only=True, map_location="cpu")
-    except FileNotFoundError:
-        raise LoadError(f"{path}: no such file.") from None
-    except Exception as e:  # pickle refuses objects other than tensors and plain containers; zip errors; EOF
-        raise LoadError(f"{path} could not be read as a weights-only checkpoint ({type(e).__name__}: "
-                        f"{str(e)[:300]}). It is truncated, not a PyTorch checkpoint, or holds Python objects "
-                        f"this pack will not unpickle; download it again from the jykoh/gill release.") from None
+    return pickles.load(path, f"Download it again from the jykoh/gill release ({CKPT}, {DECISION}, {ARGS}).")
 
 
 def _state_dict_of(obj, path: Path) -> dict:
@@ -85,14 +88,11 @@ def _read_args(folder: Path) -> dict:
     path = folder / ARGS
     if not path.is_file():
         return {}
-    try:
-        args = json.loads(path.read_text())
-    except ValueError as e:
-        raise LoadError(f"{path} is not valid JSON ({e}); download it again.") from None
+    args = read_json(path, "the jykoh/gill release")
     if args.get("text_fc_mode", "gill_mapper") != "gill_mapper":
         raise LoadError(f"{path}: this model was trained with text_fc_mode={args['text_fc_mode']!r}; the pack "
                         f"reads GILLMapper models (text_fc_mode 'gill_mapper') only.")
-    if list(args.get("text_emb_layers", [-1])) != [-1]:
+    if args.get("text_emb_layers", [-1]) != [-1]:
         raise LoadError(f"{path}: text_emb_layers={args['text_emb_layers']} is not supported; the released "
                         f"model reads the last layer ([-1]).")
     return args
@@ -126,7 +126,7 @@ def read_official(folder) -> tuple:
         raise LoadError(f"{ckpt} is missing GILL tensor {e}; download it again.") from None
     for arg, value in (("n_visual_tokens", config.visual_tokens), ("num_clip_tokens", config.out_tokens),
                        ("num_tokens", config.num_img_tokens), ("num_gen_tokens", config.num_img_tokens)):
-        if arg in args and int(args[arg]) != value:
+        if arg in args and str(args[arg]) != str(value):
             raise LoadError(f"{folder / ARGS} says {arg}={args[arg]} but {ckpt} holds {value}: the two files are "
                             f"from different models. Use the files of one release.")
     if config.decision_in not in (0, config.llm_dim, config.llm_dim + 1):
@@ -135,12 +135,22 @@ def read_official(folder) -> tuple:
     return config, sd
 
 
-def _build(config: GILLConfig, sd: dict, path, name: str) -> LoadedGILL:
+OFFICIAL_ADVICE = f"Download {CKPT} (and {DECISION}) again from the jykoh/gill release."
+CONVERTED_ADVICE = "The file is damaged or was edited; convert the release (or train) again."
+
+
+def _build(config: GILLConfig, sd: dict, source, name: str, where, advice: str) -> LoadedGILL:
+    """The GILL module of `sd` under ComfyUI's memory manager. Every count and shape is checked against the tensors
+    before anything is allocated; messages name `where` (the file) and give `advice`."""
+    g = "gen_text_hidden_fcs.0.tfm."
+    check_layer_counts({"encoder_layers": (config.encoder_layers, g + "encoder.layers."),
+                        "decoder_layers": (config.decoder_layers, g + "decoder.layers.")}, sd, where, "GILL", advice)
+    checked_build(lambda: GILLModel(config), sd, where, "GILL model", advice)
     model = GILLModel(config)
-    load_state_into(model, sd, path, "GILL model")
+    load_state_into(model, sd, where, "GILL model", advice)
     model = model.float().eval().requires_grad_(False)
-    return LoadedGILL(patcher=patching.wrap(model), config=config, source=str(path), name=name,
-                      identity=f"{file_identity(path)}:float32")
+    return LoadedGILL(patcher=patching.wrap(model), config=config, source=str(source), name=name,
+                      identity=f"{file_identity(source)}:float32")
 
 
 def load_gill(path, name: str = None) -> LoadedGILL:
@@ -148,20 +158,21 @@ def load_gill(path, name: str = None) -> LoadedGILL:
     path = Path(path)
     if path.is_dir():
         config, sd = read_official(path)
-    else:
-        config_dict, sd = read_bridge(path, KIND)
-        try:
-            config = GILLConfig.from_dict(config_dict)
-        except (TypeError, ValueError) as e:
-            raise LoadError(f"{path}: its GILL config is not valid ({e}). Convert the release again.") from None
-    return _build(config, sd, path, name or path.name)
+        return _build(config, sd, path, name or path.name, path / CKPT, OFFICIAL_ADVICE)
+    config_dict, sd = read_bridge(path, KIND)
+    try:
+        config = GILLConfig.from_dict(config_dict)
+    except (TypeError, ValueError) as e:
+        raise LoadError(f"{path}: its GILL config is not valid ({e}). {CONVERTED_ADVICE}") from None
+    return _build(config, sd, path, name or path.name, path, CONVERTED_ADVICE)
 
 
 def convert_official(folder, out_path) -> Path:
     """Write the release as one pack file (tensors kept in their saved dtype)."""
     out_path = writable_path(Path(out_path), KIND)
+    folder = Path(folder)
     config, sd = read_official(folder)
-    _build(config, sd, folder, "check")  # refuses anything that would not load back
+    _build(config, sd, folder, "check", folder / CKPT, OFFICIAL_ADVICE)  # refuses anything that would not load back
     save_bridge(out_path, KIND, config.to_dict(), sd)
     return out_path
 
@@ -248,7 +259,7 @@ def read_index(index_dir: Path, name: str) -> ImageIndex:
         index = ImageIndex(name=name, root=info["root"], paths=list(info["paths"]), embeddings=embeddings,
                            fingerprint=info["fingerprint"], stamps=[tuple(s) for s in info["stamps"]],
                            skipped=list(info.get("skipped", [])))
-    except (ValueError, KeyError, TypeError, SafetensorError, OSError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, SafetensorError, OSError) as e:
         raise LoadError(f"the image index '{name}' in {index_dir} is damaged ({type(e).__name__}: {e}); build "
                         f"it again with mode 'rebuild'.") from None
     if len(index.paths) != index.embeddings.shape[0] or len(index.stamps) != len(index.paths):

@@ -5,6 +5,7 @@ import importlib
 import json
 import logging
 import os
+import pickle
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -15,7 +16,7 @@ import transformers
 from packaging.version import Version
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from . import direct_weights
+from . import direct_weights, pickles
 from . import patcher as patching
 from .encode_cache import file_identity
 from .errors import LoadError
@@ -67,6 +68,21 @@ def choose_dtype(choice: str, device) -> torch.dtype:
     return wanted
 
 
+def read_json(path: Path, what: str = "") -> dict:
+    """A JSON object from a model folder's file; LoadError naming it when it is not one."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, absurd nesting
+        raise LoadError(f"{path} is not valid JSON ({type(e).__name__}: {str(e)[:200]}); copy it again"
+                        f"{' from ' + what if what else ''}.") from None
+    except OSError as e:
+        raise LoadError(f"{path} could not be read ({e}).") from None
+    if not isinstance(value, dict):
+        raise LoadError(f"{path} holds a JSON {type(value).__name__}, not an object; copy it again"
+                        f"{' from ' + what if what else ''}.")
+    return value
+
+
 def check_folder(path: Path):
     if not (path / "config.json").is_file():
         raise LoadError(f"{path} has no config.json: it is not a Hugging Face model folder. Copy the whole model "
@@ -74,13 +90,89 @@ def check_folder(path: Path):
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         raise LoadError(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}...). Copy them from "
                         f"the model's original release into this folder; nothing is downloaded at run time.")
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except ValueError as e:
-        raise LoadError(f"{path / 'config.json'} is not valid JSON ({e}); copy it again.") from None
+    config = read_json(path / "config.json", "the model's release")
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise LoadError(f"{path} has no weight files (*.safetensors or *.bin); copy them into the folder.")
+    check_remote_code(path, config)
     return config
+
+
+# Files of a model folder whose "auto_map" can name Python code shipped in the folder ("remote code").
+CODE_NAMING_FILES = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json")
+
+
+def remote_code(path: Path) -> dict:
+    """{file name: {Auto class: what it names}} for the folder's files that name code of their own (auto_map)."""
+    found = {}
+    for name in CODE_NAMING_FILES:
+        file = path / name
+        if not file.is_file():
+            continue
+        try:
+            auto_map = json.loads(file.read_text(encoding="utf-8")).get("auto_map")
+        except (ValueError, RecursionError, OSError, AttributeError):
+            continue  # an unreadable file is reported by whatever reads it
+        if auto_map:
+            found[name] = auto_map if isinstance(auto_map, dict) else {"auto_map": auto_map}
+    return found
+
+
+def _listed(found: dict) -> str:
+    return "; ".join(f"{name}: " + ", ".join(f"{k} -> {str(v)[:80]!r}" for k, v in list(entries.items())[:4])
+                     for name, entries in found.items())
+
+
+def check_remote_code(path: Path, config: dict):
+    """A folder whose auto_map names code of its own: the pack never runs it (trust_remote_code stays off). When
+    transformers ships the model type, its own classes are used and the user is told the entries are ignored;
+    otherwise the folder cannot be loaded, and the message says so."""
+    found = remote_code(path)
+    if not found:
+        return
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING_NAMES:
+        raise LoadError(f"{path} needs Python code of its own to load (model type {model_type!r}, which transformers "
+                        f"does not ship; auto_map in {_listed(found)}). This pack never runs code from a model "
+                        f"folder. Use a model whose architecture transformers ships (Llama, Mistral, OPT, Qwen2, "
+                        f"...), or a conversion of this one to such an architecture.")
+    log.warning("%s: auto_map entries name Python code in the model folder (%s). The pack never runs code from a "
+                "model folder: they are ignored, and transformers' own '%s' classes load the model.", path,
+                _listed(found), model_type)
+
+
+def weights_failure(path: Path, config: dict, error: Exception, cls=None) -> str:
+    """What went wrong while transformers loaded a model folder, as the pack's message: the file and what to do,
+    never transformers' or torch's own advice (remote code, weights_only=False)."""
+    text = str(error)
+    if "Unrecognized configuration class" in text:
+        return (f"{path} holds a '{config.get('model_type')}' model, which is not a causal language model this "
+                f"loader reads (Llama, OPT, Mistral, ... any AutoModelForCausalLM). Choose another folder.")
+    if "trust_remote_code" in text or "custom code" in text:
+        named = _listed(remote_code(path)) or "its files ask for it"
+        return (f"{path} needs Python code of its own to load ({named}). This pack never runs code from a model "
+                f"folder. Use a model whose architecture transformers ships.")
+    if "Weights only load failed" in text or any(isinstance(e, pickle.UnpicklingError) for e in _chain(error)):
+        for file in sorted(path.glob("*.bin")):
+            try:
+                pickles.load(file, "")
+            except LoadError as bad:
+                return f"{str(bad).strip()} Use the release's .safetensors files, or copy this file again."
+        return f"a weight file in {path} could not be read as plain tensors; copy the folder again."
+    if "mismatched" in text or "size mismatch" in text:
+        wrong = direct_weights.shape_mismatches(cls or AutoModelForCausalLM, path)
+        return direct_weights.shape_message(path, wrong or ["a tensor's shape differs from the one it gives"])
+    detail = "" if "weights_only" in text or "trust_remote_code" in text else f": {text[:300]}"
+    return (f"the weights in {path} could not be loaded ({type(error).__name__}{detail}). A weight file is "
+            f"truncated, corrupt or does not belong to this config.json; copy the folder again.")
+
+
+def _chain(error):
+    seen = []
+    while error is not None and error not in seen:
+        seen.append(error)
+        error = error.__cause__ or error.__context__
+    return seen
 
 
 def prefetch(path: Path):
@@ -190,6 +282,17 @@ def quiet_loggers(*names):
     finally:
         for q, level in zip(loggers, levels):
             q.setLevel(level)
+
+
+def tokenizer_failure(path: Path, error: Exception) -> str:
+    text = str(error)
+    if "trust_remote_code" in text or "custom code" in text:
+        named = _listed(remote_code(path)) or "its files ask for it"
+        return (f"the tokenizer in {path} needs Python code of its own ({named}). This pack never runs code from a "
+                f"model folder. Use a model whose tokenizer transformers ships (tokenizer.json is read without code).")
+    detail = "" if "weights_only" in text else f": {text[:300]}"
+    return (f"the tokenizer in {path} could not be loaded ({type(error).__name__}{detail}). Copy the tokenizer files "
+            f"of this exact model into the folder.")
 
 
 def from_pretrained(cls, path, dtype, **extra):
@@ -329,8 +432,7 @@ def _load(name, path, dtype, quantized, extra, config, device, progress) -> Load
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except Exception as e:  # transformers raises many kinds here (OSError, ValueError, TypeError)
-        raise LoadError(f"the tokenizer in {path} could not be loaded ({type(e).__name__}: {e}). Copy the "
-                        f"tokenizer files of this exact model into the folder.") from None
+        raise LoadError(tokenizer_failure(path, e)) from None
     progress and progress(2)
     model = None
     try:
@@ -342,16 +444,17 @@ def _load(name, path, dtype, quantized, extra, config, device, progress) -> Load
             model = direct_weights.load_pretrained(AutoModelForCausalLM, path, dtype)
         if model is None:
             prefetch(path)
-            model = from_pretrained(AutoModelForCausalLM, path, dtype, **extra)
+            model, info = from_pretrained(AutoModelForCausalLM, path, dtype, output_loading_info=True, **extra)
+            missing = sorted(info.get("missing_keys") or [])
+            if missing:  # from_pretrained would run them with random values
+                model = None
+                raise LoadError(f"{path}: the weight files lack {len(missing)} tensor(s) of the model, e.g. "
+                                f"{missing[:3]}. The folder is incomplete or the files are from another model; copy "
+                                f"every weight file of the release.")
     except LoadError:
         raise
     except Exception as e:  # transformers and safetensors raise many kinds here
-        if "Unrecognized configuration class" in str(e):
-            raise LoadError(f"{path} holds a '{config.get('model_type')}' model, which is not a causal language "
-                            f"model this loader reads (Llama, OPT, Mistral, ... any AutoModelForCausalLM). "
-                            f"Choose another folder.") from None
-        raise LoadError(f"the weights in {path} could not be loaded ({type(e).__name__}: {e}). A weight file is "
-                        f"truncated, corrupt or does not belong to this config.json; copy the folder again.") from None
+        raise LoadError(weights_failure(path, config, e)) from None
     finally:
         if model is None:
             gc.collect()  # nothing half-loaded stays in memory

@@ -2,11 +2,9 @@
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from ..bridges.mapper import BeyondCLIPMapper, MapperConfig
 from . import patcher as patching
-from .bridge_files import load_state_into, read_bridge, save_bridge
+from .bridge_files import check_layer_counts, checked_build, load_state_into, read_bridge, save_bridge
 from .encode_cache import file_identity
 from .errors import LoadError
 from .handles import Handle
@@ -27,10 +25,12 @@ class LoadedMapper(Handle):
 def load_mapper(path) -> LoadedMapper:
     config, state_dict = read_bridge(path, KIND)
     try:
-        with torch.device("meta"):  # the file's tensors become the parameters: no random init, no copy
-            mapper = BeyondCLIPMapper(MapperConfig.from_dict(config))
+        mapper_config = MapperConfig.from_dict(config)
     except (TypeError, ValueError) as e:
         raise LoadError(f"{path}: its mapper config is not valid ({e}). Write the file again.") from None
+    check_layer_counts({"depth": (mapper_config.depth, "tokens.")}, state_dict, path, "mapper")
+    # Built on the meta device: the file's tensors become the parameters (no random init, no copy).
+    mapper = checked_build(lambda: BeyondCLIPMapper(mapper_config), state_dict, path, "Beyond CLIP mapper")
     load_state_into(mapper, state_dict, path, "Beyond CLIP mapper")
     return host_mapper(mapper.eval().requires_grad_(False), path)
 

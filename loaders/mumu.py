@@ -12,6 +12,7 @@
 import gc
 import json
 import logging
+import math
 import re
 import shutil
 from contextlib import nullcontext
@@ -25,13 +26,22 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoProcessor, Idefics2Model
 
 from ..bridges import mumu as mumu_bridge
-from . import direct_weights, folders
+from . import direct_weights, folders, pickles
 from . import patcher as patching
-from .bridge_files import kind_of, label, load_state_into, read_bridge, save_bridge, writable_path
+from .bridge_files import (
+    check_layer_counts,
+    checked_build,
+    kind_of,
+    label,
+    load_state_into,
+    read_bridge,
+    save_bridge,
+    writable_path,
+)
 from .encode_cache import file_identity
-from .errors import LoadError
+from .errors import InputError, LoadError
 from .handles import Handle, shared
-from .llm import check_folder, choose_dtype, from_pretrained, quiet_loggers
+from .llm import check_folder, choose_dtype, from_pretrained, quiet_loggers, read_json, tokenizer_failure, weights_failure
 
 KIND = "mumu_connector"
 LORA_MODES = ("merged", "unmerged")
@@ -125,8 +135,8 @@ def _load(name, path, dtype, config, progress) -> LoadedIdefics2:
     try:
         processor = AutoProcessor.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except Exception as e:  # transformers raises many kinds here
-        raise LoadError(f"the Idefics2 processor in {path} could not be loaded ({type(e).__name__}: {e}). Copy "
-                        f"the processor and tokenizer files of the release into the folder.") from None
+        raise LoadError(tokenizer_failure(path, e).replace("the tokenizer in", "the Idefics2 processor in") +
+                        " (the processor and tokenizer files of the release)") from None
     tokenizer, mean, std = _check_processor(path, processor, config)
     progress and progress(2)
     model = None
@@ -137,8 +147,7 @@ def _load(name, path, dtype, config, progress) -> LoadedIdefics2:
     except LoadError:
         raise
     except Exception as e:  # transformers and safetensors raise many kinds here
-        raise LoadError(f"the weights in {path} could not be loaded ({type(e).__name__}: {e}). A weight file is "
-                        f"truncated, corrupt or does not belong to this config.json; copy the folder again.") from None
+        raise LoadError(weights_failure(path, config, e, Idefics2Model)) from None
     finally:
         if model is None:
             gc.collect()
@@ -165,10 +174,10 @@ def grid_for(vlm: LoadedIdefics2, resolution: int):
     """(grid, resolution actually used): the image is resized to grid*patch pixels, grid^2 tokens."""
     grid = resolution // vlm.patch_size
     if grid < 1:
-        raise ValueError(f"image_resolution {resolution} is smaller than one {vlm.patch_size}-pixel patch of "
+        raise InputError(f"image_resolution {resolution} is smaller than one {vlm.patch_size}-pixel patch of "
                          f"{vlm.describe()}; use at least {vlm.patch_size}")
     if grid * vlm.patch_size > vlm.max_resolution:
-        raise ValueError(f"image_resolution {resolution} is above the {vlm.max_resolution} pixels {vlm.describe()}'s "
+        raise InputError(f"image_resolution {resolution} is above the {vlm.max_resolution} pixels {vlm.describe()}'s "
                          f"vision tower was made for; use at most {vlm.max_resolution}")
     if grid * vlm.patch_size != resolution:
         log.info("MUMU: image_resolution %d is not a multiple of the %d-pixel patch; using %d (%d tokens per image)",
@@ -191,12 +200,16 @@ class LoadedConnector(Handle):
 def load_connector(path) -> LoadedConnector:
     config, state_dict = read_bridge(path, KIND)
     try:
-        # Built on the CPU and filled (not assigned the file's memory-mapped tensors, as the mapper is): the
-        # connector's pictures are kept byte-identical to those of earlier versions, and matrix kernels can round
-        # differently on differently aligned memory.
-        connector = mumu_bridge.MUMUConnector(mumu_bridge.ConnectorConfig.from_dict(config))
+        connector_config = mumu_bridge.ConnectorConfig.from_dict(config)
     except (TypeError, ValueError) as e:
         raise LoadError(f"{path}: its MUMU connector config is not valid ({e}). Write the file again.") from None
+    # Every size the config claims is checked against the tensors before anything is allocated.
+    check_layer_counts({"depth": (connector_config.depth, "layers.")}, state_dict, path, "MUMU connector")
+    checked_build(lambda: mumu_bridge.MUMUConnector(connector_config), state_dict, path, "MUMU connector")
+    # Built on the CPU and filled (not assigned the file's memory-mapped tensors, as the mapper is): the connector's
+    # pictures are kept byte-identical to those of earlier versions, and matrix kernels can round differently on
+    # differently aligned memory.
+    connector = mumu_bridge.MUMUConnector(connector_config)
     load_state_into(connector, state_dict, path, "MUMU connector")
     return host_connector(connector.eval().requires_grad_(False), path)
 
@@ -229,13 +242,10 @@ class PeftLoRA:
 def read_peft_lora(folder: Path) -> tuple:
     """(adapter config, {peft module path: (A, B)}) of a peft LoRA folder, refusing what is not plain LoRA."""
     cfg_path = folder / PEFT_CONFIG
-    try:
-        config = json.loads(cfg_path.read_text())
-    except FileNotFoundError:
+    if not cfg_path.is_file():
         raise LoadError(f"{folder} has no {PEFT_CONFIG}: it is not a peft LoRA folder. Save the LoRA with "
-                        f"peft's save_pretrained (or this pack's trainer) into models/LLM/<name>/.") from None
-    except ValueError as e:
-        raise LoadError(f"{cfg_path} is not valid JSON ({e}); copy it again.") from None
+                        f"peft's save_pretrained (or this pack's trainer) into models/LLM/<name>/.")
+    config = read_json(cfg_path, "the adapter's folder")
     problems = []
     if str(config.get("peft_type", "LORA")).upper() != "LORA":
         problems.append(f"peft_type {config.get('peft_type')!r} (only LORA is read)")
@@ -250,16 +260,20 @@ def read_peft_lora(folder: Path) -> tuple:
     if problems:
         raise LoadError(f"{folder}: this peft adapter uses {', '.join(problems)}, which the MUMU loader does not "
                         f"apply. Use a plain LoRA (peft LoraConfig with default options).")
+    _check_alphas(config, cfg_path)
     weights = next((folder / w for w in PEFT_WEIGHTS if (folder / w).is_file()), None)
     if weights is None:
         raise LoadError(f"{folder} has no {' or '.join(PEFT_WEIGHTS)}; copy the adapter weights into the folder.")
-    try:
-        if weights.suffix == ".safetensors":
+    if weights.suffix == ".safetensors":
+        try:
             state = load_file(str(weights), device="cpu")
-        else:
-            state = torch.load(str(weights), weights_only=True, map_location="cpu")
-    except Exception as e:  # safetensors / pickle errors of many kinds
-        raise LoadError(f"{weights} could not be read ({type(e).__name__}: {e}); it is truncated or corrupt.") from None
+        except Exception as e:  # safetensors raises several kinds
+            raise LoadError(f"{weights} could not be read ({type(e).__name__}: {e}); it is truncated or corrupt. "
+                            f"Copy the adapter again.") from None
+    else:
+        state = pickles.load(weights, "Copy the adapter again, or save it as adapter_model.safetensors.")
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise LoadError(f"{weights} does not hold a state dict of tensors; it is not a peft adapter's weights.")
     pairs, other = {}, []
     for key, tensor in state.items():
         m = _PEFT_KEY.match(key)
@@ -340,6 +354,31 @@ def _alpha_for(config: dict, path: str) -> float:
     return float(config.get("lora_alpha", 8))
 
 
+def _check_alphas(config: dict, path: Path):
+    """lora_alpha and alpha_pattern as peft writes them (numbers, regular expressions), or LoadError naming them."""
+    def number(value):
+        return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+    patterns = config.get("alpha_pattern") or {}
+    problem = None
+    if not number(config.get("lora_alpha", 8)):
+        problem = f"lora_alpha {config.get('lora_alpha')!r} is not a number"
+    elif not isinstance(patterns, dict):
+        problem = f"alpha_pattern is a {type(patterns).__name__}, not a {{pattern: alpha}} object"
+    else:
+        for pattern, alpha in patterns.items():
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                problem = f"alpha_pattern {pattern!r} is not a regular expression ({e})"
+                break
+            if not number(alpha):
+                problem = f"alpha_pattern {pattern!r} gives {alpha!r}, not a number"
+                break
+    if problem:
+        raise LoadError(f"{path}: {problem}. Save the LoRA again with peft (or this pack's trainer).")
+
+
 def load_idefics2_lora(folder: Path, vlm: LoadedIdefics2) -> PeftLoRA:
     """Resolve a peft LoRA's layers in `vlm` (saved from Idefics2ForConditionalGeneration ('model.' prefix) or
     Idefics2Model) and check every shape before anything is applied."""
@@ -362,7 +401,8 @@ def load_idefics2_lora(folder: Path, vlm: LoadedIdefics2) -> PeftLoRA:
             unknown.append(path)
             continue
         name, linear = target
-        if a.shape[1] != linear.in_features or b.shape[0] != linear.out_features or a.shape[0] != b.shape[1]:
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] < 1 or a.shape[1] != linear.in_features \
+                or b.shape[0] != linear.out_features or a.shape[0] != b.shape[1]:
             wrong.append(f"{path}: A {tuple(a.shape)}, B {tuple(b.shape)} vs layer {linear.in_features}->"
                          f"{linear.out_features}")
             continue
@@ -404,7 +444,7 @@ def apply_idefics2_lora(vlm: LoadedIdefics2, lora: PeftLoRA, strength: float, mo
     if mode not in LORA_MODES:
         raise ValueError(f"unknown LoRA mode {mode!r}; choose one of {LORA_MODES}")
     if vlm.lora is not None:
-        raise ValueError(f"{vlm.describe()} already has a LoRA; apply one LoRA to the plain Idefics2")
+        raise InputError(f"{vlm.describe()} already has a LoRA; apply one LoRA to the plain Idefics2")
     if mode == "unmerged":
         return vlm.with_lora(vlm.patcher, AppliedLoRA(lora, strength, mode))
     clone = vlm.patcher.clone()

@@ -4,6 +4,7 @@ Merged mode hands the exact merge to ComfyUI as weight patches on a clone of the
 patch per weight plus a bias patch, applied when ComfyUI loads the model and undone when it unloads it. The
 plain LLM (for chat) and the adapted one share one copy of the weights.
 """
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,9 +13,9 @@ import torch
 
 from ..bridges.repadapter import AdapterSet, RepAdapter, attached, merge_factors
 from . import patcher as patching
-from .bridge_files import load_state_into, read_bridge, save_bridge
+from .bridge_files import checked_build, load_state_into, read_bridge, save_bridge
 from .encode_cache import file_identity
-from .errors import LoadError
+from .errors import InputError, LoadError
 from .handles import Handle
 
 KIND = "repadapter"
@@ -35,16 +36,21 @@ class LoadedRepAdapter(Handle):
 
 def load_repadapter(path) -> LoadedRepAdapter:
     config, state_dict = read_bridge(path, KIND)
-    try:
+
+    def build():
         targets, hidden_dim, groups = config["targets"], int(config["hidden_dim"]), int(config["groups"])
         scale = float(config["scale"])
+        if not isinstance(targets, list) or not math.isfinite(scale):
+            raise ValueError(f"targets {str(targets)[:80]}, scale {scale}")
         adapters = AdapterSet()
         for target in targets:
             in_features = state_dict[f"{target}.conv_A.weight"].shape[1]
             adapters.add(target, RepAdapter(in_features, hidden_dim, groups, scale, dropout=0.0))
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
-        raise LoadError(f"{path}: its RepAdapter config does not match its tensors ({type(e).__name__}: {e}). "
-                        f"Write the file again.") from None
+        return adapters
+
+    # Checked on the meta device first: the sizes the config claims are never allocated unless the tensors hold them.
+    checked_build(build, state_dict, path, "RepAdapter set")
+    adapters = build()
     load_state_into(adapters, state_dict, path, "RepAdapter set")
     return host_repadapter(adapters.eval().requires_grad_(False), config, path)
 
@@ -97,7 +103,7 @@ def apply_repadapter(llm, adapters: LoadedRepAdapter, mode: str):
         raise llm.cannot("Apply RepAdapter", "ComfyUI's text-encoder classes are not the transformers layers a "
                                              "RepAdapter is trained on and hooked into")
     if llm.adapter is not None:
-        raise ValueError(f"{llm.describe()} already has an adapter; apply one adapter to the plain LLM")
+        raise InputError(f"{llm.describe()} already has an adapter; apply one adapter to the plain LLM")
     _check_fits(llm, adapters)
     if mode == "merged" and llm.quantized:
         raise LoadError(f"{llm.describe()} is loaded {llm.quantized}: its weights cannot take a merged adapter. "

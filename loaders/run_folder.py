@@ -16,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..bridges.training.data import DistillData, TokenData
+from . import pickles
 from .errors import LoadError
 from .folders import check_output_name
 
@@ -23,6 +24,7 @@ RUNS_FOLDER = "beyond_clip_training"
 CACHE_FORMAT = "beyond_clip.distill_cache"
 LATENTS_FORMAT = "beyond_clip.latents"
 CHECKPOINT = "checkpoint.pt"
+RESUME_ADVICE = "Delete it to start the run again, use another run name, or switch 'resume' off."
 CACHE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -145,14 +147,9 @@ def load_checkpoint(run: Path):
     path = run / CHECKPOINT
     if not path.is_file():
         return None
-    try:
-        state = torch.load(str(path), weights_only=True, map_location="cpu")
-    except Exception as e:  # truncated file, zip errors, refused objects
-        raise LoadError(f"{path} could not be read ({type(e).__name__}: {str(e)[:200]}); delete it to start the "
-                        f"run again, or switch 'resume' off.") from None
+    state = pickles.load(path, RESUME_ADVICE, mmap=False)  # not mapped: the file is replaced at the next checkpoint
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
-        raise LoadError(f"{path} is not a checkpoint of this pack's trainer; delete it to start the run again, or "
-                        f"switch 'resume' off.")
+        raise LoadError(f"{path} is not a checkpoint of this pack's trainer. {RESUME_ADVICE}")
     return state
 
 

@@ -22,7 +22,8 @@ import torch
 
 from ..bridges.seed import SeedConfig, SeedTokenizer
 from . import patcher as patching
-from .bridge_files import FORMAT, read_bridge, read_metadata, save_bridge
+from . import pickles
+from .bridge_files import FORMAT, check_layer_counts, read_bridge, read_metadata, save_bridge
 from .encode_cache import file_identity
 from .errors import LoadError
 from .handles import Handle, shared
@@ -45,6 +46,8 @@ IGNORED = [
                 r"|Qformer\.bert\.encoder\.layer\.\d+\.(intermediate|output)\.|Qformer\.cls\.|(vision_proj|text_proj|itm_head)\.|temp$"),
      "the Q-Former's text branch and stage-1 heads (SEED sets them to None)"),
     (re.compile(r"(pos_embed|blocks\.\d+\..*)$"), "the training-only reconstruction head (pos_embed, blocks)"),
+    # BERT's position_ids buffer (0, 1, 2, ...): saved by the transformers of SEED's time, computed, never learnt
+    (re.compile(r"Reverse_Qformer\.bert\.embeddings\.position_ids$"), "the reverse Q-Former's position_ids buffer"),
 ]
 SEED2_MARKERS = ("distill_image_proj.", "blocks_image.", "pos_embed_image", "image_down.")
 
@@ -53,23 +56,11 @@ SEED2_MARKERS = ("distill_image_proj.", "blocks_image.", "pos_embed_image", "ima
 
 def read_pickle(path: Path, what: str) -> dict:
     """A state dict from an official .pth/.pt file, unpickled with weights_only=True only."""
+    where = (f"SEED v1 needs {TOKENIZER_FILE}, {QFORMER_FILE} and {VIT_FILE} in one folder under "
+             f"models/bridges/")
     if not path.is_file():
-        raise LoadError(f"{path}: no such file. Put the {what} there (SEED v1 needs {TOKENIZER_FILE}, {QFORMER_FILE} "
-                        f"and {VIT_FILE} in one folder under models/bridges/).")
-    try:
-        try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except Exception as e:  # torch raises many kinds for damaged and unsafe files
-        message = str(e).split("\n")[0][:200]
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            raise LoadError(f"{path} holds Python objects besides tensors, so it was not unpickled ({message}). "
-                            f"This pack only reads pickles with weights_only=True; use the official file.") from None
-        raise LoadError(f"{path} could not be read as a PyTorch checkpoint ({type(e).__name__}: {message}); it is "
-                        f"truncated or corrupt. Download the {what} again.") from None
+        raise LoadError(f"{path}: no such file. Put the {what} there ({where}).")
+    obj = pickles.load(path, f"Download the {what} of the official release again ({where}).")
     for nest in ("model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(nest), dict):
             obj = obj[nest]
@@ -174,6 +165,9 @@ def derive_config(sd: dict) -> SeedConfig:
     except KeyError as e:
         raise LoadError(f"the SEED files lack the tensor {e.args[0]!r}, which fixes the model's size; a file is "
                         f"incomplete or from another model.") from None
+    except (IndexError, TypeError, ValueError, ZeroDivisionError) as e:  # tensors of the wrong rank or size
+        raise LoadError(f"the SEED files hold tensors of shapes no SEED v1 model has ({type(e).__name__}: {e}); a "
+                        f"file is damaged or from another model.") from None
 
 
 # ---------------------------------------------------------------------------------------------- key mapping
@@ -233,10 +227,10 @@ def _meta_model(config: SeedConfig) -> SeedTokenizer:
         return SeedTokenizer(config)
 
 
-def classify(sd: dict, config: SeedConfig):
+def classify(sd: dict, config: SeedConfig, model: SeedTokenizer = None):
     """(sources {module key: its LAVIS keys}, expected LAVIS keys, missing, ignored {reason: keys}, unexpected) for
-    a merged LAVIS state dict."""
-    sources = module_sources(_meta_model(config).state_dict().keys())
+    a merged LAVIS state dict (model: the config's model on the meta device, when the caller has it)."""
+    sources = module_sources((model or _meta_model(config)).state_dict().keys())
     expected = {n for names in sources.values() for n in names}
     missing = sorted(expected - set(sd))
     ignored, unexpected = {}, []
@@ -276,14 +270,28 @@ def convert_official(tokenizer_path: Path, out_path: Path, progress=None) -> dic
     vit = vit_state(read_pickle(vit_path, f"EVA-CLIP ViT-g ({VIT_FILE})"), vit_path)
     progress and progress(3)
     # The reference loads causal_qformer.pth, then seed_tokenizer.pth over it.
+    origin = {**{k: VIT_FILE for k in vit}, **{k: QFORMER_FILE for k in qf}, **{k: TOKENIZER_FILE for k in tok}}
     merged = {**vit, **qf, **tok}
     del tok, qf, vit
     config = derive_config(merged)
-    sources, expected, missing, ignored, unexpected = classify(merged, config)
+    try:
+        model = _meta_model(config)
+    except Exception as e:  # sizes no SEED model has
+        raise LoadError(f"the SEED files in {tokenizer_path.parent} describe a model no SEED v1 is "
+                        f"({type(e).__name__}: {str(e)[:200]}); a file is damaged or from another model.") from None
+    sources, expected, missing, ignored, unexpected = classify(merged, config, model)
+    again = f"download {TOKENIZER_FILE}, {QFORMER_FILE} and {VIT_FILE} again"
     if missing:
         raise LoadError(f"the SEED files in {tokenizer_path.parent} lack {len(missing)} tensor(s) the model needs: "
-                        f"{_some(missing, 6)}. A file is incomplete or belongs to another release; download "
-                        f"{TOKENIZER_FILE}, {QFORMER_FILE} and {VIT_FILE} again.")
+                        f"{_some(missing, 6)}. A file is incomplete or belongs to another release; {again}.")
+    # Names and shapes are all checked before anything is written: a file that would not load is never made.
+    wrong = wrong_shapes(config, sources, merged, model)
+    if wrong:
+        named = "; ".join(f"'{name}' in {origin.get(name, '?')}: {got} vs {need}" for name, got, need in wrong[:3])
+        raise LoadError(f"the SEED files in {tokenizer_path.parent} do not fit together: {len(wrong)} tensor(s) have "
+                        f"other shapes than the model their other tensors describe ({named}"
+                        f"{' ...' if len(wrong) > 3 else ''}). A file is damaged or belongs to another release; "
+                        f"{again}. Nothing was written.")
     for reason, keys in ignored.items():
         log.info("SEED: %d tensor(s) not used: %s (e.g. %s)", len(keys), reason, keys[0])
     if unexpected:
@@ -344,15 +352,32 @@ class LoadedSeed(Handle):
     what = "SEED tokenizer"
 
 
+def wrong_shapes(config: SeedConfig, sources: dict, lavis_sd: dict, model: SeedTokenizer = None) -> list:
+    """(LAVIS name, its shape, the shape the model needs) of every tensor that would not fit the model `config`
+    describes, read from the shapes alone (nothing is built: the model is on the meta device)."""
+    meta_state = (model or _meta_model(config)).state_dict()
+    wrong = []
+    for key, names in sources.items():
+        need = tuple(meta_state[key].shape)
+        if len(names) == 2:  # a fused [q, 0, v] bias from two LAVIS biases, a third each
+            need = (need[0] // 3,) + need[1:]
+        for name in names:
+            got = tuple(lavis_sd[name].shape)
+            if got != need:
+                wrong.append((name, got, need))
+    return wrong
+
+
 def build_model(config: SeedConfig, lavis_sd: dict, path, vision_dtype=torch.float32) -> SeedTokenizer:
     """A SeedTokenizer from LAVIS-named tensors; anything missing or unexpected is an error naming it."""
-    sources, expected, missing, ignored, unexpected = classify(lavis_sd, config)
-    wrong = []
-    if not missing:
-        state = to_module_state(sources, lavis_sd)
-        meta_state = _meta_model(config).state_dict()
-        wrong = [f"{lavis_name(k)}: file {tuple(v.shape)} vs expected {tuple(meta_state[k].shape)}"
-                 for k, v in state.items() if tuple(v.shape) != tuple(meta_state[k].shape)]
+    try:
+        model = _meta_model(config)  # no memory: only shapes, whatever sizes the config claims
+    except Exception as e:  # sizes the modules refuse (heads that do not divide, negative widths, ...)
+        raise LoadError(f"{path}: its SEED config is not valid ({type(e).__name__}: {str(e)[:200]}). Delete it; it "
+                        f"is converted again from the official files.") from None
+    sources, expected, missing, ignored, unexpected = classify(lavis_sd, config, model)
+    wrong = [] if missing else [f"{name}: file {got} vs expected {need}"
+                                for name, got, need in wrong_shapes(config, sources, lavis_sd, model)]
     extra = unexpected + [k for keys in ignored.values() for k in keys]
     if missing or extra or wrong:
         parts = ([f"missing {_some(missing)}"] if missing else []) + ([f"unexpected {_some(extra)}"] if extra else []) \
@@ -360,7 +385,7 @@ def build_model(config: SeedConfig, lavis_sd: dict, path, vision_dtype=torch.flo
         raise LoadError(f"{path} does not match the SEED model its config describes: " + "; ".join(parts) +
                         ". The file is damaged or was edited; delete it and it is converted again from the "
                         "official files.")
-    model = _meta_model(config)
+    state = to_module_state(sources, lavis_sd)
     state = {k: (v.to(vision_dtype) if k.startswith("vision.") else v.float()) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
@@ -377,23 +402,37 @@ def load_seed(path: Path, vision_dtype=torch.float32, name=None, progress=None) 
 
 
 def _load(path: Path, vision_dtype, name, progress) -> LoadedSeed:
-    model = None
     try:
-        config, lavis_sd = read_bridge(path, KIND)
-        progress and progress(4)
-        try:
-            seed_config = SeedConfig.from_dict(config["seed"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise LoadError(f"{path}: its SEED config is not valid ({e}). Delete it; it is converted again from "
-                            f"the official files.") from None
-        model = build_model(seed_config, lavis_sd, path, vision_dtype)
-        del lavis_sd
-    finally:
-        if model is None:
-            gc.collect()  # nothing half-loaded stays in memory
-    progress and progress(5)
-    return LoadedSeed(patcher=patching.wrap(model), config=seed_config, source=str(path), name=name or path.name,
-                      path=path, vision_dtype=vision_dtype, identity=f"{file_identity(path)}:{vision_dtype}")
+        seed_config, model = _read(path, vision_dtype, progress)
+    except LoadError as e:  # refused by the checks: raised out here, no frame keeps the file's tensors alive
+        message = str(e)
+    except BaseException:
+        gc.collect()  # nothing half-loaded stays in memory
+        raise
+    else:
+        progress and progress(5)
+        return LoadedSeed(patcher=patching.wrap(model), config=seed_config, source=str(path),
+                          name=name or path.name, path=path, vision_dtype=vision_dtype,
+                          identity=f"{file_identity(path)}:{vision_dtype}")
+    raise LoadError(message)
+
+
+def _read(path: Path, vision_dtype, progress):
+    """(SeedConfig, SeedTokenizer) of a converted file: every count and shape checked before anything is built."""
+    config, lavis_sd = read_bridge(path, KIND)
+    progress and progress(4)
+    redo = "Delete it; it is converted again from the official files."
+    try:
+        seed_config = SeedConfig.from_dict(config["seed"])
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
+        raise LoadError(f"{path}: its SEED config is not valid ({e}). {redo}") from None
+    c = seed_config  # the layer counts it claims, against the tensors it holds, before anything is built
+    check_layer_counts({"vision_layers": (c.vision_layers, "visual_encoder.blocks."),
+                        "qformer_layers": (c.qformer_layers, "Qformer.bert.encoder.layer."),
+                        "decoder_blocks": (c.decoder_blocks, "blocks_text."),
+                        "reverse_layers": (c.reverse_layers, "Reverse_Qformer.bert.encoder.layer.")},
+                       lavis_sd, path, "SEED", redo)
+    return seed_config, build_model(seed_config, lavis_sd, path, vision_dtype)
 
 
 def find_official(roots, depth=SEARCH_DEPTH):

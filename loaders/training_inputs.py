@@ -154,14 +154,19 @@ def pair_sources():
     return found
 
 
-def _pairs_of_folder(path: Path) -> list:
-    pairs = []
+def _pairs_of_folder(path: Path) -> tuple:
+    """([(picture, caption)], [pictures left out, with why]) of a folder of pictures with same-name .txt captions."""
+    pairs, left_out = [], []
     for image in sorted(path.iterdir()):
-        if is_image_file(image) and _caption_beside(image):
-            text = " ".join(read_text(_caption_beside(image)).split())
-            if text:
-                pairs.append((image, text))
-    return pairs
+        if not is_image_file(image):
+            continue
+        caption = _caption_beside(image)
+        text = " ".join(read_text(caption).split()) if caption else ""
+        if text:
+            pairs.append((image, text))
+        else:
+            left_out.append(f"{image.name} ({'its .txt is empty' if caption else 'no ' + image.stem + '.txt'})")
+    return pairs, left_out
 
 
 def _pairs_of_table(path: Path, base: Path, crops: bool) -> list:
@@ -176,8 +181,12 @@ def _pairs_of_table(path: Path, base: Path, crops: bool) -> list:
         files = []
         names, crop_parts = split_named_crops(parts[1], [c for c in parts[2:] if c])
         for part in [parts[0]] + crop_parts:
-            file = (path.parent / part).resolve()
-            if base not in file.parents or not file.is_file():
+            try:
+                file = (path.parent / part).resolve()
+                found = base in file.parents and file.is_file()
+            except (OSError, ValueError):  # a name no file can have (a NUL character, too long)
+                found = False
+            if not found:
                 raise LoadError(f"{path}, line {i + 1}: '{part}' is not a file beside the .tsv in ComfyUI's "
                                 f"input folder")
             files.append(file)
@@ -187,20 +196,36 @@ def _pairs_of_table(path: Path, base: Path, crops: bool) -> list:
     return pairs
 
 
-def read_pairs(name, crops=False) -> list:
-    """[(image path, caption)] from a pair source (see pair_sources); at least two pairs. crops=True (MUMU):
-    .tsv lines may go on with crops, 'image<TAB>caption<TAB>crop.png...', paths beside the .tsv; the caption
-    is then given as a MUMU caption line, 'caption<TAB>crop...' with the crops named from the input folder."""
+def read_pair_set(name, crops=False) -> tuple:
+    """([(image path, caption)], [pictures of a folder left out for want of a caption, with why]) from a pair source
+    (see pair_sources); at least two pairs. crops=True (MUMU): .tsv lines may go on with crops,
+    'image<TAB>caption<TAB>crop.png...', paths beside the .tsv; the caption is then given as a MUMU caption line,
+    'caption<TAB>crop...' with the crops named from the input folder."""
     base = _input_dir().resolve()
     path = (base / name.rstrip("/")).resolve()
     if base not in path.parents or not path.exists():
         raise LoadError(f"'{name}' is not in ComfyUI's input folder ({base}). Put a folder of images with same-name "
                         f".txt captions, or a .tsv 'image<TAB>caption' file, there and refresh the page.")
-    pairs = _pairs_of_folder(path) if path.is_dir() else _pairs_of_table(path, base, crops)
+    pairs, left_out = _pairs_of_folder(path) if path.is_dir() else (_pairs_of_table(path, base, crops), [])
     if len(pairs) < 2:
         raise LoadError(f"'{name}' gives {len(pairs)} image-caption pair(s); give at least two (images with a "
-                        f"same-name .txt caption, or 'image<TAB>caption' lines).")
-    return pairs
+                        f"same-name .txt caption, or 'image<TAB>caption' lines)" +
+                        (f"; left out: {', '.join(left_out[:5])}" if left_out else "") + ".")
+    return pairs, left_out
+
+
+def read_pairs(name, crops=False) -> list:
+    """[(image path, caption)] of a pair source (read_pair_set without what was left out)."""
+    return read_pair_set(name, crops)[0]
+
+
+def left_out_note(left_out) -> str:
+    """What a training summary says about pictures trained without (none, or which were left out and why)."""
+    if not left_out:
+        return ""
+    shown = ", ".join(left_out[:5]) + (f" (+{len(left_out) - 5} more)" if len(left_out) > 5 else "")
+    return (f"{len(left_out)} picture(s) without a caption were left out: {shown}. Write a same-name .txt beside "
+            f"each to train on it.")
 
 
 def load_square_image(path: Path, resolution: int) -> torch.Tensor:

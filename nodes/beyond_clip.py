@@ -3,9 +3,10 @@ into the LLM's weights, and the router that sends a request to chat or to drawin
 import logging
 
 from ..bridges import llm_text
+from ..bridges.errors import InputError
 from ..engine import beyond_clip as beyond_clip_engine
 from ..engine import llm as llm_engine
-from ..engine.conditioning import zero_conditioning_like
+from ..engine.conditioning import guard_family, zero_conditioning_like
 from ..loaders import folders, routers
 from ..loaders.llm import LLM_DTYPES, load_llm
 from ..loaders.mappers import KIND as MAPPER_KIND
@@ -117,7 +118,8 @@ class TextEncode:
             },
             "optional": {
                 "model": ("MODEL", {"tooltip": "Connect the MODEL you sample with to check the mapper fits it "
-                                               "before sampling starts"}),
+                                               "before encoding (unconnected, the sampler checks it on ComfyUI from "
+                                               "December 2024 on)"}),
             },
         }
 
@@ -155,7 +157,8 @@ def encode_pair(llm, mapper, prompt, negative_prompt, negative, hidden_layer, te
         neg = beyond_clip_engine.encode_conditioning(llm, mapper, negative_prompt, hidden_layer=hidden_layer,
                                                      template=template, allow_empty=True, disk_cache=cache_to_disk)
     progress.step()
-    return positive, neg
+    what = f"{mapper.describe()} ({mapper.source})"
+    return guard_family(positive, what), guard_family(neg, what)
 
 
 def chat_reply(llm, prompt, max_new_tokens, template):
@@ -183,7 +186,7 @@ class Chat:
 
     def chat(self, llm, prompt, max_new_tokens, template):
         if not prompt.strip():
-            raise ValueError("the chat prompt is empty: write a question or instruction")
+            raise InputError("the chat prompt is empty: write a question or instruction")
         answer = chat_reply(llm, prompt, max_new_tokens, template)
         return ui_text(answer, answer)
 
@@ -273,7 +276,7 @@ class ChatOrDrawRouter:
 
     def run(self, llm, mapper, router, prompt, max_new_tokens, template, model=None):
         if not prompt.strip():
-            raise ValueError("the prompt is empty: write a question or a picture description")
+            raise InputError("the prompt is empty: write a question or a picture description")
         route, p = _load_router(router).predict(prompt)
         p_draw = p if route == "draw" else 1.0 - p
         if route == "chat":

@@ -9,7 +9,7 @@ import folder_paths
 from ..bridges.errors import InputError
 from ..bridges.gill import PLACEHOLDER, RETRIEVE
 from ..engine import gill as gill_engine
-from ..engine.conditioning import check_fits_model
+from ..engine.conditioning import check_fits_model, guard_family
 from ..loaders import folders
 from ..loaders import gill as gill_files
 from ..loaders import training_inputs as inputs
@@ -116,7 +116,9 @@ class GILLEncode:
                 "images": ("IMAGE", {"tooltip": f"One image per {PLACEHOLDER}, in order (a batch; combine several "
                                                 f"with 'Batch Images')"}),
                 "clip_vision": ("CLIP_VISION", {"tooltip": "CLIP ViT-L/14 (clip-vit-large-patch14) from 'Load CLIP Vision'"}),
-                "model": ("MODEL", {"tooltip": "Connect the MODEL you sample with to check the mapper fits it"}),
+                "model": ("MODEL", {"tooltip": "Connect the MODEL you sample with to check the mapper fits it "
+                                               "before encoding (unconnected, the sampler checks it on ComfyUI from "
+                                               "December 2024 on)"}),
                 "cache_to_disk": CACHE_TO_DISK,
             },
         }
@@ -138,7 +140,7 @@ class GILLEncode:
         progress = Progress(3)
         out = gill_engine.encode_conditioning(llm, gill, prompt, images, clip_vision, disk_cache=cache_to_disk,
                                               progress=progress.step)
-        return (out["conditioning"], out["img_states"])
+        return (guard_family(out["conditioning"], gill.describe()), out["img_states"])
 
 
 class GILLBuildIndex:

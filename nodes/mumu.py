@@ -5,8 +5,9 @@ import logging
 from ..bridges import contract
 from ..bridges import mumu as mumu_bridge
 from ..bridges.errors import InputError
+from ..bridges.pixels import check_pixels
 from ..engine import mumu as mumu_engine
-from ..engine.conditioning import check_fits_model, zero_conditioning_like
+from ..engine.conditioning import check_fits_model, guard_family, zero_conditioning_like
 from ..loaders import folders
 from ..loaders import mumu as mumu_files
 from ..loaders.llm import DTYPES
@@ -127,6 +128,7 @@ class ReferenceImage:
             raise InputError(f"reference image {label} holds a batch of {image.shape[0] if image.ndim == 4 else '?'} "
                              f"images; each placeholder stands for one image. Split the batch (e.g. ImageFromBatch) "
                              f"and add each image with its own node.")
+        check_pixels(image, f"reference image {label}")  # refused here, at the node that got it
         return (list(images or []) + [(name, image[0])],)
 
 
@@ -137,7 +139,10 @@ class Encode:
             "required": {
                 "idefics2": (VLM_TYPE,),
                 "connector": (CONNECTOR_TYPE,),
-                "prompt": ("STRING", {"multiline": True, "default": "a <image> man and his <image> dog"}),
+                "prompt": ("STRING", {"multiline": True, "default": "a <image> man and his <image> dog",
+                                      "tooltip": "Words, with <image> (the next unnamed reference image) or <name> "
+                                                 "before the word each image shows. A '<' right before a letter or "
+                                                 "digit starts a placeholder; beside a space it stays text"}),
                 "negative_prompt": ("STRING", {"multiline": True, "default": ""}),
                 "negative": (NEGATIVE_MODES, {"default": NEGATIVE_MODES[0],
                                               "tooltip": "encode the negative text (empty = MUMU's 'no negative "
@@ -159,7 +164,8 @@ class Encode:
             },
             "optional": {
                 "images": (MUMU_IMAGES_TYPE,),
-                "model": ("MODEL", {"tooltip": "Connect the MODEL you sample with to check it is SDXL before sampling"}),
+                "model": ("MODEL", {"tooltip": "Connect the MODEL you sample with to check it is SDXL before encoding "
+                                               "(unconnected, the sampler checks it on ComfyUI from December 2024 on)"}),
                 "cache_to_disk": CACHE_TO_DISK,
             },
         }
@@ -193,6 +199,7 @@ class Encode:
             neg = mumu_engine.encode_conditioning(idefics2, connector, negative_prompt, [], grid, resolution, 0,
                                                   disk_cache=cache_to_disk)
         progress.step()
+        positive, neg = guard_family(positive, connector.describe()), guard_family(neg, connector.describe())
         size = dict(zip(SIZE_INPUTS, (width, height, target_width, target_height)))
         if all(size.values()):  # else ComfyUI uses the latent's size
             size.update(crop_w=0, crop_h=0)  # MUMU pads to square and never crops

@@ -5,7 +5,7 @@ import comfy.model_management as mm
 from ..bridges import seed as seed_bridge
 from ..bridges.errors import InputError
 from ..engine import seed as seed_engine
-from ..engine.conditioning import check_fits_model, conditioning, zero_conditioning_like
+from ..engine.conditioning import check_fits_model, conditioning, guard_family, zero_conditioning_like
 from ..loaders import folders
 from ..loaders import seed as seed_files
 from ..loaders.errors import LoadError
@@ -123,7 +123,8 @@ class SeedDetokenize:
             "optional": {
                 "clip": ("CLIP", {"tooltip": "the SD1.x checkpoint's CLIP, for the empty-text negative"}),
                 "model": ("MODEL", {"tooltip": "connect the MODEL you sample with to have a non-SD1.x model "
-                                               "refused before sampling"}),
+                                               "refused before encoding (unconnected, the sampler refuses it on "
+                                               "ComfyUI from December 2024 on)"}),
                 "cache_to_disk": CACHE_TO_DISK,
             },
         }
@@ -143,6 +144,7 @@ class SeedDetokenize:
         progress = Progress(2)
         # the negative is the checkpoint's own CLIP (or zeros): ComfyUI's CLIP objects carry no file identity
         positive = seed_engine.detokenize_conditioning(seed_model, seed_tokens.codes, disk_cache=cache_to_disk)
+        positive = guard_family(positive, f"the SEED de-tokenizer ({seed_model.describe()})")
         progress.step()
         neg = _negative(negative, clip, positive, config.out_dim)
         progress.step()
@@ -154,7 +156,9 @@ class SeedCodesFromText:
     def INPUT_TYPES(cls):
         return {"required": {"codes": ("STRING", {"multiline": True, "default": "",
                                                   "tooltip": f"{seed_bridge.NUM_CODES} whole numbers per image (0 to "
-                                                             f"8191), one image per line"})}}
+                                                             f"8191), one image per line, separated by spaces, "
+                                                             f"commas or semicolons. Digits of any script count by "
+                                                             f"their value (full-width １２ = 12)"})}}
 
     RETURN_TYPES = (SEED_TOKENS_TYPE,)
     RETURN_NAMES = ("seed_tokens",)

@@ -101,6 +101,12 @@ def _summary(trainer, out_name, what="captions"):
             f"{len(trainer.train_idx)} training {what}")
 
 
+def _warn_left_out(pairs, left_out):
+    """Pictures of a set that are not trained on are said so: in the log now, and in the node's summary."""
+    if left_out:
+        log.warning("training on '%s': %s", pairs, inputs.left_out_note(left_out))
+
+
 def _cache(run, texts, spec, precision="fp32"):
     caching = Progress(len(texts))
     return run_folder.build_cache(run, texts, spec.input_fn, spec.teacher, spec.identity, precision,
@@ -245,8 +251,8 @@ class TrainRouter(ReadsExamples):
         try:
             router, report, accuracy = train_beyond_clip.train_router(texts, labels, alpha=alpha, bigrams=bigrams,
                                                                       val_fraction=val_fraction, seed=seed)
-        except ValueError as e:
-            raise LoadError(f"{examples}: {e}") from None
+        except InputError as e:
+            raise InputError(f"{examples}: {e}") from None
         path = folders.bridge_output_path(output_name, extension=routers.EXTENSION)
         routers.save_router(path, router)  # the file holds the fit on every example
         text = report + f"wrote models/bridges/{path.name} ({len(texts)} examples)"
@@ -281,7 +287,7 @@ class TrainGILLDecision(ReadsExamples):
 
 
     def train(self, llm, gill, examples, output_name, steps, learning_rate, val_fraction, seed):
-        texts, labels = routers.read_labelled_tsv(inputs.resolve_input_file(examples))
+        texts, labels = routers.read_labelled_tsv(inputs.resolve_input_file(examples), (GENERATE, RETRIEVE))
         out_path = folders.bridge_output_path(output_name, kind=gill_files.KIND)
         progress = Progress(len(texts) + 1)
         report, f1 = train_gill.train_decision(llm, gill, texts, labels, out_path, steps=steps,
@@ -487,7 +493,8 @@ class TrainRepAdapter(ReadsPairs):
         check_mapper_fits(llm, mapper, model, template)
         if hidden_dim % groups:
             raise InputError(f"groups={groups} must divide hidden_dim={hidden_dim}")
-        found = inputs.read_pairs(pairs)
+        found, left_out = inputs.read_pair_set(pairs)
+        _warn_left_out(pairs, left_out)
         texts, images = [c for _, c in found], [p for p, _ in found]
         run = run_folder.run_dir(run_name)
         out_path = folders.bridge_output_path(output_name, kind=repadapters.KIND)
@@ -512,6 +519,7 @@ class TrainRepAdapter(ReadsPairs):
         parts = trainer.task.last_parts
         text = _summary(trainer, out_path.name) + (f"; last step: caption {parts['caption']:.5f}, diffusion "
                                                    f"{parts['diffusion']:.5f}" if parts else "")
+        text += f"\n{inputs.left_out_note(left_out)}" if left_out else ""
         adapted = repadapters.apply_repadapter(llm, repadapters.load_repadapter(out_path), "unmerged")
         return ui_text(text, adapted, out_path.name, trainer.last_val_loss())
 
@@ -581,7 +589,8 @@ class TrainMUMU(ReadsPairs):
             raise InputError(f"{idefics2.describe()} already has a LoRA: connect the plain Idefics2 (Load Idefics2)")
         mumu_files.check_connector_fits(idefics2, connector)
         check_fits_model(model, connector.config.out_dim, connector.config.pooled_dim, connector.describe())
-        found = inputs.read_pairs(pairs, crops=True)
+        found, left_out = inputs.read_pair_set(pairs, crops=True)
+        _warn_left_out(pairs, left_out)
         captions, images = [c for _, c in found], [p for p, _ in found]
         run = run_folder.run_dir(run_name)
         out_paths = mumu_files.stage2_output_paths(output_name)
@@ -600,6 +609,7 @@ class TrainMUMU(ReadsPairs):
                 rank=rank, lrs=lrs, hidden_layer=connector.config.hidden_layer, device=device, resume=resume,
                 on_step=on_step, checkpoint_every=checkpoint_every))
         text = _summary(trainer, out_paths["connector"].name, "pictures")
+        text += f"\n{inputs.left_out_note(left_out)}" if left_out else ""
         lora = mumu_files.load_idefics2_lora(out_paths["idefics2_lora"], idefics2)
         adapted = mumu_files.apply_idefics2_lora(idefics2, lora, 1.0, "unmerged")
         hosted = mumu_files.load_connector(out_paths["connector"])

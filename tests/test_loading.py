@@ -184,7 +184,8 @@ def rewrite(file, change):
 
 @pytest.mark.parametrize("damage", ["extra key", "missing key", "bin only"])
 def test_a_checkpoint_that_does_not_match_falls_back(host, pack, direct, folders, tmp_path, damage, caplog):
-    """from_pretrained loads it (warning, ignoring or initialising what it does); the direct path must not guess."""
+    """from_pretrained loads it (warning about or ignoring what it does); the direct path must not guess. A missing
+    weight (from_pretrained would initialise it at random) is refused by name."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
     folder = tmp_path / "llm"
@@ -201,12 +202,16 @@ def test_a_checkpoint_that_does_not_match_falls_back(host, pack, direct, folders
         assert direct.load_pretrained(AutoModelForCausalLM, folder, torch.float32) is None
     assert FALLBACK in caplog.text
     caplog.clear()
+    loaders_llm = pack_module(pack, "loaders.llm")
+    if damage == "missing key":  # from_pretrained would run the missing weight with random values: refused by name
+        with pytest.raises(loaders_llm.LoadError, match=r"lack 1 tensor.*model\.layers\.1\.mlp\.up_proj\.weight"):
+            loaders_llm.load_llm("fallback-test", folder, "fp32")
+        return
     with caplog.at_level(logging.DEBUG, logger=direct.__name__):
-        llm = pack_module(pack, "loaders.llm").load_llm("fallback-test", folder, "fp32")
+        llm = loaders_llm.load_llm("fallback-test", folder, "fp32")
     assert FALLBACK in caplog.text and DIRECT not in caplog.text
-    if damage != "missing key":  # then from_pretrained initialises the missing weight at random
-        ref = from_pretrained(AutoModelForCausalLM, folder, torch.float32).requires_grad_(False)
-        assert_same_model(llm.inner, ref)
+    ref = from_pretrained(AutoModelForCausalLM, folder, torch.float32).requires_grad_(False)
+    assert_same_model(llm.inner, ref)
 
 
 def test_a_quantized_checkpoint_falls_back(direct, folders, tmp_path, caplog):

@@ -313,6 +313,19 @@ def test_images_of_any_channel_layout_and_size_through_the_node(host, pack, file
     assert encode(torch.rand(3000, 4000, 3)).shape == reference.shape, "very large images are resized"
     with pytest.raises(ValueError, match="batch of 2"):
         nodes.ReferenceImage().add(torch.rand(2, 8, 8, 3), "pet")
+    # pictures no model can read: refused at the node that got them (a NaN one made a NaN conditioning)
+    nan = rgb.clone()
+    nan[3, 4, 1] = float("nan")
+    with pytest.raises(ValueError, match="reference image 'pet': the picture holds NaN or infinite pixel values"):
+        nodes.ReferenceImage().add(nan[None], "pet")
+    with pytest.raises(ValueError, match="reference image #1 \\(unnamed\\) is 0x8 pixels"):
+        nodes.ReferenceImage().add(torch.rand(1, 0, 8, 3), "")
+    # and where the encoder reads them, whatever made them
+    with pytest.raises(ValueError, match="'pet'.* holds NaN"), torch.inference_mode():
+        nodes.Encode().encode(vlm, connector, "a <pet> dog", "", "zeros", TINY_RES, 0, 1024, 1024, 1024, 1024,
+                              images=[("pet", nan)])
+    with pytest.raises(ValueError, match="opens a placeholder that never closes"), torch.inference_mode():
+        nodes.Encode().encode(vlm, connector, "a <pet dog", "", "zeros", TINY_RES, 0, 1024, 1024, 1024, 1024)
 
 
 def test_wrong_folders_and_files_are_refused_by_name(host, pack, tiny_idefics2, tiny_llama, mumu_connector_file,

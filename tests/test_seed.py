@@ -4,6 +4,7 @@ import copy
 import logging
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -258,7 +259,7 @@ def test_preprocessing_takes_any_size_alpha_and_grey(seed_mods):
     assert torch.equal(out, ref_transform(rgba.convert("RGB"))[None])  # PIL's convert drops alpha
     grey = picture(8, 300, 40, channels=1)
     assert torch.equal(bridge.preprocess(as_image_tensor(grey), 224), ref_transform(grey.convert("RGB"))[None])
-    with pytest.raises(ValueError, match="non-empty"):
+    with pytest.raises(ValueError, match="empty batch"):
         bridge.preprocess(torch.zeros(0, 64, 64, 3), 224)
 
 
@@ -355,7 +356,7 @@ def test_missing_unexpected_and_wrong_files_are_named(tmp_path, pack, seed_mods,
     trunc = write_official(tmp_path / "trunc")
     data = (trunc.parent / "causal_qformer.pth").read_bytes()
     (trunc.parent / "causal_qformer.pth").write_bytes(data[: len(data) // 2])
-    with pytest.raises(LoadError, match=r"causal_qformer\.pth could not be read.*truncated or corrupt"):
+    with pytest.raises(LoadError, match=r"causal_qformer\.pth is truncated or corrupt.*Download the SEED causal"):
         _convert(loader, trunc, tmp_path)
     # Not plain tensors: never unpickled.
     unsafe = write_official(tmp_path / "unsafe")
@@ -500,6 +501,10 @@ def test_empty_batch_and_progress(host, pack, loaded, seed_mods):
     seed, _ = loaded
     with pytest.raises(ValueError, match="the image batch is empty"):
         nodes.SeedTokenize().tokenize(seed, torch.zeros(0, 64, 64, 3))
+    with pytest.raises(ValueError, match="is 0x64 pixels"):  # was read as a black picture
+        nodes.SeedTokenize().tokenize(seed, torch.zeros(1, 0, 64, 3))
+    with pytest.raises(ValueError, match="holds NaN or infinite pixel values"):
+        nodes.SeedTokenize().tokenize(seed, torch.full((1, 8, 8, 3), float("inf")))
     batch = torch.cat([as_image_tensor(picture(s, 64, 64)) for s in range(10)])  # two vision passes
     result = nodes.SeedTokenize().tokenize(seed, batch)
     tokens = result["result"][0]
@@ -533,3 +538,57 @@ def test_half_precision_vision_tower(seed_mods, loaded):
         full = loaded[0].inner.encode(pixels)
         assert codes.shape == (1, 32) and model.decode(codes).dtype == torch.float32
     assert (codes == full).float().mean() > 0.5  # mostly the same codes as fp32
+
+
+# ------------------------------------------------------------------ issue 19: files told for what they are
+
+def test_random_bytes_are_not_called_python_objects(tmp_path, pack, seed_mods):
+    _, loader, _ = seed_mods
+    LoadError = pack_module(pack, "loaders.errors").LoadError
+    tok = write_official(tmp_path / "random")
+    (tok.parent / "causal_qformer.pth").write_bytes(bytes(range(256)) * 40)
+    with pytest.raises(LoadError, match=r"causal_qformer\.pth is not a PyTorch weights file") as e:
+        _convert(loader, tok, tmp_path)
+    assert "Python objects" not in str(e.value) and "weights_only" not in str(e.value)
+
+
+def test_the_reverse_qformer_position_ids_buffer_draws_no_warning(tmp_path, seed_mods, caplog):
+    """transformers of SEED's time saved BERT's position_ids buffer with the Reverse Q-Former: it is computed, not
+    learnt, and is left out with the other unused tensors, never reported as 'not part of SEED v1'."""
+    _, loader, _ = seed_mods
+    tok = write_official(tmp_path / "posids", tok={
+        "Reverse_Qformer.bert.embeddings.position_ids": torch.arange(512)[None]})
+    with caplog.at_level(logging.INFO):
+        report = _convert(loader, tok, tmp_path)
+    assert report["unexpected"] == [] and "not part of SEED v1" not in caplog.text
+    assert "the reverse Q-Former's position_ids buffer" in report["ignored"]
+
+
+def test_conversion_checks_every_shape_before_writing(tmp_path, pack, seed_mods):
+    """A wrongly shaped tensor in an official file is named with its file before anything is written: no converted
+    file (which would fail at every load and be converted again), no partial file."""
+    _, loader, _ = seed_mods
+    LoadError = pack_module(pack, "loaders.errors").LoadError
+    _, _, tok = official_state(0)
+    key = "Reverse_Qformer.bert.encoder.layer.0.attention.output.dense.weight"
+    bad = write_official(tmp_path / "shape", tok={key: torch.zeros(tok[key].shape[0], tok[key].shape[1] + 1)})
+    out = tmp_path / "converted" / "out.safetensors"
+    out.parent.mkdir()
+    with pytest.raises(LoadError, match=rf"'{re.escape(key)}' in seed_tokenizer\.pth: .*Nothing was written"):
+        loader.convert_official(bad, out)
+    assert list(out.parent.iterdir()) == []
+
+
+def test_fuzz_converted_seed_files(pack, seed_mods, loaded, tmp_path):
+    """The converted file's config and tensors, mutated (seeded): every count and shape is checked before anything is
+    built, and only the pack's own errors come out."""
+    from fuzzing import check, fuzz, mutate_safetensors
+    _, loader, _ = seed_mods
+    valid = loaded[1].read_bytes()
+    path = tmp_path / "seed-fuzz.safetensors"
+
+    def case(rng):
+        path.write_bytes(mutate_safetensors(rng, valid))
+        return path
+    check(fuzz("SEED converted file", lambda p: loader.load_seed(p), case,
+               pack_module(pack, "bridges.errors").PackError, budget_s=2.0, min_cases=60))

@@ -30,6 +30,7 @@ def pairs_folder(host):
     for colour, shape in itertools.product(COLOURS, SHAPES):
         _picture(colour, shape).save(folder / f"{colour}_{shape}.png")
         (folder / f"{colour}_{shape}.txt").write_text(f"a {colour} {shape} on grey\n")
+    _picture("red", "dot").save(folder / "zz_uncaptioned.png")  # left out, and said so
     return "stage2_pairs/"
 
 
@@ -58,6 +59,8 @@ def test_stage2_loss_falls_and_only_the_adapters_change(host, pack, tiny_llama, 
                               steps=40))
     h = history(host, "s2-falls")
     print(f"\nstage 2: {ui['20']['text'][0]}")
+    assert "1 picture(s) without a caption were left out: zz_uncaptioned.png (no zz_uncaptioned.txt)" in \
+        ui["20"]["text"][0]
     train = [e["train_loss"] for e in h["history"] if "train_loss" in e]
     assert h["steps"] == 40 and h["val_examples"] == 3
     vals = [e["val_loss"] for e in h["history"] if "val_loss" in e]

@@ -150,11 +150,61 @@ class Trainer:
                 "initial_val_loss": self.initial_val_loss, "train_config": self.config.resume_key()}
 
     def load_state_dict(self, state: dict):
+        """Everything is checked before anything changes: a checkpoint of another run is refused whole (ValueError
+        saying what differs), never half-loaded."""
+        check_state(self, state)
         self.student.load_state_dict(state["student"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.history = list(state["history"])
         self.initial_val_loss = state["initial_val_loss"]
+
+
+def _shape(t):
+    return tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
+
+
+def check_state(trainer: Trainer, state) -> None:
+    """ValueError naming what a checkpoint lacks or holds in another shape than this run's trainer: its entries,
+    the student's tensors, the optimizer's groups and per-parameter state."""
+    if not isinstance(state, dict):
+        raise ValueError(f"it holds a {type(state).__name__}, not a trainer state")
+    lacking = [k for k in ("step", "student", "optimizer", "history", "initial_val_loss") if k not in state]
+    if lacking:
+        raise ValueError(f"it lacks the entries {lacking}")
+    student, own = state["student"], trainer.student.state_dict()
+    if not isinstance(student, dict):
+        raise ValueError("its 'student' entry is not a state dict")
+    missing, unexpected = sorted(set(own) - set(student)), sorted(set(student) - set(own))
+    wrong = [f"{k}: {_shape(student[k])} saved, {tuple(v.shape)} now" for k, v in own.items()
+             if k in student and _shape(student[k]) != tuple(v.shape)]
+    if missing or unexpected or wrong:
+        parts = ([f"lacks {len(missing)} trained tensor(s) e.g. {missing[:3]}"] if missing else []) + \
+                ([f"holds {len(unexpected)} other tensor(s) e.g. {unexpected[:3]}"] if unexpected else []) + \
+                ([f"holds tensors of other shapes: {wrong[:3]}"] if wrong else [])
+        raise ValueError("its trained weights are another model's: " + "; ".join(parts))
+    optimizer = state["optimizer"]
+    if not isinstance(optimizer, dict) or not isinstance(optimizer.get("param_groups"), list) \
+            or not isinstance(optimizer.get("state"), dict):
+        raise ValueError("its 'optimizer' entry is not an optimizer state")
+    groups = trainer.optimizer.param_groups
+    sizes = [len(g.get("params", ())) if isinstance(g, dict) else None for g in optimizer["param_groups"]]
+    if sizes != [len(g["params"]) for g in groups]:
+        raise ValueError(f"its optimizer holds parameter groups of sizes {sizes}, this run's "
+                         f"{[len(g['params']) for g in groups]}")
+    params = [p for g in groups for p in g["params"]]
+    ids = [i for g in optimizer["param_groups"] for i in g["params"]]
+    for index, param in zip(ids, params):
+        for name, value in (optimizer["state"].get(index) or {}).items():
+            if torch.is_tensor(value) and value.ndim and tuple(value.shape) != tuple(param.shape):
+                raise ValueError(f"its optimizer state '{name}' of parameter {index} is {tuple(value.shape)}, the "
+                                 f"parameter {tuple(param.shape)}")
+    if isinstance(state["step"], bool) or not isinstance(state["step"], int) or state["step"] < 0:
+        raise ValueError(f"its step {state['step']!r} is not a step count")
+    if not isinstance(state["history"], list) or not all(isinstance(h, dict) for h in state["history"]):
+        raise ValueError("its history is not a list of loss records")
+    if state["initial_val_loss"] is not None and not isinstance(state["initial_val_loss"], (int, float)):
+        raise ValueError(f"its initial_val_loss {state['initial_val_loss']!r} is not a number")
 
 
 def resume_mismatch(saved: dict, current: dict, prefix: str = "") -> list:
