@@ -327,13 +327,17 @@ def check_index(gill: LoadedGILL, index: ImageIndex):
         raise LoadError(f"the image index '{index.name}' is empty; add images to {index.root} and build it again.")
 
 
-def retrieve_images(index: ImageIndex, query: torch.Tensor, k: int):
+def retrieve_images(index: ImageIndex, query: torch.Tensor, k: int, exclude=()):
     """Top-k readable images: list of ((1, H, W, 3) tensor, relative path, cosine). Files gone or unreadable
-    since the index was built are passed over, as the reference passes over images it cannot fetch."""
-    indices, scores = index.search(query, min(len(index), k * 4 + 8))
+    since the index was built are passed over, as the reference passes over images it cannot fetch; so are the
+    paths in `exclude` (a reply does not show one image twice, as the reference down-weights images it has shown)."""
+    exclude = set(exclude)
+    indices, scores = index.search(query, min(len(index), k * 4 + 8 + len(exclude)))
     found, missing = [], []
     for i, score in zip(indices, scores):
         rel = index.paths[i]
+        if rel in exclude:
+            continue
         try:
             found.append((load_image(Path(index.root) / rel)[None], rel, score))
         except LoadError:
