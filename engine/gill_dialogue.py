@@ -80,8 +80,7 @@ def _picture(gill, index, states, threshold, shown) -> tuple:
     """(PictureResult, the conversation's Picture) of one [IMG] group."""
     result = PictureResult(states=states, decision=GENERATE)
     if index is not None:
-        exclude = shown if len(index) > len(shown) else ()  # a reply shows an image once while others are left
-        batch, found = gill_engine.retrieve(gill, index, states, 1, exclude)
+        batch, found = gill_engine.retrieve(gill, index, states, 1, shown)  # a reply prefers images not shown yet
         result.retrieved, result.retrieved_path, result.score = batch[:1], found[0][1], float(found[0][2])
         shown.append(result.retrieved_path)
     result.decision, result.p_retrieve = _decide(gill, states, threshold, index)
