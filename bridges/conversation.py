@@ -91,7 +91,8 @@ class Conversation:
         for (t, p), image in zip(slots, images):
             old = turns[t][p]
             turns[t][p] = Picture(image=check_picture(image, "a generated picture"), origin=old.origin, note=old.note)
-        return Conversation(turns=tuple(Turn(self.turns[i].role, tuple(parts)) for i, parts in enumerate(turns)))
+        return Conversation(turns=tuple(Turn(self.turns[i].role, tuple(parts)) for i, parts in enumerate(turns)),
+                            notes=self.notes)
 
     def show(self) -> str:
         """A plain-text transcript for people (the node display)."""

@@ -34,6 +34,7 @@ from test_gill import (  # noqa: F401 - fixtures
 )
 
 GILL_LLM = "tiny-opt-gill"
+CONTEXT = 512
 FORCE = {"ret_scale_factor": 1000.0, "min_word_tokens": 2}  # [IMG0] wins from the third step on
 
 
@@ -41,18 +42,22 @@ FORCE = {"ret_scale_factor": 1000.0, "min_word_tokens": 2}  # [IMG0] wins from t
 def gill_llm(host, pack, tiny_opt):
     """models/LLM/tiny-opt-gill: test_gill's OPT with 8 unused embedding rows after its tokens, as OPT-6.7B has (50272
     rows for 50265 tokens), so GILL's '<|image|>' id is a row of the LLM and the reference's resized vocabulary has
-    the very ids the pack decodes."""
+    the very ids the pack decodes; and a 512-position context."""
     folder = host.models_dir / "LLM" / GILL_LLM
     if not folder.exists():
         shutil.copytree(host.models_dir / "LLM" / tiny_opt, folder)
         with safe_open(folder / "model.safetensors", "pt") as f:
             metadata, sd = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        generator = torch.Generator().manual_seed(8)
         key = "model.decoder.embed_tokens.weight"
-        extra = torch.randn(8, sd[key].shape[1], generator=torch.Generator().manual_seed(8)) * 0.02
-        sd[key] = torch.cat([sd[key], extra])
+        sd[key] = torch.cat([sd[key], torch.randn(8, sd[key].shape[1], generator=generator) * 0.02])
+        # 512 positions instead of 128: room for a three-turn conversation in the small tokenizer's many tokens
+        key = "model.decoder.embed_positions.weight"
+        sd[key] = torch.cat([sd[key], torch.randn(CONTEXT - sd[key].shape[0] + 2, sd[key].shape[1],
+                                                  generator=generator) * sd[key].std()])
         save_file(sd, folder / "model.safetensors", metadata=metadata)
         config = json.loads((folder / "config.json").read_text())
-        config["vocab_size"] += 8
+        config.update(vocab_size=config["vocab_size"] + 8, max_position_embeddings=CONTEXT)
         (folder / "config.json").write_text(json.dumps(config))
     return pack_module(pack, "loaders.llm").load_llm(GILL_LLM, folder, "fp32")
 
@@ -313,14 +318,14 @@ def test_bad_input_is_refused_by_name(gill_nodes, gill_llm, loaded, towers, kwar
 
 def test_a_conversation_longer_than_the_context_drops_the_oldest_turns(dialogue, bridge, conv, gill_llm, loaded):
     c = conv.Conversation()
-    for i in range(8):
+    for i in range(40):
         c = c.with_turns(conv.user_turn(f"question number {i} about the sea"),
                          conv.Turn("assistant", (f"answer number {i} about waves",)))
     opts = options(bridge, max_new_tokens=8, max_pictures=1)
     turn = dialogue.reply(gill_llm, loaded, c, "and the sky?", opts)
     assert turn.dropped_turns > 0 and turn.dropped_turns % 2 == 0  # whole exchanges go
-    assert turn.prompt_positions <= 128 - opts.positions()
-    assert "left out" in turn.conversation.notes[0] and len(turn.conversation) == 18  # the value keeps every turn
+    assert turn.prompt_positions <= CONTEXT - opts.positions()
+    assert "left out" in turn.conversation.notes[0] and len(turn.conversation) == 82  # the value keeps every turn
     kept = dialogue.reply(gill_llm, loaded, conv.Conversation(turns=c.turns[turn.dropped_turns:]), "and the sky?", opts)
     assert kept.tokens == turn.tokens and kept.dropped_turns == 0  # exactly the prompt of the newest turns
 
@@ -441,3 +446,173 @@ def test_save_load_show_nodes(host, pack, conv):
     stamp = nodes.LoadConversation.IS_CHANGED("output/node test.conversation.json")
     nodes.SaveConversation().save(c.with_turns(conv.user_turn("more")), "node test")
     assert nodes.LoadConversation.IS_CHANGED("output/node test.conversation.json") != stamp
+
+
+# ---- the shipped workflows, end to end ----------------------------------------------------------------------------
+
+def outputs_of(host, node_id):
+    """Every item of every output of a node after a run (list outputs whole), or None if it did not run."""
+    executor = host.executor
+    if hasattr(executor, "caches"):
+        entry = executor.caches.outputs.get(str(node_id))
+        return None if entry is None else (entry.outputs if hasattr(entry, "outputs") else entry)
+    return executor.outputs.get(str(node_id))
+
+
+def ran(host, node_id) -> bool:
+    """The node produced something (an ExecutionBlocker where it was skipped counts as not having run)."""
+    out = outputs_of(host, node_id)
+    if out is None:
+        return False
+    return not all(type(v).__name__ == "ExecutionBlocker" for slot in out for v in slot)
+
+
+def saved(host, ui):
+    return {path.name: path for path in host.saved_images(ui)}
+
+
+def gill_dialogue_prompt(host, pack, thresholds=(1.0, 1.0, 1.0), forced=(False, True, True)):
+    from test_gill import workflow_prompt
+    prompt = workflow_prompt(host, pack, "gill_dialogue.json", llm=GILL_LLM)
+    turns = [node_of(prompt, "BeyondCLIP_GILLDialogue", k) for k in range(3)]
+    for k in range(3):
+        prompt[node_of(prompt, "SaveImage", k)]["inputs"]["filename_prefix"] = f"GILL_dialogue_turn{k + 1}"
+    for k, node_id in enumerate(turns):
+        inputs = prompt[node_id]["inputs"]
+        inputs.update(max_new_tokens=8, threshold=thresholds[k])
+        if forced[k]:
+            inputs.update(FORCE)
+    return prompt, turns
+
+
+def test_workflow_gill_dialogue(host, pack, gill_llm, release, towers):
+    write_photos(host_photos(host), 4)
+    prompt, (t1, t2, t3) = gill_dialogue_prompt(host, pack)
+    sampler = {t: str(int(t) + 1) for t in (t1, t2, t3)}
+    pictures = {t: str(int(t) + 3) for t in (t1, t2, t3)}
+    forget_everything(host)
+    ui = host.run(prompt)
+    blocker = host.supports_execution_blocker()
+
+    # turn 1: a question answered in words (ret_scale_factor 1.3 as shipped: the model's own choice) - no picture,
+    # and no sampler where ComfyUI can skip it
+    reply1 = outputs_of(host, t1)[0][0]
+    conversation = outputs_of(host, pictures[t3])[0][0]
+    assert "[picture" not in reply1 and conversation.turns[1].pictures == []
+    assert ran(host, sampler[t1]) != blocker
+    # turn 2: a picture (forced), generated as the decision says at threshold 1; the sampler drew it and Reply
+    # Pictures put that very picture into the conversation
+    assert "[picture 1]" in outputs_of(host, t2)[0][0] and outputs_of(host, t2)[4] == ["generate"]
+    assert ran(host, sampler[t2])
+    drawn = outputs_of(host, str(int(t2) + 2))[0][0]
+    shown = conversation.turns[3].pictures[0]
+    assert shown.origin == "generated" and torch.equal(shown.image, drawn[0])
+    # turn 3: the follow-up reads that picture (4 visual tokens) and shows one of its own; nothing was left out
+    assert outputs_of(host, t3)[5][0].notes == ()
+    assert [t.role for t in conversation.turns] == ["user", "assistant"] * 3
+    assert len(conversation.turns[5].pictures) == 1 and not conversation.turns[5].pictures[0].pending
+    files = saved(host, ui)
+    assert sorted(name.split("_")[2] for name in files) == (["turn2", "turn3"] if blocker else
+                                                             ["turn1", "turn2", "turn3"])
+    turn3 = next(p for n, p in files.items() if "turn3" in n)
+    show_id, save_id = node_of(prompt, "BeyondCLIP_ShowConversation"), node_of(prompt, "BeyondCLIP_SaveConversation")
+    assert ui[show_id]["text"][0].startswith("User: What should I cook")
+    assert outputs_of(host, save_id)[0][0].endswith("gill_dialogue.conversation.json")
+
+    # a rerun of the unchanged graph generates nothing again
+    count = len(list((turn3.parent).glob("GILL_dialogue_*.png")))
+    ui_again = host.run(prompt)
+    assert {n for n in prompt if ran(host, n)} <= host.cached_nodes()
+    assert len(list((turn3.parent).glob("GILL_dialogue_*.png"))) == count and ui_again.keys() <= ui.keys()
+
+    # the conversation changes the picture: turn 3 alone, and turn 3 after another turn-2 picture
+    cond3 = outputs_of(host, t3)[1][0][0][0]
+    alone = copy.deepcopy(prompt)
+    del alone[t3]["inputs"]["conversation"]
+    forget_everything(host)
+    ui_alone = host.run(alone)
+    assert not torch.equal(outputs_of(host, t3)[1][0][0][0], cond3)
+    change = pixel_change(image_bytes(saved(host, ui_alone), "turn3"), image_bytes(files, "turn3"))
+    print(f"\nGILL dialogue: the conversation changes turn 3's picture by {change:.2f} levels on average")
+    assert change > 0.5
+    other = copy.deepcopy(prompt)
+    other[sampler[t2]]["inputs"]["seed"] += 1
+    forget_everything(host)
+    host.run(other)
+    assert not torch.equal(outputs_of(host, t3)[1][0][0][0], cond3), "turn 2's picture is read by turn 3"
+
+    # turn 2 retrieves instead (threshold 0): its sampler does not run, the retrieved image enters the conversation
+    retrieving, _ = gill_dialogue_prompt(host, pack, thresholds=(1.0, 0.0, 1.0))
+    forget_everything(host)
+    host.run(retrieving)
+    assert outputs_of(host, t2)[4] == ["retrieve"] and ran(host, sampler[t2]) != blocker
+    shown = outputs_of(host, pictures[t3])[0][0].turns[3].pictures[0]
+    assert shown.origin == "retrieved" and torch.equal(shown.image[None], outputs_of(host, t2)[2][0])
+
+
+def host_photos(host):
+    from pathlib import Path
+    return Path(host.folder_paths.get_input_directory()) / "gill_photos"
+
+
+def image_bytes(files, turn):
+    path = next(p for n, p in files.items() if turn in n)
+    with Image.open(path) as img:
+        return img.convert("RGB").tobytes()
+
+
+def test_workflow_beyond_clip_conversation(host, pack, tiny_llama, mapper_files, adapter_file):
+    from test_beyond_clip_workflows import workflow_prompt
+    prompt = workflow_prompt(host, pack, "beyond_clip_conversation_sd15.json", arch="sd15", llm=tiny_llama,
+                             mapper=mapper_files["sd1"], adapter=adapter_file)
+    turns = [node_of(prompt, "BeyondCLIP_Assistant", k) for k in range(3)]
+    for t in turns:
+        prompt[t]["inputs"]["max_new_tokens"] = 6
+    forget_everything(host)
+    ui = host.run(prompt)
+    blocker = host.supports_execution_blocker()
+    routes = [outputs_of(host, t)[3][0] for t in turns]
+    assert routes == ["chat", "draw", "draw"]
+    assert ran(host, str(int(turns[0]) + 1)) != blocker  # a chat turn runs no sampler where ComfyUI can skip it
+    conversation = outputs_of(host, str(int(turns[2]) + 3))[0][0]
+    assert [t.role for t in conversation.turns] == ["user", "assistant"] * 3
+    assert conversation.turns[1].parts == (outputs_of(host, turns[0])[2][0],)
+    drawn = [p for t in conversation.turns for p in t.pictures]
+    assert len(drawn) == 2 and not any(p.pending for p in drawn)  # Reply Pictures drew both back in
+    files = saved(host, ui)
+    assert sorted(n.split("_")[2] for n in files) == (["turn2", "turn3"] if blocker else ["turn1", "turn2", "turn3"])
+    assert "with 2 earlier turn(s)" in ui[turns[2]]["text"][0]
+
+    ui_again = host.run(prompt)
+    assert {n for n in prompt if ran(host, n)} <= host.cached_nodes() and ui_again.keys() <= ui.keys()
+
+    # 'Now draw it in a snowstorm' is drawn with the conversation: without it the picture is another one
+    positive = outputs_of(host, turns[2])[0][0][0][0]
+    alone = copy.deepcopy(prompt)
+    del alone[turns[2]]["inputs"]["conversation"]
+    forget_everything(host)
+    ui_alone = host.run(alone)
+    assert not torch.equal(outputs_of(host, turns[2])[0][0][0][0], positive)
+    change = pixel_change(image_bytes(saved(host, ui_alone), "turn3"), image_bytes(files, "turn3"))
+    print(f"\nBeyond CLIP conversation: the earlier turns change turn 3's picture by {change:.2f} levels on average")
+    assert change > 0.5
+
+
+def test_router_chat_reads_the_earlier_turns(host, pack, tiny_llama, mapper_files, conv):
+    llm = pack_module(pack, "loaders.llm").load_llm(tiny_llama, host.models_dir / "LLM" / tiny_llama, "fp32")
+    mapper = pack_module(pack, "loaders.mappers").load_mapper(host.models_dir / "bridges" / mapper_files["sd1"])
+    router = pack_module(pack, "nodes.beyond_clip").ChatOrDrawRouter()
+    engine = pack_module(pack, "engine.llm")
+    builtin = pack_module(pack, "loaders.routers").BUILTIN
+    c = conv.Conversation().with_turns(conv.user_turn("what is a lighthouse?"),
+                                       conv.Turn("assistant", ("a tower with a light.",)))
+    for template in ("none", "llama-2-chat"):
+        out = router.run(llm, mapper, builtin, "How many moons does Mars have?", 6, template, conversation=c)["result"]
+        transcript = conv.chat_transcript(c, "How many moons does Mars have?", template)
+        expected = conv.chat_answer(engine.chat(llm, transcript, max_new_tokens=6, template="none"), template, True)
+        assert out[2] == expected and out[3] == "chat"
+        assert out[5].turns[-2:] == (conv.Turn("user", ("How many moons does Mars have?",)),
+                                     conv.Turn("assistant", (expected,)))
+        # without a conversation the router answers exactly as before
+        plain = router.run(llm, mapper, builtin, "How many moons does Mars have?", 6, template)["result"]
+        assert plain[2] == engine.chat(llm, "How many moons does Mars have?", max_new_tokens=6, template=template)
