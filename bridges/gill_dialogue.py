@@ -112,8 +112,9 @@ def vocabulary(tokenizer, rows: int, num_img: int = 8) -> Vocabulary:
     if size > rows:
         raise DialogueError(f"the tokenizer has {size} tokens but the LLM only {rows} embedding rows: they are not "
                             f"one model's; use the tokenizer files of the LLM's own release")
+    known = tokenizer.get_added_vocab() if hasattr(tokenizer, "get_added_vocab") else tokenizer.get_vocab()
     for i in range(num_img):
-        if f"[IMG{i}]" in tokenizer.get_vocab():
+        if f"[IMG{i}]" in known:
             raise DialogueError(f"the LLM's tokenizer already knows '[IMG{i}]' (a tokenizer saved from GILL's "
                                 f"training); use the plain OPT tokenizer files: the pack adds GILL's [IMG] tokens "
                                 f"itself, and a user typing '[IMG0]' must stay plain text")
@@ -157,7 +158,6 @@ class Reply:
     pictures: list = field(default_factory=list)  # (index of [IMG0] in tokens, (1, 8, width) float32 [IMG] states)
     stopped: str = "max_new_tokens"  # or "newline"
     steps: int = 0
-    after_states: torch.Tensor = None  # with decode(after_reply=True) and no picture: [IMG] states after the reply
 
 
 class _Stepper:
@@ -188,10 +188,9 @@ def check_tied(model):
 
 
 def decode(model, prompt_embeds: torch.Tensor, img_embs: torch.Tensor, vocab: Vocabulary, opts: DecodeOptions,
-           *, on_step=None, after_reply: bool = False) -> Reply:
+           *, on_step=None) -> Reply:
     """GILL's reply to the prompt (1, T, width) in the model's dtype and device; img_embs: the release's (8, width)
-    [IMG] rows. on_step(step) after each step (progress, interruption). after_reply: when the reply has no picture,
-    also run [IMG0]..[IMG7] after it and keep their states (what GILL Encode would read there)."""
+    [IMG] rows. on_step(step) after each step (progress, interruption)."""
     opts.check()
     embed = model.get_input_embeddings()
     img = img_embs.to(device=prompt_embeds.device, dtype=prompt_embeds.dtype)
@@ -211,14 +210,12 @@ def decode(model, prompt_embeds: torch.Tensor, img_embs: torch.Tensor, vocab: Vo
                 break
             picture = token == vocab.img0
             reply.tokens.extend(vocab.img_ids if picture else [token])
-            if not picture and step == opts.max_new_tokens - 1 and not after_reply:
+            if not picture and step == opts.max_new_tokens - 1:
                 break  # nothing reads the last word's state
             hidden = step_model(img[None] if picture else embed(torch.tensor([[token]], device=img.device)))
             if picture:
                 reply.pictures.append((len(reply.tokens) - vocab.num_img, hidden.float()))
             last = hidden[:, -1]
-        if after_reply and not reply.pictures:
-            reply.after_states = step_model(img[None]).float()
     return reply
 
 

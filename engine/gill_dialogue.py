@@ -62,7 +62,6 @@ class TurnResult:
     stopped: str = ""
     steps: int = 0
     prompt_positions: int = 0
-    after_reply: list = field(default=None)  # CONDITIONING of [IMG0]..[IMG7] after a reply without picture (on request)
     tokens: list = field(default_factory=list)  # the reply's ids in GILL's vocabulary (bridges.gill_dialogue)
 
 
@@ -92,10 +91,9 @@ def _picture(gill, index, states, threshold, shown) -> tuple:
 
 
 def reply(llm, gill, conversation: Conversation, message: str, opts: DecodeOptions, *, images=None,
-          clip_vision=None, index=None, threshold: float = 0.5, progress=None, after_reply: bool = False) -> TurnResult:
+          clip_vision=None, index=None, threshold: float = 0.5, progress=None) -> TurnResult:
     """GILL's answer to `message` (with the user's `images`, an IMAGE batch) after `conversation`. progress(done,
-    total) after each decoding step. after_reply: when the reply has no picture, also give the conditioning of
-    [IMG0]..[IMG7] read after it (hosts that cannot skip the sampler branch need some conditioning there)."""
+    total) after each decoding step."""
     opts.check()
     conversation = conversation or Conversation()
     turn = user_turn(message, images)
@@ -105,7 +103,7 @@ def reply(llm, gill, conversation: Conversation, message: str, opts: DecodeOptio
     number = {id(p): k for k, p in enumerate(pictures)}
     blocks = [[p if not isinstance(p, Picture) else None if p.pending else number[id(p)] for p in block]
               for block in blocks]
-    reserve = opts.positions() + (cfg.num_img_tokens + 1 if after_reply else 0)
+    reserve = opts.positions()
     budget = llm_text.context_length(llm.config) - reserve
     first = plan_prompt(llm.tokenizer, blocks, cfg.visual_tokens, cfg.num_img_tokens, budget)
     kept = sorted({p for block in blocks[first:] for p in block if isinstance(p, int)})
@@ -127,7 +125,7 @@ def reply(llm, gill, conversation: Conversation, message: str, opts: DecodeOptio
     with torch.no_grad(), llm_engine.adapter_context(llm, model):
         rows = {k: g.image_tokens(v.to(g.visual_fc.weight.device))[0] for k, v in pooled.items()}
         embeds = prompt_embeds(embed, llm.tokenizer, blocks[first:], rows, img)
-        out = decode(model, embeds, img, vocab, opts, after_reply=after_reply,
+        out = decode(model, embeds, img, vocab, opts,
                      on_step=None if progress is None else lambda step: progress(step, opts.max_new_tokens))
     dropped = sum(len(group) for group in exchanges(conversation.turns)[:first])
     if dropped:
@@ -147,9 +145,5 @@ def reply(llm, gill, conversation: Conversation, message: str, opts: DecodeOptio
     notes = (f"the oldest {dropped} turn(s) were left out of the last prompt: the conversation is longer than the "
              f"LLM's context",) if dropped else ()
     updated = Conversation(turns=conversation.turns + (turn, Turn(ASSISTANT, tuple(parts))), notes=notes)
-    after = None
-    if out.after_states is not None:
-        after = conditioning(*gill_engine.generation(gill, out.after_states.cpu()))
     return TurnResult(reply=" ".join(words), pictures=results, conversation=updated, dropped_turns=dropped,
-                      stopped=out.stopped, steps=out.steps, prompt_positions=embeds.shape[1], after_reply=after,
-                      tokens=out.tokens)
+                      stopped=out.stopped, steps=out.steps, prompt_positions=embeds.shape[1], tokens=out.tokens)

@@ -63,8 +63,8 @@ class ReplyPictures:
         pictures = [p.image[None] for p in reply if not p.pending]
         if not pictures:
             blocked = execution_blocker()
-            # nothing to show: skip what follows, or (hosts that run every branch) pass on what the sampler drew
-            pictures = [blocked] if blocked is not None else drawn or [placeholder_image()]
+            # nothing to show: skip what follows, or (hosts that run every branch) a black placeholder
+            pictures = [blocked] if blocked is not None else [placeholder_image()]
         text = f"{len(reply)} picture(s) in the reply" if reply else "no picture in the reply"
         return ui_text(text, conv, pictures)
 

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import folder_paths
+import torch
 
 from ..bridges.errors import InputError
 from ..bridges.gill import GENERATE, PLACEHOLDER, RETRIEVE
@@ -338,23 +339,21 @@ class GILLDialogue:
         blocked = execution_blocker()
         progress = Progress(max_new_tokens)
         turn = gill_dialogue.reply(llm, gill, conversation, message, opts, images=images, clip_vision=clip_vision,
-                                   index=index, threshold=threshold, progress=lambda done, total: progress.step(done),
-                                   after_reply=blocked is None)
+                                   index=index, threshold=threshold, progress=lambda done, total: progress.step(done))
         pictures = turn.pictures
         generate = [p.conditioning for p in pictures if p.decision == GENERATE]
         retrieved = [p.retrieved for p in pictures if p.retrieved is not None]
+        scores = [p.score for p in pictures if p.score is not None]
+        decisions = [p.decision for p in pictures]
         if blocked is not None:  # nothing to sample or show: the branches after these outputs do not run
-            generate, retrieved = generate or [blocked], retrieved or [blocked]
-            scores = [p.score for p in pictures if p.score is not None] or [blocked]
-            decisions = [p.decision for p in pictures] or [blocked]
-        else:  # this ComfyUI runs every branch: give each output something valid (nothing shows it)
+            generate, retrieved, scores, decisions = (v or [blocked] for v in (generate, retrieved, scores, decisions))
+        else:  # this ComfyUI runs every branch: each output gets something valid that shows nothing
             if not generate:
-                log.info("GILL dialogue: this ComfyUI cannot skip the sampler branch, so it samples anyway")
-                generate = [conditioning(*gill_engine.generation(gill, pictures[0].states)) if pictures
-                            else turn.after_reply]
-            retrieved = retrieved or [placeholder_image()]
-            scores = [p.score for p in pictures if p.score is not None] or [0.0]
-            decisions = [p.decision for p in pictures] or ["none"]
+                log.info("GILL dialogue: no picture to generate, but this ComfyUI cannot skip the sampler branch: "
+                         "it samples zero conditioning, and Reply Pictures shows a black placeholder")
+                generate = [conditioning(torch.zeros(1, cfg.out_tokens, cfg.out_dim),
+                                         torch.zeros(1, cfg.pooled_dim) if cfg.pooled_dim else None)]
+            retrieved, scores, decisions = retrieved or [placeholder_image()], scores or [0.0], decisions or ["none"]
         lines = [turn.reply or "(an empty reply)"]
         lines += [f"[picture {k + 1}] {p.describe()}" for k, p in enumerate(pictures)]
         if turn.dropped_turns:

@@ -15,7 +15,7 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import api_workflow, forget_everything, node_of, pack_module, pixel_change
+from conftest import SavedImage, check_golden_pixels, forget_everything, node_of, pack_module, pixel_change
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -47,7 +47,8 @@ def gill_llm(host, pack, tiny_opt):
     if not folder.exists():
         shutil.copytree(host.models_dir / "LLM" / tiny_opt, folder)
         with safe_open(folder / "model.safetensors", "pt") as f:
-            metadata, sd = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+            names = f.keys()  # a safetensors handle is not a dict
+            metadata, sd = f.metadata(), {k: f.get_tensor(k) for k in names}
         generator = torch.Generator().manual_seed(8)
         key = "model.decoder.embed_tokens.weight"
         sd[key] = torch.cat([sd[key], torch.randn(8, sd[key].shape[1], generator=generator) * 0.02])
@@ -189,8 +190,9 @@ def test_kv_cached_reply_equals_the_reference_loop(host, pack, dialogue, bridge,
     std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
     with torch.no_grad():
         pooled = hf_tower(0).vision_model(pixel_values=(img.movedim(-1, 1) - mean) / std).pooler_output
-        ids, raws = reference_reply(lm, img_ids, gill_llm.tokenizer, reference, [pooled, "Q: what is in this picture?\nA:"],
-                                    opts.max_new_tokens, opts.seed, temperature=opts.temperature, top_p=opts.top_p,
+        ids, raws = reference_reply(lm, img_ids, gill_llm.tokenizer, reference,
+                                    [pooled, "Q: what is in this picture?\nA:"], opts.max_new_tokens, opts.seed,
+                                    temperature=opts.temperature, top_p=opts.top_p,
                                     min_word_tokens=opts.min_word_tokens, ret_scale_factor=opts.ret_scale_factor,
                                     gen_scale_factor=opts.gen_scale_factor)
     print(f"\n{settings}: reference {ids}\n  pack {turn.tokens} ({turn.stopped}); reply {turn.reply!r}")
@@ -213,7 +215,8 @@ def test_kv_cached_reply_equals_the_reference_loop(host, pack, dialogue, bridge,
             scores[i] -= 1000
         best = int(scores.argmax())
         seen.append(best)
-        assert result.retrieved_path == index.paths[best] and result.score == pytest.approx(cosine[best].item(), abs=1e-5)
+        assert result.retrieved_path == index.paths[best]
+        assert result.score == pytest.approx(cosine[best].item(), abs=1e-5)
         assert result.p_retrieve == pytest.approx(p, abs=1e-5)
         assert result.decision == ("retrieve" if p >= 0.5 else "generate")
         if result.decision == "generate":
@@ -340,7 +343,8 @@ def files(pack):
 def a_conversation(conv):
     c = conv.Conversation().with_turns(
         conv.user_turn("what is <image> this?", as_image_tensor(picture(1, (40, 30)))),
-        conv.Turn("assistant", ("a painting of", conv.Picture(as_image_tensor(picture(2))[0], "retrieved", "a.png (0.5)"),
+        conv.Turn("assistant", ("a painting of",
+                                conv.Picture(as_image_tensor(picture(2))[0], "retrieved", "a.png (0.5)"),
                                 "and", conv.Picture(None, "generated", "p_retrieve=0.2"))))
     return c
 
@@ -434,7 +438,8 @@ def test_save_load_show_nodes(host, pack, conv):
     c = a_conversation(conv)
     path = nodes.SaveConversation().save(c, "node test")["result"][0]
     assert path.endswith("beyond_clip_conversations/node test.conversation.json")
-    assert "output/node test.conversation.json" in nodes.LoadConversation.INPUT_TYPES()["required"]["conversation_file"][0]
+    choices = nodes.LoadConversation.INPUT_TYPES()["required"]["conversation_file"][0]
+    assert "output/node test.conversation.json" in choices
     assert nodes.LoadConversation.VALIDATE_INPUTS("output/node test.conversation.json") is True
     assert "not in" in nodes.LoadConversation.VALIDATE_INPUTS("output/gone.conversation.json")
     loaded_back = nodes.LoadConversation().load("output/node test.conversation.json")
@@ -515,6 +520,8 @@ def test_workflow_gill_dialogue(host, pack, gill_llm, release, towers):
     assert sorted(name.split("_")[2] for name in files) == (["turn2", "turn3"] if blocker else
                                                              ["turn1", "turn2", "turn3"])
     turn3 = next(p for n, p in files.items() if "turn3" in n)
+    check_golden_pixels(host, "gill_dialogue.json/turn3", SavedImage(png=b"", pixels=image_bytes(files, "turn3"),
+                                                                     path=turn3, ui=ui))
     show_id, save_id = node_of(prompt, "BeyondCLIP_ShowConversation"), node_of(prompt, "BeyondCLIP_SaveConversation")
     assert ui[show_id]["text"][0].startswith("User: What should I cook")
     assert outputs_of(host, save_id)[0][0].endswith("gill_dialogue.conversation.json")
@@ -582,6 +589,8 @@ def test_workflow_beyond_clip_conversation(host, pack, tiny_llama, mapper_files,
     files = saved(host, ui)
     assert sorted(n.split("_")[2] for n in files) == (["turn2", "turn3"] if blocker else ["turn1", "turn2", "turn3"])
     assert "with 2 earlier turn(s)" in ui[turns[2]]["text"][0]
+    check_golden_pixels(host, "beyond_clip_conversation_sd15.json/turn3", SavedImage(
+        png=b"", pixels=image_bytes(files, "turn3"), path=None, ui=ui))
 
     ui_again = host.run(prompt)
     assert {n for n in prompt if ran(host, n)} <= host.cached_nodes() and ui_again.keys() <= ui.keys()
@@ -616,3 +625,48 @@ def test_router_chat_reads_the_earlier_turns(host, pack, tiny_llama, mapper_file
         # without a conversation the router answers exactly as before
         plain = router.run(llm, mapper, builtin, "How many moons does Mars have?", 6, template)["result"]
         assert plain[2] == engine.chat(llm, "How many moons does Mars have?", max_new_tokens=6, template=template)
+
+
+def test_a_reply_without_picture_skips_a_sampler_wired_to_it_directly(host, pack, gill_llm, release):
+    """Dialogue -> KSampler -> VAE Decode -> Save Image, no Reply Pictures: the conditioning list carries an
+    ExecutionBlocker when there is nothing to generate; hosts without one sample zero conditioning instead."""
+    prompt = {
+        "1": {"class_type": "BeyondCLIP_TinyCheckpoint", "inputs": {"arch": "sd15"}},
+        "2": {"class_type": "BeyondCLIP_LLMLoader", "inputs": {"llm_name": GILL_LLM, "dtype": "fp32"}},
+        "3": {"class_type": "BeyondCLIP_GILLLoader", "inputs": {"gill_name": "gill-tiny"}},
+        "4": {"class_type": "BeyondCLIP_GILLDialogue", "inputs": {"llm": ["2", 0], "gill": ["3", 0], "model": ["1", 0],
+                                                                 **node_inputs(max_pictures=0)}},
+        "5": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["4", 1]}},
+        "6": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "7": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["4", 1], "negative": ["5", 0],
+                                                   "latent_image": ["6", 0], "seed": 1, "steps": 2, "cfg": 5.0,
+                                                   "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["1", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "gill_words_only"}},
+        "10": {"class_type": "BeyondCLIP_ShowConversation", "inputs": {"conversation": ["4", 5]}},
+    }
+    forget_everything(host)
+    ui = host.run(prompt)
+    assert "User: show me a fox" in ui["10"]["text"][0]
+    blocker = host.supports_execution_blocker()
+    assert ran(host, "7") != blocker and bool(host.saved_images(ui)) != blocker
+    if not blocker:
+        assert not outputs_of(host, "4")[1][0][0][0].any()  # zero conditioning
+
+
+def test_dialogue_shows_progress_and_stops_when_interrupted(host, gill_nodes, gill_llm, loaded):
+    import comfy.model_management as mm
+    import comfy.utils
+    host.progress.clear()
+    gill_nodes.GILLDialogue().reply(gill_llm, loaded, **node_inputs(max_new_tokens=6, max_pictures=0))
+    assert host.progress[0] == (1, 6) and all(total == 6 for _, total in host.progress)
+
+    def interrupt_at_first_step(value, total, *args, **kwargs):
+        mm.interrupt_current_processing(True)
+    comfy.utils.set_progress_bar_global_hook(interrupt_at_first_step)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            gill_nodes.GILLDialogue().reply(gill_llm, loaded, **node_inputs(max_new_tokens=6, max_pictures=0))
+    finally:
+        mm.interrupt_current_processing(False)
+        comfy.utils.set_progress_bar_global_hook(lambda value, total, *a, **k: host.progress.append((value, total)))
