@@ -25,7 +25,6 @@ from ..bridges.gill_dialogue import (
     split_reply,
     vocabulary,
 )
-from ..loaders import gill as gill_files
 from ..loaders.handles import modules
 from . import gill as gill_engine
 from . import llm as llm_engine
@@ -113,8 +112,7 @@ def reply(llm, gill, conversation: Conversation, message: str, opts: DecodeOptio
             raise InputError(f"the conversation holds {len(kept)} picture(s) (this turn's or earlier ones) but no "
                              f"clip_vision is connected: connect 'Load CLIP Vision' with clip-vit-large-patch14 "
                              f"(GILL reads each picture as 4 tokens made from CLIP ViT-L/14 features)")
-        gill_files.check_vision(gill, clip_vision)
-        pooled = {k: gill_files.clip_pooled(clip_vision, pictures[k].image[None]) for k in kept}
+        pooled = {k: gill_engine.clip_features(gill, clip_vision, pictures[k].image[None]) for k in kept}
 
     g, model = modules(gill, llm)
     gill_engine.check_llm(llm, gill, model)
