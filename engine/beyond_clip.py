@@ -4,6 +4,8 @@ import logging
 import torch
 
 from ..bridges import prompt_weights as weighting
+from ..bridges import llm_text
+from ..bridges.conversation import drawing_text
 from ..bridges.errors import LoadError
 from . import llm as llm_engine
 from . import prompt_weights
@@ -59,3 +61,15 @@ def encode_conditioning(llm, mapper, text: str, *, hidden_layer: int, template: 
     return reuse_encoding("beyond_clip", [llm.identity, mapper.identity], [text, hidden_layer, template, allow_empty],
                           compute, disk=disk_cache, about={"llm": llm.describe(), "mapper": mapper.source}
                           )["conditioning"]
+
+
+def drawing_request(llm, mapper, conversation, request: str, template: str):
+    """The text a drawing request is encoded from mid-conversation: the user's earlier turns and the request, as
+    many of the newest earlier turns as fit the mapper's token count (bridges.conversation.drawing_text). Returns
+    (text, earlier user turns used)."""
+    limit = mapper.config.num_tokens or llm_text.context_length(llm.config)
+
+    def fits(text):
+        return llm_engine.prompt_ids(llm, text, template=template).prompt_tokens <= limit
+
+    return drawing_text(conversation, request, fits)

@@ -147,10 +147,11 @@ def _cover(image, height, width):
     return x[:, :, top:top + height, left:left + width].movedim(1, -1)
 
 
-def retrieve(gill, index: ImageIndex, states, k: int):
-    """(IMAGE batch of the k best readable matches, cropped to the best one's size, [(image, path, cosine)])."""
+def retrieve(gill, index: ImageIndex, states, k: int, shown=()):
+    """(IMAGE batch of the k best readable matches, cropped to the best one's size, [(image, path, cosine)]);
+    paths already `shown` come last (loaders.gill.retrieve_images)."""
     gill_files.check_index(gill, index)
-    found = gill_files.retrieve_images(index, retrieval_query(gill, states), k)
+    found = gill_files.retrieve_images(index, retrieval_query(gill, states), k, shown)
     height, width = found[0][0].shape[1:3]
     return torch.cat([_cover(img, height, width) for img, _, _ in found]), found
 

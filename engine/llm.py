@@ -4,6 +4,7 @@ from contextlib import nullcontext
 import torch
 
 from ..bridges import llm_text
+from ..bridges.conversation import chat_answer, chat_transcript, exchanges
 from ..loaders.text_encoders import is_text_encoder
 
 
@@ -56,3 +57,20 @@ def chat(llm, prompt: str, *, max_new_tokens: int, template: str = "none", on_to
     model = base.module()
     return llm_text.chat(model, base.tokenizer, prompt, max_new_tokens=max_new_tokens, template=template,
                          on_token=on_token)
+
+
+def chat_after(llm, conversation, message: str, *, max_new_tokens: int, template: str = "none", on_token=None):
+    """The plain LLM's answer to `message` after the conversation's earlier turns (bridges.conversation's
+    transcript; its oldest exchanges left out until it fits the context with room for the answer). Returns
+    (answer, exchanges left out). Without earlier turns this is chat() on the message itself."""
+    base = llm.base or llm
+    room = llm_text.context_length(base.config) - max_new_tokens
+    skip, transcript = 0, None
+    for skip in range(len(exchanges(conversation.turns)) + 1):
+        transcript = chat_transcript(conversation, message, template, skip)
+        if transcript is None or len(base.tokenizer(transcript)["input_ids"]) <= room:
+            break
+    if transcript is None:
+        return chat(llm, message, max_new_tokens=max_new_tokens, template=template, on_token=on_token), skip
+    answer = chat(llm, transcript, max_new_tokens=max_new_tokens, template="none", on_token=on_token)
+    return chat_answer(answer, template, True), skip

@@ -338,12 +338,18 @@ def check_index(gill: LoadedGILL, index: ImageIndex):
         raise LoadError(f"the image index '{index.name}' is empty; add images to {index.root} and build it again.")
 
 
-def retrieve_images(index: ImageIndex, query: torch.Tensor, k: int):
+def retrieve_images(index: ImageIndex, query: torch.Tensor, k: int, shown=()):
     """Top-k readable images: list of ((1, H, W, 3) tensor, relative path, cosine). Files gone or unreadable
-    since the index was built are passed over, as the reference passes over images it cannot fetch."""
-    indices, scores = index.search(query, min(len(index), k * 4 + 8))
+    since the index was built are passed over, as the reference passes over images it cannot fetch. Paths in `shown`
+    (repeats count) come after the others, the least shown first, as the reference lowers an image's score by 1000
+    each time a reply has shown it."""
+    counts = {}
+    for rel in shown:
+        counts[rel] = counts.get(rel, 0) + 1
+    indices, scores = index.search(query, min(len(index), k * 4 + 8 + len(counts)))
+    ranked = sorted(zip(indices, scores), key=lambda pair: counts.get(index.paths[pair[0]], 0))  # stable: by score
     found, missing = [], []
-    for i, score in zip(indices, scores):
+    for i, score in ranked:
         rel = index.paths[i]
         try:
             found.append((load_image(Path(index.root) / rel)[None], rel, score))

@@ -4,6 +4,7 @@ import logging
 
 from ..bridges import llm_text
 from ..bridges.errors import InputError
+from ..bridges.conversation import ASSISTANT, USER, Conversation, Picture, Turn
 from ..engine import beyond_clip as beyond_clip_engine
 from ..engine import llm as llm_engine
 from ..engine.conditioning import guard_family, zero_conditioning_like
@@ -14,7 +15,17 @@ from ..loaders.mappers import load_mapper
 from ..loaders.repadapters import KIND as REPADAPTER_KIND
 from ..loaders.repadapters import MODES, apply_repadapter, load_repadapter
 from ..loaders.text_encoders import from_clip
-from .common import CACHE_TO_DISK, CATEGORY, LLM_TYPE, MAPPER_TYPE, REPADAPTER_TYPE, Progress, ui_text
+from .common import (
+    CACHE_TO_DISK,
+    CATEGORY,
+    CONVERSATION_TYPE,
+    LLM_TYPE,
+    MAPPER_TYPE,
+    REPADAPTER_TYPE,
+    Progress,
+    execution_blocker,
+    ui_text,
+)
 
 log = logging.getLogger(__name__)
 NEGATIVE_MODES = ("encode negative text", "zeros")
@@ -256,11 +267,17 @@ class ChatOrDrawRouter:
                 "max_new_tokens": ("INT", {"default": 128, "min": 1, "max": 4096}),
                 "template": (llm_text.TEMPLATES, {"default": "none"}),
             },
-            "optional": {"model": ("MODEL",)},
+            "optional": {
+                "model": ("MODEL",),
+                "conversation": (CONVERSATION_TYPE, {
+                    "tooltip": "The conversation so far: chat answers read its earlier turns, and a drawing request "
+                               "is encoded with the user's earlier turns before it (as many as fit the mapper's "
+                               "tokens)"}),
+            },
         }
 
-    RETURN_TYPES = ("CONDITIONING", "CONDITIONING", "STRING", "STRING", "FLOAT")
-    RETURN_NAMES = ("positive", "negative", "answer", "route", "p_draw")
+    RETURN_TYPES = ("CONDITIONING", "CONDITIONING", "STRING", "STRING", "FLOAT", CONVERSATION_TYPE)
+    RETURN_NAMES = ("positive", "negative", "answer", "route", "p_draw", "conversation")
     OUTPUT_NODE = True
     FUNCTION = "run"
     CATEGORY = CATEGORY
@@ -274,33 +291,37 @@ class ChatOrDrawRouter:
             return folders.not_found_message("router file", router, choices, f"models/{folders.BRIDGES}")
         return True
 
-    def run(self, llm, mapper, router, prompt, max_new_tokens, template, model=None):
+    def run(self, llm, mapper, router, prompt, max_new_tokens, template, model=None, conversation=None):
         if not prompt.strip():
             raise InputError("the prompt is empty: write a question or a picture description")
+        history = conversation if conversation is not None else Conversation()
         route, p = _load_router(router).predict(prompt)
         p_draw = p if route == "draw" else 1.0 - p
+        notes, answer = [], ""
         if route == "chat":
-            answer = chat_reply(llm, prompt, max_new_tokens, template)
-            blocked = _execution_blocker()
-            if blocked is not None:
-                return {"ui": {"text": [answer]}, "result": (blocked, blocked, answer, route, p_draw)}
-            log.info("Beyond CLIP: routed to chat; this ComfyUI cannot skip the image branch, so it is encoded too")
+            progress = Progress(max_new_tokens)
+            answer, dropped = llm_engine.chat_after(llm, history, prompt, max_new_tokens=max_new_tokens,
+                                                    template=template, on_token=progress.step)
+            if dropped:
+                notes.append(f"the oldest {dropped} exchange(s) did not fit the LLM's context and were left out")
+                log.warning("Beyond CLIP chat: %s", notes[-1])
+            reply = Turn(ASSISTANT, (answer,))
         else:
-            answer = ""
-        positive, negative = encode_pair(llm, mapper, prompt, "", NEGATIVE_MODES[0], mapper.config.hidden_layer,
+            reply = Turn(ASSISTANT, (Picture(None, "generated", "drawn by Beyond CLIP"),))
+        updated = Conversation(turns=history.turns + (Turn(USER, (prompt.strip(),)), reply), notes=tuple(notes))
+        if route == "chat":
+            blocked = execution_blocker()
+            if blocked is not None:
+                return {"ui": {"text": [answer]}, "result": (blocked, blocked, answer, route, p_draw, updated)}
+            log.info("Beyond CLIP: routed to chat; this ComfyUI cannot skip the image branch, so it is encoded too")
+        text, used = beyond_clip_engine.drawing_request(llm, mapper, history, prompt, template)
+        positive, negative = encode_pair(llm, mapper, text, "", NEGATIVE_MODES[0], mapper.config.hidden_layer,
                                          template, model=model)
-        shown = answer if route == "chat" else f"(route: draw, p_draw={p_draw:.2f})"
+        shown = answer if route == "chat" else (
+            f"(route: draw, p_draw={p_draw:.2f}" + (f"; with {used} earlier turn(s) of the conversation)" if used
+                                                   else ")"))
         return {"ui": {"text": [shown]},
-                "result": (positive, negative, answer, route, p_draw)}
-
-
-def _execution_blocker():
-    """ComfyUI (Aug 2024 on) skips every node downstream of an ExecutionBlocker; older hosts have none."""
-    try:
-        from comfy_execution.graph import ExecutionBlocker
-    except ImportError:
-        return None
-    return ExecutionBlocker(None)
+                "result": (positive, negative, answer, route, p_draw, updated)}
 
 
 NODE_CLASS_MAPPINGS = {

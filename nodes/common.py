@@ -1,6 +1,7 @@
 """What every node family shares: the menu, socket types, progress and the disk-cache input."""
 import comfy.model_management as mm
 import comfy.utils
+import torch
 
 from ..loaders import encode_cache
 
@@ -18,6 +19,7 @@ VLM_TYPE = "BEYOND_CLIP_MUMU_VLM"
 CONNECTOR_TYPE = "BEYOND_CLIP_MUMU_CONNECTOR"
 MUMU_IMAGES_TYPE = "BEYOND_CLIP_MUMU_IMAGES"
 MUMU_DATASET_TYPE = "BEYOND_CLIP_MUMU_DATASET"  # a built MUMU dataset folder (Build MUMU Dataset -> the MUMU trainers)
+CONVERSATION_TYPE = "BEYOND_CLIP_CONVERSATION"  # bridges.conversation.Conversation: turns of words and pictures
 # Every encoder's disk-cache input: the last optional input of the nodes that got it after their first release
 # (ComfyUI's workflow files store widget values by position); LLM Text Encode had it from the start.
 CACHE_TO_DISK = ("BOOLEAN", {"default": False, "tooltip": "also keep the encoding in output/"
@@ -54,3 +56,18 @@ class LazyProgress:
 def ui_text(text, *result):
     """A node return that shows `text` on the node and outputs `result`."""
     return {"ui": {"text": [text]}, "result": result}
+
+
+def execution_blocker():
+    """ComfyUI (Aug 2024 on) skips every node downstream of an ExecutionBlocker; older hosts have none (None)."""
+    try:
+        from comfy_execution.graph import ExecutionBlocker
+    except ImportError:
+        return None
+    return ExecutionBlocker(None)
+
+
+def placeholder_image():
+    """What an IMAGE output holds when there is nothing to give on a host that cannot skip the nodes after it: a
+    black 64x64 picture (valid for every stock image node)."""
+    return torch.zeros(1, 64, 64, 3)

@@ -1,27 +1,34 @@
 """GILL nodes: [IMG] tokens on OPT -> GILLMapper -> SD conditioning, images in the prompt, retrieval from the
-user's own images, and the generate-or-retrieve decision with a lazy switch."""
+user's own images, the generate-or-retrieve decision with a lazy switch, and GILL's dialogue (the LLM writes a reply
+and shows pictures where it writes [IMG0])."""
 import logging
 import re
 from pathlib import Path
 
 import folder_paths
+import torch
 
 from ..bridges.errors import InputError
-from ..bridges.gill import PLACEHOLDER, RETRIEVE
+from ..bridges.gill import GENERATE, PLACEHOLDER, RETRIEVE
+from ..bridges.gill_dialogue import DecodeOptions
 from ..engine import gill as gill_engine
-from ..engine.conditioning import check_fits_model, guard_family
+from ..engine import gill_dialogue
+from ..engine.conditioning import check_fits_model, conditioning, guard_family
 from ..loaders import folders
 from ..loaders import gill as gill_files
 from ..loaders import training_inputs as inputs
 from .common import (
     CACHE_TO_DISK,
     CATEGORY,
+    CONVERSATION_TYPE,
     GILL_IMG_STATES_TYPE,
     GILL_INDEX_TYPE,
     GILL_TYPE,
     LLM_TYPE,
     LazyProgress,
     Progress,
+    execution_blocker,
+    placeholder_image,
     ui_text,
 )
 
@@ -263,6 +270,102 @@ class GILLGenerateOrRetrieve:
         return ui_text(f"{decision} (p_retrieve={p:.3f}, threshold={threshold:.2f})", image, decision, p)
 
 
+class GILLDialogue:
+    """One turn of a conversation with GILL. Chain them (conversation -> conversation) for several turns."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "llm": (LLM_TYPE, {"tooltip": "OPT-6.7B (facebook/opt-6.7b) from models/LLM, as GILL was trained"}),
+                "gill": (GILL_TYPE,),
+                "message": ("STRING", {"multiline": True, "default": "",
+                                       "tooltip": f"Your turn. Write {PLACEHOLDER} where each connected picture goes "
+                                                  f"(or none: the pictures come before the text). Sent to GILL as "
+                                                  f"'Q: <message>\\nA:'"}),
+                "max_new_tokens": ("INT", {"default": 32, "min": 1, "max": 2048,
+                                           "tooltip": "Most steps of the reply (a picture's eight [IMG] tokens are one "
+                                                      "step); it also ends at a newline"}),
+                "min_word_tokens": ("INT", {"default": 0, "min": 0, "max": 2048,
+                                            "tooltip": "No picture before this many steps"}),
+                "ret_scale_factor": ("FLOAT", {"default": 1.3, "min": 0.0, "max": 1000.0, "step": 0.1,
+                                               "tooltip": "Above 1: the [IMG0] logit becomes |logit| x factor, so "
+                                                          "GILL shows pictures more often (1.3 in GILL's demo)"}),
+                "gen_scale_factor": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1000.0, "step": 0.1,
+                                               "tooltip": "Applied after ret_scale_factor, the same way"}),
+                "temperature": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 5.0, "step": 0.05,
+                                          "tooltip": "0: greedy (the same reply every time); above 0: sampled with "
+                                                     "the seed"}),
+                "top_p": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
+                                    "tooltip": "With temperature > 0: sample among the most likely tokens that "
+                                               "together reach this probability"}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF}),
+                "max_pictures": ("INT", {"default": 1, "min": 0, "max": 16,
+                                         "tooltip": "Most pictures in one reply; after them GILL writes words only "
+                                                    "(0: words only)"}),
+                "threshold": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
+                                        "tooltip": "With an index: retrieve when the decision model's P(retrieve) "
+                                                   ">= threshold, else generate. Without an index: generate"}),
+            },
+            "optional": {
+                "conversation": (CONVERSATION_TYPE, {"tooltip": "The conversation so far (from the previous turn, "
+                                                                "Reply Pictures, or Load Conversation)"}),
+                "images": ("IMAGE", {"tooltip": "Your pictures for this turn (a batch; combine several with 'Batch "
+                                                "Images')"}),
+                "clip_vision": ("CLIP_VISION", {"tooltip": "CLIP ViT-L/14 (clip-vit-large-patch14): needed as soon as "
+                                                           "the conversation holds a picture"}),
+                "index": (GILL_INDEX_TYPE, {"tooltip": "Your images to retrieve from (Build Image Index)"}),
+                "model": ("MODEL", {"tooltip": "Connect the MODEL you sample with to check the mapper fits it"}),
+            },
+        }
+
+    RETURN_TYPES = ("STRING", "CONDITIONING", "IMAGE", "FLOAT", "STRING", CONVERSATION_TYPE)
+    RETURN_NAMES = ("reply", "conditioning", "retrieved", "score", "decision", "conversation")
+    OUTPUT_IS_LIST = (False, True, True, True, True, False)
+    FUNCTION = "reply"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("GILL answers your message after the conversation so far: the frozen LLM writes its reply and, "
+                   "where it writes [IMG0], shows a picture, retrieved from your index or generated (conditioning for the "
+                   "KSampler) as its decision model says. Lists per picture: conditioning (the generated ones), "
+                   "retrieved image and score, decision. Where ComfyUI can skip a branch (Aug 2024 on), a reply "
+                   "without a picture to generate runs no sampler. Feed the sampler's pictures back with Reply "
+                   "Pictures so the next turn sees them.")
+
+    def reply(self, llm, gill, message, max_new_tokens, min_word_tokens, ret_scale_factor, gen_scale_factor,
+              temperature, top_p, seed, max_pictures, threshold, conversation=None, images=None, clip_vision=None,
+              index=None, model=None):
+        cfg = gill.config
+        if model is not None:
+            check_fits_model(model, cfg.out_dim, cfg.pooled_dim, gill.describe())
+        opts = DecodeOptions(max_new_tokens=max_new_tokens, min_word_tokens=min_word_tokens,
+                             ret_scale_factor=ret_scale_factor, gen_scale_factor=gen_scale_factor,
+                             temperature=temperature, top_p=top_p, seed=seed, max_pictures=max_pictures)
+        blocked = execution_blocker()
+        progress = Progress(max_new_tokens)
+        turn = gill_dialogue.reply(llm, gill, conversation, message, opts, images=images, clip_vision=clip_vision,
+                                   index=index, threshold=threshold, progress=lambda done, total: progress.step(done))
+        pictures = turn.pictures
+        generate = [guard_family(p.conditioning, gill.describe()) for p in pictures if p.decision == GENERATE]
+        retrieved = [p.retrieved for p in pictures if p.retrieved is not None]
+        scores = [p.score for p in pictures if p.score is not None]
+        decisions = [p.decision for p in pictures]
+        if blocked is not None:  # nothing to sample or show: the branches after these outputs do not run
+            generate, retrieved, scores, decisions = (v or [blocked] for v in (generate, retrieved, scores, decisions))
+        else:  # this ComfyUI runs every branch: each output gets something valid that shows nothing
+            if not generate:
+                log.info("GILL dialogue: no picture to generate, but this ComfyUI cannot skip the sampler branch: "
+                         "it samples zero conditioning, and Reply Pictures shows a black placeholder")
+                generate = [conditioning(torch.zeros(1, cfg.out_tokens, cfg.out_dim),
+                                         torch.zeros(1, cfg.pooled_dim) if cfg.pooled_dim else None)]
+            retrieved, scores, decisions = retrieved or [placeholder_image()], scores or [0.0], decisions or ["none"]
+        lines = [turn.reply or "(an empty reply)"]
+        lines += [f"[picture {k + 1}] {p.describe()}" for k, p in enumerate(pictures)]
+        if turn.dropped_turns:
+            lines.append(f"(the oldest {turn.dropped_turns} turn(s) did not fit the LLM's context and were left out)")
+        return {"ui": {"text": ["\n".join(lines)]},
+                "result": (turn.reply, generate, retrieved, scores, decisions, turn.conversation)}
+
+
 NODE_CLASS_MAPPINGS = {
     "BeyondCLIP_GILLLoader": GILLLoader,
     "BeyondCLIP_GILLConvert": GILLConvert,
@@ -270,6 +373,7 @@ NODE_CLASS_MAPPINGS = {
     "BeyondCLIP_GILLBuildIndex": GILLBuildIndex,
     "BeyondCLIP_GILLRetrieve": GILLRetrieve,
     "BeyondCLIP_GILLGenerateOrRetrieve": GILLGenerateOrRetrieve,
+    "BeyondCLIP_GILLDialogue": GILLDialogue,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "BeyondCLIP_GILLLoader": "Load GILL (GILL)",
@@ -278,4 +382,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "BeyondCLIP_GILLBuildIndex": "Build Image Index (GILL)",
     "BeyondCLIP_GILLRetrieve": "Retrieve Images (GILL)",
     "BeyondCLIP_GILLGenerateOrRetrieve": "Generate or Retrieve (GILL)",
+    "BeyondCLIP_GILLDialogue": "GILL Dialogue (GILL)",
 }

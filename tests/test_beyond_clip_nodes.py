@@ -155,8 +155,9 @@ def test_router_answers_chat_and_draws_draw(host, tiny_llama, mapper_files):
     g["4"]["inputs"]["prompt"] = "a watercolor painting of a fox in the snow"
     host.reset_cache()
     ui = host.run(g)
-    positive, negative, answer, route, p_draw = host.node_output("4")
+    positive, negative, answer, route, p_draw, conversation = host.node_output("4")
     assert route == "draw" and p_draw > 0.5 and answer == ""
+    assert [t.role for t in conversation.turns] == ["user", "assistant"] and conversation.pending() == [(1, 0)]
     assert positive[0][0].shape == (1, 77, 768)
     assert len(host.saved_images(ui)) == 1
 

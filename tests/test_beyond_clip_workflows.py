@@ -84,7 +84,7 @@ def test_router_workflow_draws_a_picture_request_and_answers_a_question(host, pa
         ui = host.run(prompt)
         return prompt, ui, host.node_output(node_of(prompt, "BeyondCLIP_Assistant"))
 
-    prompt, ui, (positive, _, answer, route, p_draw) = run("Draw a cozy cabin in a snowy pine forest at night")
+    prompt, ui, (positive, _, answer, route, p_draw, _) = run("Draw a cozy cabin in a snowy pine forest at night")
     assert route == "draw" and p_draw > 0.5 and positive[0][0].shape == (1, 77, 768)
     assert len(host.saved_images(ui)) == 1
     with Image.open(host.saved_images(ui)[0]) as drawn:
@@ -94,7 +94,7 @@ def test_router_workflow_draws_a_picture_request_and_answers_a_question(host, pa
     apply_id = node_of(prompt, "BeyondCLIP_ApplyRepAdapter")
     assert host.node_output(apply_id)[0].adapter.mode == "merged"
 
-    prompt, ui, (_, _, answer, route, p_draw) = run("How many moons does Mars have?")
+    prompt, ui, (_, _, answer, route, p_draw, _) = run("How many moons does Mars have?")
     assert route == "chat" and p_draw < 0.5 and isinstance(answer, str)
     assert ui[node_of(prompt, "BeyondCLIP_Assistant")]["text"] == [answer]
     assert bool(host.saved_images(ui)) != host.supports_execution_blocker()
