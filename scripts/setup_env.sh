@@ -25,7 +25,9 @@ done
 if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
-PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+# --no-compile: pip would byte-compile every file of torch (a third of the install's time); Python compiles the
+# modules it imports, once, when it first imports them.
+PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-compile)
 # shellcheck disable=SC2086
 "${PIP[@]}" $TORCH_PACKAGES
 COMFYUI=$("$VENV/bin/python" scripts/get_comfyui.py)
