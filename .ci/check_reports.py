@@ -55,7 +55,7 @@ def main(argv=None):
             problems.append(f"{name}: no test passed (ran {len(results)})")
         for test_id, (outcome, message) in results.items():
             if outcome == "failed":
-                problems.append(f"{name}: {test_id} failed: {message[:200]}")
+                problems.append(f"{name}: {test_id} failed: {' '.join(message.split())[:300]}")
             elif outcome == "skipped" and "could not import" in message:
                 problems.append(f"{name}: {test_id} skipped for a missing module ({message}); CI installs them all")
     hosts = [spec.partition("=")[0] for spec in args.host]
