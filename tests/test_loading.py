@@ -4,6 +4,9 @@ Every state-dict tensor, buffer, config and generation config must be identical,
 Llama (untied, tied, sharded), OPT (tied) and Idefics2, in the file's dtype (memory-mapped) and in another one
 (converted), and through the copying reader used where memory maps are not; a checkpoint that does not match
 falls back to from_pretrained; a truncated or corrupt file is a LoadError naming the file.
+
+The direct reader needs transformers 5; on older ones it declines and the loaders use from_pretrained: the tests
+of the reader itself skip there, those of the loaders (same model as from_pretrained, same messages) run on both.
 """
 import json
 import logging
@@ -17,6 +20,16 @@ from conftest import pack_module
 
 DIRECT = "loaded directly"
 FALLBACK = "loading with transformers' from_pretrained"
+
+
+def _transformers_major():
+    import transformers
+    return int(transformers.__version__.split(".")[0])
+
+
+needs_transformers_5 = pytest.mark.skipif(
+    _transformers_major() < 5,
+    reason="the direct weight reader needs transformers 5 (older ones load with from_pretrained: see the loader tests)")
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +90,10 @@ def assert_same_model(got, ref, skip=()):
 
 
 def from_pretrained(cls, folder, dtype):
-    return cls.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
+    import transformers
+    from packaging.version import Version
+    dtype_arg = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+    return cls.from_pretrained(str(folder), local_files_only=True, **{dtype_arg: dtype})
 
 
 def in_file_map(tensor, file) -> bool:
@@ -92,6 +108,7 @@ def in_file_map(tensor, file) -> bool:
     return False
 
 
+@needs_transformers_5
 @pytest.mark.parametrize("arch", ["llama", "llama-tied", "llama-sharded", "llama-bf16", "opt"])
 @pytest.mark.parametrize("dtype,use_mmap", [(torch.float32, True), (torch.bfloat16, True), (torch.float32, False),
                                             (torch.bfloat16, False)])
@@ -122,9 +139,10 @@ def test_causal_lm_equals_from_pretrained(direct, folders, arch, dtype, use_mmap
         assert any(in_file_map(weight, f) for f in files) == (use_mmap and dtype == file_dtype)
 
 
+@needs_transformers_5
 def test_idefics2_equals_from_pretrained(host, pack, direct, tiny_idefics2):
     """The whole Idefics2Model (the LM head of the released checkpoint skipped, as from_pretrained drops it), in the
-    file's dtype and converted; then load_idefics2 (without the perceiver) against from_pretrained's model."""
+    file's dtype and converted."""
     from transformers import Idefics2Model
     folder = host.models_dir / "LLM" / tiny_idefics2
     for dtype in (torch.float32, torch.float16):
@@ -133,8 +151,17 @@ def test_idefics2_equals_from_pretrained(host, pack, direct, tiny_idefics2):
         assert_same_model(got, from_pretrained(Idefics2Model, folder, dtype))
     assert direct.load_pretrained(Idefics2Model, folder, torch.float32) is None, "lm_head is not in Idefics2Model"
 
+
+def test_load_idefics2_equals_from_pretrained(host, pack, direct, tiny_idefics2, caplog, tmp_path):
+    """load_idefics2 (without the perceiver) against from_pretrained's model: read directly on transformers 5,
+    by from_pretrained on older ones, the same model either way."""
+    from transformers import Idefics2Model
+    folder = tmp_path / "idefics2"  # a folder of its own: not one another test already loaded (and cached)
+    shutil.copytree(host.models_dir / "LLM" / tiny_idefics2, folder)
     files = pack_module(pack, "loaders.mumu")
-    vlm = files.load_idefics2("direct-test", folder, "fp32")
+    with caplog.at_level(logging.DEBUG, logger=direct.__name__):
+        vlm = files.load_idefics2("direct-test", folder, "fp32")
+    assert (DIRECT if _transformers_major() >= 5 else FALLBACK) in caplog.text
     model, ref = vlm.inner, from_pretrained(Idefics2Model, folder, torch.float32).requires_grad_(False)
     assert model.connector.perceiver_resampler is None
     assert not any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
@@ -150,6 +177,7 @@ def test_idefics2_equals_from_pretrained(host, pack, direct, tiny_idefics2):
     assert all(torch.equal(x, y) for x, y in zip(*text))
 
 
+@needs_transformers_5
 def test_generation_config_from_config_json(direct, folders, tmp_path):
     """Without generation_config.json, from_pretrained takes the generation settings from config.json."""
     from transformers import AutoModelForCausalLM
@@ -162,16 +190,25 @@ def test_generation_config_from_config_json(direct, folders, tmp_path):
     assert got.generation_config.eos_token_id == json.loads((folder / "config.json").read_text())["eos_token_id"]
 
 
-def test_load_llm_takes_the_direct_path(pack, folders, caplog):
+@pytest.mark.parametrize("arch", ["llama", "llama-tied", "llama-sharded", "llama-bf16", "opt"])
+def test_load_llm_equals_from_pretrained(pack, folders, arch, caplog):
+    """load_llm reads directly on transformers 5 and by from_pretrained on older ones: the same model either way."""
     from transformers import AutoModelForCausalLM
-    folder = folders["llama"]
+    folder = folders[arch]
     with caplog.at_level(logging.DEBUG, logger=pack_module(pack, "loaders.direct_weights").__name__):
-        llm = pack_module(pack, "loaders.llm").load_llm("direct-path-test", folder, "fp32")
-    assert DIRECT in caplog.text and FALLBACK not in caplog.text
+        llm = pack_module(pack, "loaders.llm").load_llm(f"direct-path-test-{arch}", folder, "fp32")
+    if _transformers_major() >= 5:
+        assert DIRECT in caplog.text and FALLBACK not in caplog.text
+    else:
+        assert FALLBACK in caplog.text and "transformers older than 5" in caplog.text and DIRECT not in caplog.text
     model = llm.inner
     assert not any(p.requires_grad for p in model.parameters())
     ref = from_pretrained(AutoModelForCausalLM, folder, torch.float32).requires_grad_(False)
     assert_same_model(model, ref)
+    ids = torch.tensor([[1, 17, 40, 3, 99, 250, 7]])
+    with torch.no_grad():
+        a, b = (m(ids, output_hidden_states=True) for m in (model, ref))
+    assert torch.equal(a.logits, b.logits)
 
 
 def rewrite(file, change):
@@ -214,6 +251,7 @@ def test_a_checkpoint_that_does_not_match_falls_back(host, pack, direct, folders
     assert_same_model(llm.inner, ref)
 
 
+@needs_transformers_5
 def test_a_quantized_checkpoint_falls_back(direct, folders, tmp_path, caplog):
     from transformers import AutoModelForCausalLM
     folder = tmp_path / "quantized"

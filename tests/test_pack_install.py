@@ -3,6 +3,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import PACK_DIR, pack_module
 
 BOOT = r"""
@@ -46,6 +48,44 @@ def test_requirements_never_install_torch():
     for line in (PACK_DIR / "requirements.txt").read_text().splitlines():
         name = line.split("#")[0].strip().split(">")[0].split("=")[0].split("<")[0].strip().lower()
         assert name not in {"torch", "torchvision", "torchaudio"}, line
+
+
+def _requirement_lines(path):
+    return sorted(line.split("#")[0].strip() for line in path.read_text().splitlines() if line.split("#")[0].strip())
+
+
+def test_requirements_txt_and_pyproject_list_the_same_dependencies():
+    """ComfyUI-Manager installs requirements.txt, the Comfy Registry reads pyproject.toml: they must agree."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((PACK_DIR / "pyproject.toml").read_text())["project"]
+    assert sorted(project["dependencies"]) == _requirement_lines(PACK_DIR / "requirements.txt")
+
+
+def test_registry_fields_are_set():
+    """What `comfy node validate` / the Comfy Registry read (comfy-cli's extract_node_configuration)."""
+    tomllib = pytest.importorskip("tomllib")
+    data = tomllib.loads((PACK_DIR / "pyproject.toml").read_text())
+    project, comfy = data["project"], data["tool"]["comfy"]
+    assert project["name"] and project["description"] and project["version"]
+    assert project["license"] and (PACK_DIR / "LICENSE").is_file()
+    assert project["urls"]["Repository"] and comfy["PublisherId"] and comfy["DisplayName"]
+
+
+def test_the_published_pack_never_installs_or_downloads():
+    """No package manager or download in the code the registry archive carries (.comfyignore keeps tests/, scripts/,
+    benchmarks/ and CI out): the runner finds a ComfyUI but never fetches one."""
+    kept_out = {"tests", "scripts", "benchmarks", ".ci"}
+    shipped = [p for p in PACK_DIR.rglob("*.py")
+               if p.relative_to(PACK_DIR).parts[0] not in kept_out and not p.relative_to(PACK_DIR).parts[0].startswith(".")]
+    assert shipped
+    for path in shipped:
+        text = path.read_text()
+        for needle in ('"pip"', "'pip'", "pip download", "ensurepip", "urlretrieve", "hf_hub_download",
+                       "snapshot_download"):
+            assert needle not in text, f"{path.relative_to(PACK_DIR)} contains {needle}"
+    ignored = (PACK_DIR / ".comfyignore").read_text().split()
+    for folder in ("tests/", "scripts/", "benchmarks/", ".ci/"):
+        assert folder in ignored
 
 
 def test_shipped_ui_workflow_converts_with_the_host_node_definitions(host, pack):

@@ -20,6 +20,15 @@ def state_dict_bytes(module):
     return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
 
+def skip_unless_releases_run(pack, kind):
+    """Skip, naming the versions, where this transformers or bitsandbytes cannot run the choice here (CI's oldest
+    release set); test_too_old_releases_are_named checks the loader's message on every release."""
+    import comfy.model_management as mm
+    needs = pack_module(pack, "loaders.llm").quantization_needs(CHOICES[kind], mm.text_encoder_device())
+    if needs:
+        pytest.skip(f"{CHOICES[kind]} needs {needs}")
+
+
 def cosine(a, b):
     return torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()
 
@@ -27,6 +36,7 @@ def cosine(a, b):
 @pytest.mark.parametrize("kind", ["int8", "nf4"])
 def test_quantized_llm_is_accounted_at_its_packed_size_and_encodes_like_fp32(host, pack, tiny_llama, mapper_files, kind):
     import comfy.model_management as mm
+    skip_unless_releases_run(pack, kind)
     llm_mod = pack_module(pack, "loaders.llm")
     g = encode_graph(tiny_llama, mapper_files["sdxl"], prompt="a tern over the waves")
     full = positive_tokens(host, g)
@@ -68,6 +78,7 @@ def test_quantized_llm_is_accounted_at_its_packed_size_and_encodes_like_fp32(hos
 
 
 def test_shipped_nf4_workflow_end_to_end(host, pack, tiny_llama, mapper_files):
+    skip_unless_releases_run(pack, "nf4")
     prompt = workflow_prompt(host, pack, "beyond_clip_sdxl_nf4.json", arch="sdxl", llm=tiny_llama,
                              mapper=mapper_files["sdxl"], prefix="t_nf4")
     loader = node_of(prompt, "BeyondCLIP_LLMLoader")
@@ -95,7 +106,8 @@ def test_shipped_nf4_workflow_end_to_end(host, pack, tiny_llama, mapper_files):
     assert fp32_change < change
 
 
-def test_adapters_on_a_quantized_llm(host, tiny_llama, mapper_files, adapter_file):
+def test_adapters_on_a_quantized_llm(host, pack, tiny_llama, mapper_files, adapter_file):
+    skip_unless_releases_run(pack, "int8")
     g = encode_graph(tiny_llama, mapper_files["sd1"], adapter=adapter_file, mode="merged")
     g["1"]["inputs"]["dtype"] = CHOICES["int8"]
     msg = run_error(host, g)
@@ -130,3 +142,24 @@ def test_a_bitsandbytes_that_cannot_run_on_the_device_is_named(host, tiny_llama,
     msg = run_error(host, g)
     assert "bitsandbytes 0.41.0 cannot run on cpu" in msg and "CUDA Setup failed" in msg
     assert "pip install -U bitsandbytes" in msg
+
+
+@pytest.mark.parametrize("kind,transformers_version,bnb_version,needed", [
+    ("nf4", "4.52.4", "0.46.0", "transformers 4.53 or newer on the CPU"),
+    ("int8", "4.57.6", "0.48.0", "transformers 5.0 or newer on the CPU"),
+    ("int8", "5.0.0", "0.46.1", "bitsandbytes 0.48 or newer on the CPU"),
+    ("nf4", "5.0.0", "0.46.0", "bitsandbytes 0.46.1 or newer on the CPU"),
+])
+def test_too_old_releases_are_named(host, tiny_llama, mapper_files, monkeypatch, kind, transformers_version,
+                                    bnb_version, needed):
+    """Releases that load but cannot run the choice (found by running these tests on them) are refused before
+    loading, with what is needed and what is there."""
+    import transformers
+    monkeypatch.setattr(transformers, "__version__", transformers_version)
+    monkeypatch.setattr(bnb, "__version__", bnb_version)
+    g = encode_graph(tiny_llama, mapper_files["sd1"])
+    g["1"]["inputs"]["dtype"] = CHOICES[kind]
+    msg = run_error(host, g)
+    assert CHOICES[kind] in msg and needed in msg
+    assert f"transformers {transformers_version}, bitsandbytes {bnb_version}" in msg
+    assert "pip install -U transformers bitsandbytes" in msg and "fp32" in msg
