@@ -137,7 +137,10 @@ class Encode:
             "required": {
                 "idefics2": (VLM_TYPE,),
                 "connector": (CONNECTOR_TYPE,),
-                "prompt": ("STRING", {"multiline": True, "default": "a <image> man and his <image> dog"}),
+                "prompt": ("STRING", {"multiline": True, "default": "a <image> man and his <image> dog",
+                                      "tooltip": "Words with <image> (the next unnamed image) or <name> where each "
+                                                 "picture goes. ComfyUI's weights, (word:1.3), act on the words; "
+                                                 "pictures keep weight 1"}),
                 "negative_prompt": ("STRING", {"multiline": True, "default": ""}),
                 "negative": (NEGATIVE_MODES, {"default": NEGATIVE_MODES[0],
                                               "tooltip": "encode the negative text (empty = MUMU's 'no negative "
