@@ -230,7 +230,7 @@ def _read_tensor(mapped, t, dequantize, processor, names, dtype, path):
         _release_free_heap()
 
 
-CHUNK = 4 * 2**20  # bytes of float32 values dequantized at a time: what one tensor holds in flight, times ~3
+CHUNK = 2**20  # bytes of float32 values dequantized at a time: about what one tensor holds in flight, times 2-3
 
 
 def _dequantize_rows(mapped, t, data, shape, dequantize, dtype):
@@ -246,6 +246,7 @@ def _dequantize_rows(mapped, t, data, shape, dequantize, dtype):
         rows_out[first:first + step].copy_(torch.from_numpy(block).view(-1, cols))
         del block
         mapped.done(t.data_offset + min(first + step, rows_out.shape[0]) * row_bytes)
+        _release_free_heap()  # gguf's many small temporaries per chunk fragment the heap between the weights
     return out
 
 
