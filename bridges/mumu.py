@@ -12,6 +12,14 @@ No code or weights were released, so this follows the paper:
   summary does not depend on where the prompt ends or how many image tokens it holds.
 No positional embedding is added in the connector: the Idefics2 states already encode order (RoPE).
 
+Prompt weights (ComfyUI's `(word:1.3)`, parsed before the placeholders are bound; bridges/prompt_weights.py): the
+connector keeps one output token per Idefics2 token, so a weighted word's tokens move from the empty prompt's
+tokens toward their own, as the Beyond CLIP mapper's do. Weights act on words only. A picture is never weighted:
+its patch tokens and the tokens framing it keep weight 1, also where its placeholder stands inside weighted
+parentheses (`(a <man> man:1.3)` weighs "a" and "man"; `(<man>:1.3)` weighs nothing), since moving an image's
+tokens toward the empty prompt's tokens at those positions is nothing the connector was trained on. To stress
+what a picture shows, weigh the word that names it: `a <man> (man:1.3)`.
+
 Pure torch + transformers modules; no file I/O, no ComfyUI.
 """
 import re
@@ -22,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import contract, hooks
+from . import prompt_weights as weighting
 from .errors import InputError
 from .llm_text import check_text
 from .pixels import check_pixels
@@ -132,6 +141,27 @@ def bind_placeholders(text: str, names):
     return [s for s in segments if s != ""]
 
 
+def piece_weights(text: str, char_weights) -> list:
+    """For each piece bind_placeholders(text, ...) returns: the weights of a text piece's characters (char_weights:
+    one per character of `text`), None for an image."""
+    pieces, pos = [], 0
+    for match in PLACEHOLDER.finditer(text):
+        if match.start() > pos:
+            pieces.append(list(char_weights[pos:match.start()]))
+        pieces.append(None)
+        pos = match.end()
+    if len(text) > pos:
+        pieces.append(list(char_weights[pos:]))
+    return pieces
+
+
+def weighted_placeholders(text: str, char_weights) -> list:
+    """The placeholders of `text` that stand inside weighted parentheses: [(placeholder, weight)]. Their pictures
+    keep weight 1 (see the module's docstring)."""
+    return [(m.group(0), char_weights[m.start()]) for m in PLACEHOLDER.finditer(text)
+            if any(w != 1.0 for w in char_weights[m.start():m.end()])]
+
+
 # ---------------------------------------------------------------------------------------------------- images
 
 def to_rgb(image: torch.Tensor, what: str = "a reference image") -> torch.Tensor:
@@ -186,16 +216,39 @@ class Sequence:
     input_ids: torch.Tensor  # (1, L)
     spans: list  # Span per placeholder occurrence
     text_tokens: int  # tokens that are not image patches (text, BOS, the framing tokens)
+    weights: list = None  # one prompt weight per token (1.0 for images and special tokens); None: no weights
 
 
-def build_sequence(tokenizer, segments, grid: int, *, context: int) -> Sequence:
+def _weighted_ids(tokenizer, text: str, char_weights) -> tuple:
+    """(ids, one weight per id): each token takes the weight of its first non-space character."""
+    try:
+        encoded = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+        offsets = encoded["offset_mapping"]
+    except (NotImplementedError, KeyError, TypeError, ValueError):
+        raise PromptError("prompt weights like (word:1.3) need a tokenizer that knows which characters each token "
+                          "came from (a 'fast' tokenizer with a tokenizer.json); this Idefics2's tokenizer does not. "
+                          "Write the prompt without weights.") from None
+    ids = torch.tensor(list(encoded["input_ids"]), dtype=torch.long)
+    return ids, weighting.token_weights(offsets, char_weights, text)
+
+
+def build_sequence(tokenizer, segments, grid: int, *, context: int, weights=None) -> Sequence:
     """Token ids for the bound prompt: each image becomes <fake> + grid^2 x <image> + <fake>.
 
     The text is tokenized in one piece (with one <image> per image, expanded afterwards), so words split
-    exactly as in a plain prompt. Refuses a sequence longer than the model's context, with the numbers."""
+    exactly as in a plain prompt. Refuses a sequence longer than the model's context, with the numbers.
+    weights: piece_weights() of the prompt when it has weights other than 1.0 (None: the text as written); the
+    sequence then carries one weight per token, 1.0 for images and the tokens framing them."""
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    text = "".join(s if isinstance(s, str) else f"{FAKE_TOKEN}{IMAGE_TOKEN}{FAKE_TOKEN}" for s in segments)
-    ids = tokenizer(text, add_special_tokens=True, return_tensors="pt")["input_ids"][0]
+    frame = f"{FAKE_TOKEN}{IMAGE_TOKEN}{FAKE_TOKEN}"
+    text = "".join(s if isinstance(s, str) else frame for s in segments)
+    token_weights = None
+    if weights is None:
+        ids = tokenizer(text, add_special_tokens=True, return_tensors="pt")["input_ids"][0]
+    else:
+        char_weights = [w for s, piece in zip(segments, weights)
+                        for w in (piece if isinstance(s, str) else [1.0] * len(frame))]
+        ids, token_weights = _weighted_ids(tokenizer, text, char_weights)
     images = [s for s in segments if not isinstance(s, str)]
     where = (ids == image_id).nonzero().flatten().tolist()
     if len(where) != len(images):
@@ -211,14 +264,20 @@ def build_sequence(tokenizer, segments, grid: int, *, context: int) -> Sequence:
                           f"patch tokens), more than Idefics2's context of {context}. Lower image_resolution "
                           f"(at most {fit} tokens per image fit), use fewer images, or shorten the text.")
     pieces, spans, prev, offset = [], [], 0, 0
+    expanded = [] if token_weights is not None else None
     for image, at in zip(images, where):
         pieces += [ids[prev:at], torch.full((n,), image_id, dtype=ids.dtype)]
+        if expanded is not None:
+            expanded += token_weights[prev:at] + [1.0] * n
         spans.append(Span(start=at + offset, image=image, grid=grid))
         offset += n - 1
         prev = at + 1
     pieces.append(ids[prev:])
+    if expanded is not None:
+        expanded += token_weights[prev:]
     input_ids = torch.cat(pieces)[None]
-    return Sequence(input_ids=input_ids, spans=spans, text_tokens=input_ids.shape[1] - len(spans) * n)
+    return Sequence(input_ids=input_ids, spans=spans, text_tokens=input_ids.shape[1] - len(spans) * n,
+                    weights=expanded)
 
 
 def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:

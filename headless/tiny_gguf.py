@@ -8,7 +8,13 @@ def _permute(w, heads):
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(path, llm_folder, *, arch="llama", quant="Q8_0", with_tokenizer=True):
+def write_gguf(path, llm_folder, *, arch="llama", quant="Q8_0", with_tokenizer=True, name="tiny-llama", tied=False,
+               leave_out=(), extra=None):
+    """quant: a ggml type name for the 2-D weights (1-D ones stay F32, as llama.cpp keeps norms). tied: no
+    output.weight (llama.cpp leaves it out when the head is the embeddings; transformers then ties them). name:
+    general.name (llama.cpp names Mistral files 'mistral...' under the llama architecture). leave_out: tensor names
+    not written (a damaged conversion). extra: {name: tensor} written after the model's (llama.cpp adds
+    rope_freqs.weight to Llama 3 files, which transformers has no parameter for)."""
     import gguf
     import numpy as np
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -17,7 +23,7 @@ def write_gguf(path, llm_folder, *, arch="llama", quant="Q8_0", with_tokenizer=T
     tokenizer = AutoTokenizer.from_pretrained(str(llm_folder), local_files_only=True)
     c = model.config
     writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_name("tiny-llama")
+    writer.add_name(name)
     writer.add_context_length(c.max_position_embeddings)
     writer.add_embedding_length(c.hidden_size)
     writer.add_block_count(c.num_hidden_layers)
@@ -44,12 +50,14 @@ def write_gguf(path, llm_folder, *, arch="llama", quant="Q8_0", with_tokenizer=T
         writer.add_add_bos_token(True)
     qtype = getattr(gguf.GGMLQuantizationType, quant)
 
-    def add(name, tensor):
+    def add(tensor_name, tensor):
+        if tensor_name in leave_out:
+            return
         array = tensor.detach().float().numpy()
         if array.ndim == 2 and quant != "F32":
-            writer.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+            writer.add_tensor(tensor_name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
         else:
-            writer.add_tensor(name, array.astype(np.float32))
+            writer.add_tensor(tensor_name, array.astype(np.float32))
 
     sd = model.state_dict()
     add("token_embd.weight", sd["model.embed_tokens.weight"])
@@ -65,7 +73,10 @@ def write_gguf(path, llm_folder, *, arch="llama", quant="Q8_0", with_tokenizer=T
         add(f"blk.{i}.attn_norm.weight", sd[p + "input_layernorm.weight"])
         add(f"blk.{i}.ffn_norm.weight", sd[p + "post_attention_layernorm.weight"])
     add("output_norm.weight", sd["model.norm.weight"])
-    add("output.weight", sd["lm_head.weight"])
+    if not tied:
+        add("output.weight", sd["lm_head.weight"])
+    for tensor_name, tensor in (extra or {}).items():
+        add(tensor_name, tensor)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

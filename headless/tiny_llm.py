@@ -36,8 +36,10 @@ def build_tokenizer(vocab_size: int = 384):
 
 
 def write_llm_folder(folder, arch: str = "llama", seed: int = 0, hidden_size: int = 64, layers: int = 2,
-                     context: int = 128) -> Path:
-    """A small causal LM folder (config.json, model.safetensors, tokenizer files) for `arch` llama, mistral or opt."""
+                     context: int = 128, vocab_size: int = None) -> Path:
+    """A small causal LM folder (config.json, model.safetensors, tokenizer files) for `arch` llama, mistral or opt.
+    vocab_size: rows of the embeddings (default: the tokenizer's size; more, as models that pad their vocabulary
+    have, gives the embeddings a real LLM's share of the weights)."""
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, OPTConfig, OPTForCausalLM
 
     folder = Path(folder)
@@ -45,19 +47,20 @@ def write_llm_folder(folder, arch: str = "llama", seed: int = 0, hidden_size: in
     tokenizer = build_tokenizer()
     ids = {k.replace("_token", "_token_id"): tokenizer.convert_tokens_to_ids(v) for k, v in SPECIAL.items()
            if k != "unk_token"}
+    vocab = vocab_size or len(tokenizer)
     torch.manual_seed(seed)
     if arch == "llama":
-        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        config = LlamaConfig(vocab_size=vocab, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                              num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                              max_position_embeddings=context, **ids)
         model = LlamaForCausalLM(config)
     elif arch == "mistral":  # the same shapes as llama: only the architecture and the weights differ
-        config = MistralConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        config = MistralConfig(vocab_size=vocab, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                                num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                                max_position_embeddings=context, **ids)
         model = MistralForCausalLM(config)
     elif arch == "opt":
-        config = OPTConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, ffn_dim=2 * hidden_size,
+        config = OPTConfig(vocab_size=vocab, hidden_size=hidden_size, ffn_dim=2 * hidden_size,
                            num_hidden_layers=layers, num_attention_heads=4, word_embed_proj_dim=hidden_size,
                            max_position_embeddings=context, **ids)
         model = OPTForCausalLM(config)

@@ -16,7 +16,7 @@ import transformers
 from packaging.version import Version
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from . import direct_weights, pickles
+from . import direct_weights, gguf_weights, pickles
 from . import patcher as patching
 from .encode_cache import file_identity
 from .errors import LoadError
@@ -446,9 +446,14 @@ def _load_gguf_now(name, path, dtype, info, progress) -> LoadedLLM:
     progress and progress(2)
     model = None
     try:
-        # transformers dequantizes tensor by tensor into `dtype`: the model's memory is the dequantized size
-        # (info.dequantized_elements x dtype bytes), which is what ComfyUI counts once it is wrapped
-        model = from_pretrained(AutoModelForCausalLM, folder, dtype, gguf_file=file)
+        # dequantized into `dtype`: the model's memory is the dequantized size (info.dequantized_elements x dtype
+        # bytes), which is what ComfyUI counts once it is wrapped. Read tensor by tensor when gguf_weights can
+        # (transformers' own load holds the whole file's pages and the whole state dict at once).
+        model = gguf_weights.load_gguf(AutoModelForCausalLM, path, dtype)
+        if model is None:
+            model = from_pretrained(AutoModelForCausalLM, folder, dtype, gguf_file=file)
+    except LoadError:
+        raise
     except Exception as e:  # transformers, gguf and numpy raise many kinds here
         raise LoadError(f"the weights in {path} could not be dequantized ({type(e).__name__}: {str(e)[:200]}). The "
                         f"file is truncated or corrupt, or holds a variant of '{info.architecture}' transformers does "

@@ -142,7 +142,9 @@ class Encode:
                 "prompt": ("STRING", {"multiline": True, "default": "a <image> man and his <image> dog",
                                       "tooltip": "Words, with <image> (the next unnamed reference image) or <name> "
                                                  "before the word each image shows. A '<' right before a letter or "
-                                                 "digit starts a placeholder; beside a space it stays text"}),
+                                                 "digit starts a placeholder; beside a space it stays text. "
+                                                 "ComfyUI's weights, (word:1.3), act on the words; pictures keep "
+                                                 "weight 1"}),
                 "negative_prompt": ("STRING", {"multiline": True, "default": ""}),
                 "negative": (NEGATIVE_MODES, {"default": NEGATIVE_MODES[0],
                                               "tooltip": "encode the negative text (empty = MUMU's 'no negative "
