@@ -18,6 +18,8 @@ from PIL import Image
 from torch import nn
 from transformers import Blip2QFormerConfig, Blip2QFormerModel, Blip2VisionConfig, Blip2VisionModel
 
+from .errors import InputError
+
 NUM_CODES = 32  # codes per image in SEED v1 (the causal Q-Former's query count)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -216,6 +218,20 @@ def preprocess(images: torch.Tensor, size: int) -> torch.Tensor:
     return (x - mean) / std
 
 
+# Codes as text, written as SEED's later release writes them for its LLM (SEED-LLaMA, AILab-CVC/SEED main branch,
+# MultiModalLLM/eval/eval_vqa.py): <img> opens an image, <img_00000>..<img_08191> are its codes, </img> closes it.
+BOI_TOKEN = "<img>"
+EOI_TOKEN = "</img>"
+CODE_TOKEN = "<img_{:05d}>"
+MAX_CODE_DIGITS = 9  # longer digit strings are no code of any codebook (and int() refuses 4300+ digits)
+_TEXT_TOKEN = re.compile(r"<img>|</img>|<img_([0-9]+)>")
+
+
+def codes_text(row) -> str:
+    """One image's codes as one line: <img><img_00012>...<img_08001></img>."""
+    return BOI_TOKEN + "".join(CODE_TOKEN.format(int(c)) for c in row) + EOI_TOKEN
+
+
 @dataclass
 class SeedCodes:
     """What the SEED_TOKENS socket carries: one row of codes per image (int64, CPU)."""
@@ -224,43 +240,112 @@ class SeedCodes:
 
     def __post_init__(self):
         if self.codes.ndim != 2 or self.codes.shape[0] == 0:
-            raise ValueError(f"SEED codes must be (images, {NUM_CODES}); got shape {tuple(self.codes.shape)}")
+            raise InputError(f"SEED codes must be (images, {NUM_CODES}); got shape {tuple(self.codes.shape)}")
         self.codes = self.codes.detach().to("cpu", torch.int64)
 
     def text(self) -> str:
-        return "\n".join(" ".join(str(int(c)) for c in row) for row in self.codes)
+        """One line per image, in SEED-LLaMA's token form (parse_codes reads it back)."""
+        return "\n".join(codes_text(row) for row in self.codes)
+
+
+def _code_value(digits: str, number: int, count: int) -> int:
+    if len(digits) > MAX_CODE_DIGITS:
+        raise InputError(f"line {number}: {digits[:12]}... is no SEED code; codes are whole numbers from 0 to 8191, "
+                         f"{count} per image")
+    return int(digits)
+
+
+def _token_images(line: str, number: int, count: int) -> list:
+    """The images of one line in token form: <img><img_N>...</img> blocks (several allowed), or bare <img_N>
+    tokens making one image. Whitespace between tokens is allowed; anything else is an error naming it."""
+    images, current, blocks, bare, pos = [], None, 0, [], 0
+    for m in _TEXT_TOKEN.finditer(line):
+        gap = line[pos:m.start()]
+        if gap.strip():
+            raise InputError(f"line {number}: {gap.strip()[:40]!r} is not part of SEED codes; write {BOI_TOKEN}, "
+                             f"{count} tokens like {CODE_TOKEN.format(42)} and {EOI_TOKEN} per image")
+        pos = m.end()
+        token = m.group(0)
+        if token == BOI_TOKEN:
+            if current is not None:
+                raise InputError(f"line {number}: {BOI_TOKEN} opens an image inside another; close the first with "
+                                 f"{EOI_TOKEN}")
+            if bare:
+                raise InputError(f"line {number}: codes before {BOI_TOKEN}; put every code inside "
+                                 f"{BOI_TOKEN}...{EOI_TOKEN}")
+            current = []
+        elif token == EOI_TOKEN:
+            if current is None:
+                raise InputError(f"line {number}: {EOI_TOKEN} without {BOI_TOKEN} before it")
+            images.append(current)
+            blocks += 1
+            current = None
+        else:
+            value = _code_value(m.group(1), number, count)
+            if current is not None:
+                current.append(value)
+            elif blocks:
+                raise InputError(f"line {number}: codes after {EOI_TOKEN}; put every code inside "
+                                 f"{BOI_TOKEN}...{EOI_TOKEN}")
+            else:
+                bare.append(value)
+    rest = line[pos:]
+    if rest.strip():
+        raise InputError(f"line {number}: {rest.strip()[:40]!r} is not part of SEED codes; write {BOI_TOKEN}, "
+                         f"{count} tokens like {CODE_TOKEN.format(42)} and {EOI_TOKEN} per image")
+    if current is not None:
+        raise InputError(f"line {number}: {BOI_TOKEN} is never closed; end the image with {EOI_TOKEN}")
+    if bare:
+        images.append(bare)
+    for i, row in enumerate(images):
+        if len(row) != count:
+            where = f"image {i + 1} of line {number}" if len(images) > 1 else f"line {number}"
+            raise InputError(f"{where} has {len(row)} codes; an image takes exactly {count} SEED codes")
+    return images
+
+
+def _number_image(line: str, number: int, count: int) -> list:
+    line = line.strip("[]()").strip()
+    items = [t for t in re.split(r"[\s,;]+", line.replace("[", " ").replace("]", " ")) if t]
+    row = []
+    for item in items:
+        if not re.fullmatch(r"[0-9]+", item):
+            raise InputError(f"line {number}: {item[:40]!r} is not a code; SEED codes are whole numbers from 0 to "
+                             f"8191, {count} per line (or {BOI_TOKEN}{CODE_TOKEN.format(42)}...{EOI_TOKEN})")
+        row.append(_code_value(item, number, count))
+    if len(row) != count:
+        raise InputError(f"line {number} has {len(row)} codes; an image takes exactly {count} SEED codes")
+    return row
 
 
 def parse_codes(text: str, count: int = NUM_CODES) -> torch.Tensor:
-    """One image per line, `count` non-negative integers separated by spaces or commas ([ ] allowed)."""
+    """SEED codes written as text, one image per line, in either form:
+    - SEED-LLaMA's tokens: <img><img_00012>...</img> (what SEED Tokenize and the SEED-LLM nodes write; several
+      images on a line are allowed, and bare <img_N> tokens without the markers make one image);
+    - `count` whole numbers separated by spaces or commas ([ ] allowed), as earlier versions wrote them.
+    Range is checked where the codebook is known (check_codes). Errors are InputError naming the line."""
     rows = []
     for number, line in enumerate(text.splitlines(), 1):
-        line = line.strip().strip("[]()").strip()
+        line = line.strip()
         if not line:
             continue
-        items = [t for t in re.split(r"[\s,;]+", line.replace("[", " ").replace("]", " ")) if t]
-        row = []
-        for item in items:
-            if not re.fullmatch(r"\d+", item):
-                raise ValueError(f"line {number}: {item!r} is not a code; SEED codes are whole numbers from 0 to "
-                                 f"8191, {count} per line")
-            row.append(int(item))
-        if len(row) != count:
-            raise ValueError(f"line {number} has {len(row)} codes; an image takes exactly {count} SEED codes")
-        rows.append(row)
+        if "<" in line or ">" in line:
+            rows.extend(_token_images(line, number, count))
+        else:
+            rows.append(_number_image(line, number, count))
     if not rows:
-        raise ValueError(f"no SEED codes in the text: write {count} whole numbers (0 to 8191) per image, one image "
-                         f"per line")
+        raise InputError(f"no SEED codes in the text: write {count} codes per image, one image per line, as "
+                         f"{BOI_TOKEN}{CODE_TOKEN.format(0)}...{EOI_TOKEN} or as whole numbers (0 to 8191)")
     return torch.tensor(rows, dtype=torch.int64)
 
 
 def check_codes(codes: torch.Tensor, config: SeedConfig):
     if codes.shape[-1] != config.num_queries:
-        raise ValueError(f"an image takes exactly {config.num_queries} SEED codes; got {codes.shape[-1]}")
+        raise InputError(f"an image takes exactly {config.num_queries} SEED codes; got {codes.shape[-1]}")
     bad = (codes < 0) | (codes >= config.codebook_size)
     if bad.any():
         image, position = (int(i) for i in bad.nonzero()[0])
-        raise ValueError(f"SEED code {int(codes[image, position])} (image {image + 1}, position {position + 1}) is "
+        raise InputError(f"SEED code {int(codes[image, position])} (image {image + 1}, position {position + 1}) is "
                          f"out of range: this tokenizer's codebook has {config.codebook_size} entries (0 to "
                          f"{config.codebook_size - 1})")
 
@@ -269,10 +354,10 @@ def mix_codes(a: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
     """The first k codes of a, the rest from b. Causal codes make a prefix meaningful on its own.
     A batch of 1 pairs with every image of the other batch."""
     if a.shape[1] != b.shape[1]:
-        raise ValueError(f"the two code sets have {a.shape[1]} and {b.shape[1]} codes per image")
+        raise InputError(f"the two code sets have {a.shape[1]} and {b.shape[1]} codes per image")
     if a.shape[0] != b.shape[0]:
         if 1 not in (a.shape[0], b.shape[0]):
-            raise ValueError(f"cannot pair {a.shape[0]} images with {b.shape[0]}: use equal batches, or one image")
+            raise InputError(f"cannot pair {a.shape[0]} images with {b.shape[0]}: use equal batches, or one image")
         n = max(a.shape[0], b.shape[0])
         a, b = a.expand(n, -1), b.expand(n, -1)
     k = max(0, min(int(k), a.shape[1]))
