@@ -13,6 +13,8 @@ from .images import is_image_file, load_image, open_rgb, to_tensor
 TEXT_EXTENSIONS = (".txt",)
 TABLE_EXTENSIONS = (".tsv", ".txt")
 PAIRS_EXTENSIONS = (".tsv",)
+QUESTIONS_EXTENSIONS = (".tsv",)
+NO_QUESTIONS = "none"
 
 
 def _input_dir() -> Path:
@@ -179,6 +181,32 @@ def read_pairs(name, crops=False) -> list:
         raise LoadError(f"'{name}' gives {len(pairs)} image-caption pair(s); give at least two (images with a "
                         f"same-name .txt caption, or 'image<TAB>caption' lines).")
     return pairs
+
+
+def read_questions(name) -> list:
+    """[(image path, question, answer)] from a .tsv in ComfyUI's input folder: 'image<TAB>question<TAB>answer' lines
+    (blank lines and '#' comments skipped), image paths relative to the .tsv, as in a pairs .tsv."""
+    base = _input_dir().resolve()
+    path = resolve_input_file(name)
+    if path.suffix.lower() not in QUESTIONS_EXTENSIONS:
+        raise LoadError(f"'{name}' is not a .tsv file; write questions as 'image<TAB>question<TAB>answer' lines in "
+                        f"a .tsv in ComfyUI's input folder.")
+    rows = []
+    for i, line in enumerate(read_text(path).splitlines()):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        parts = [p.strip() for p in line.split("\t")]
+        if len(parts) != 3 or not all(parts):
+            raise LoadError(f"{path}, line {i + 1}: expected 'image<TAB>question<TAB>answer', got {line[:80]!r}")
+        image = (path.parent / parts[0]).resolve()
+        if base not in image.parents or not image.is_file():
+            raise LoadError(f"{path}, line {i + 1}: '{parts[0]}' is not a file beside the .tsv in ComfyUI's input "
+                            f"folder")
+        rows.append((image, parts[1], parts[2]))
+    if not rows:
+        raise LoadError(f"{path} holds no questions; write 'image<TAB>question<TAB>answer' lines, or choose "
+                        f"'{NO_QUESTIONS}'.")
+    return rows
 
 
 def load_square_image(path: Path, resolution: int) -> torch.Tensor:
