@@ -292,7 +292,11 @@ def sequence_losses(model, vocab: VisualVocabulary, ids, mask, labels) -> torch.
     counted = (target != IGNORE).sum(1)
     if bool((counted == 0).any()):
         raise ValueError("a sequence has no labelled token")
-    return ce.sum(1) / counted
+    losses = ce.sum(1) / counted
+    if not bool(codes.any()) and vocab.out_rows.requires_grad:
+        # a batch without codes to write still involves every trained parameter (DDP waits for each one's gradient)
+        losses = losses + 0.0 * vocab.out_rows.sum()
+    return losses
 
 
 # ---- decoding --------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..bridges import llm_text
+from ..bridges import contract, llm_text
 from ..bridges import seed_llm as seed_llm_bridge
 from ..bridges.errors import LoadError
 from ..bridges.seed_sdxl import SeedSDXLHead, SeedSDXLHeadConfig
@@ -173,6 +173,7 @@ def train_seed_llm(run: Path, llm_module, tokenizer, pictures, codes, codebook, 
     trainer = None
     for number, steps, with_draw in stages:
         task = SeedLLMTask(student, examples[with_draw], pad, eval_batch)
+        student.vocab.out_rows.requires_grad_(with_draw)  # stage 1 writes no codes: their output rows wait
         trainer = None
         gc.collect()  # a previous stage's DDP wrapper lets go of the parameters' hooks
         trainer = Trainer(task, settings.stage(steps), device=device, ddp=ddp)
@@ -208,6 +209,17 @@ def write_report(run: Path, report: dict):
 
 # ---------------------------------------------------------------------------------------------- SDXL head
 
+SDXL_ONLY = ("the SEED head for SDXL learns an SDXL checkpoint's CLIP: connect the CLIP of an SDXL checkpoint (SD1.x "
+             "already has SEED's own de-tokenizer).")
+
+
+def check_sdxl_teacher(clip):
+    """Before anything is cached: the teacher must be an SDXL CLIP (tokens 2048 wide and a pooled vector)."""
+    tokens, pooled = clip_teacher(clip)("")
+    if contract.family_of(tokens.shape[-1], pooled.shape[-1] if pooled is not None else 0) is not contract.SDXL:
+        raise LoadError(SDXL_ONLY)
+
+
 def head_cache_spec(seed, clip, pairs) -> CacheSpec:
     """Per pair, keyed 'picture<TAB>caption': SEED's de-tokenizer output for the picture's codes (the head's input)
     against the CLIP's encoding of the caption."""
@@ -232,9 +244,8 @@ def train_sdxl_head(run: Path, data, head_config: SeedSDXLHeadConfig, train_conf
                     *, device="cpu", ddp=False, **kwargs):
     """A SEED de-tokenizer head distilled on `data` (DistillData: SEED embeddings -> SDXL CLIP tokens + pooled),
     written to out_path. Returns (head, trainer)."""
-    if target_of(data) != "sdxl":
-        raise LoadError("the SEED head for SDXL learns an SDXL checkpoint's CLIP: connect the CLIP of an SDXL "
-                        "checkpoint (SD1.x already has SEED's own de-tokenizer).")
+    if target_of(data) != contract.SDXL.key:
+        raise LoadError(SDXL_ONLY)
     if data.inputs.shape[-1] != head_config.in_dim:
         raise LoadError(f"the cache holds {data.inputs.shape[-1]}-wide SEED embeddings, the head reads "
                         f"{head_config.in_dim}")

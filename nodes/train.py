@@ -728,6 +728,7 @@ class TrainSeedSDXLHead(ReadsPairs):
 
     def train(self, seed_model, clip, pairs, run_name, output_name, steps, batch_size, learning_rate, hidden_dim,
               depth, activation, val_fraction, seed, resume, checkpoint_every, eval_every, unique_id=None):
+        train_seed_llm.check_sdxl_teacher(clip)
         found = inputs.read_pairs(pairs)
         run = run_folder.run_dir(run_name)
         out_path = folders.bridge_output_path(output_name, kind=seed_sdxl_files.KIND)

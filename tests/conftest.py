@@ -280,15 +280,16 @@ def mumu_input_images(host):
     return names
 
 
-def train_cli(host, command, *args, nproc=1):
-    """`python -m headless.train_cli COMMAND ...` in a fresh process (torchrun with nproc > 1) on this session's
-    folders; returns its output, failing the test on a non-zero exit."""
+def train_cli(host, command, *args, nproc=1, port=29517):
+    """`python -m headless.train_cli COMMAND ...` in a fresh process (torchrun with nproc > 1, on `port`: test files
+    that may run at the same time use different ones) on this session's folders; returns its output, failing the
+    test on a non-zero exit."""
     import os
     import subprocess
     import sys
     out_dir = host.folder_paths.get_output_directory()
     base = [sys.executable, "-m", "headless.train_cli"] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "29517",
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
         "-m", "headless.train_cli"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(base + [command, *args, "--models", str(host.models_dir), "--output", out_dir,

@@ -249,7 +249,7 @@ class MUMUStage2Task(Task):
 class SeedLLMTask(Task):
     """SEED-LLM: examples are pictures, each with its sequences (seed_llm.Sequence: its caption, the caption drawn
     as its codes, its questions), so a picture and everything said about it stay on one side of the held-out
-    split. The loss is the mean over the batch's sequences of each one's mean token loss."""
+    split."""
     backward_to_trained_only = True
 
     def __init__(self, student: SeedLLMStudent, examples: list, pad_id: int, eval_batch: int = 16):
@@ -263,7 +263,13 @@ class SeedLLMTask(Task):
         return [s for i in idx for s in self.examples[int(i)] if kind is None or s.kind == kind]
 
     def loss(self, idx, generator, forward):
-        return forward(*seed_llm_bridge.pad_batch(self._sequences(idx), self.pad_id)).mean()
+        """The mean over the pictures of each one's mean sequence loss: every picture weighs the same however many
+        questions it has, so DDP's mean over equal slices of pictures is the one-process loss."""
+        owner = torch.tensor([j for j, i in enumerate(idx) for _ in self.examples[int(i)]])
+        per_sequence = forward(*seed_llm_bridge.pad_batch(self._sequences(idx), self.pad_id))
+        owner = owner.to(per_sequence.device)
+        per_picture = torch.zeros(len(idx), device=per_sequence.device).index_add(0, owner, per_sequence)
+        return (per_picture / torch.bincount(owner, minlength=len(idx))).mean()
 
     def groups(self, idx, evaluating):
         if evaluating:
