@@ -87,7 +87,8 @@ class SeedTokenize:
     FUNCTION = "tokenize"
     CATEGORY = CATEGORY
     DESCRIPTION = ("Image batch -> 32 discrete SEED codes per image (resized to 224x224 bicubic, CLIP-normalised, as "
-                   "the reference). The codes also come out as text, one line per image.")
+                   "the reference). The codes also come out as text, one line per image, as SEED-LLaMA writes them "
+                   "(<img><img_00042>...</img>).")
 
     def tokenize(self, seed_model, image, cache_to_disk=False):
         if image.shape[0] == 0:
