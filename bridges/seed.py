@@ -223,7 +223,8 @@ def preprocess(images: torch.Tensor, size: int) -> torch.Tensor:
 BOI_TOKEN = "<img>"
 EOI_TOKEN = "</img>"
 CODE_TOKEN = "<img_{:05d}>"
-MAX_CODE_DIGITS = 9  # longer digit strings are no code of any codebook (and int() refuses 4300+ digits)
+MAX_CODE_DIGITS = 9  # no codebook comes near a billion entries: longer numbers are refused before conversion
+_SEPARATORS = re.compile(r"[\s,;\uff0c\uff1b\u3001]+")  # whitespace, commas, semicolons (also full-width ones)
 _TEXT_TOKEN = re.compile(r"<img>|</img>|<img_([0-9]+)>")
 
 
@@ -248,10 +249,14 @@ class SeedCodes:
         return "\n".join(codes_text(row) for row in self.codes)
 
 
-def _code_value(digits: str, number: int, count: int) -> int:
+def _shown(item: str) -> str:
+    return repr(item if len(item) <= 24 else item[:24] + "...")
+
+
+def _code_value(digits: str, number: int) -> int:
     if len(digits) > MAX_CODE_DIGITS:
-        raise InputError(f"line {number}: {digits[:12]}... is no SEED code; codes are whole numbers from 0 to 8191, "
-                         f"{count} per image")
+        raise InputError(f"line {number}: {_shown(digits)} has {len(digits)} digits, far outside any SEED codebook "
+                         f"(SEED v1's codes are 0 to 8191)")
     return int(digits)
 
 
@@ -281,7 +286,7 @@ def _token_images(line: str, number: int, count: int) -> list:
             blocks += 1
             current = None
         else:
-            value = _code_value(m.group(1), number, count)
+            value = _code_value(m.group(1), number)
             if current is not None:
                 current.append(value)
             elif blocks:
@@ -305,14 +310,17 @@ def _token_images(line: str, number: int, count: int) -> list:
 
 
 def _number_image(line: str, number: int, count: int) -> list:
+    """One image written as `count` whole numbers. Digits of any script count by their value, as Python reads them
+    (full-width '１２' and Arabic-Indic '١٢' are 12); signs, decimal points, exponents and other numerals are
+    refused."""
     line = line.strip("[]()").strip()
-    items = [t for t in re.split(r"[\s,;]+", line.replace("[", " ").replace("]", " ")) if t]
+    items = [t for t in _SEPARATORS.split(line.replace("[", " ").replace("]", " ")) if t]
     row = []
     for item in items:
-        if not re.fullmatch(r"[0-9]+", item):
-            raise InputError(f"line {number}: {item[:40]!r} is not a code; SEED codes are whole numbers from 0 to "
+        if not item.isdecimal():
+            raise InputError(f"line {number}: {_shown(item)} is not a code; SEED codes are whole numbers from 0 to "
                              f"8191, {count} per line (or {BOI_TOKEN}{CODE_TOKEN.format(42)}...{EOI_TOKEN})")
-        row.append(_code_value(item, number, count))
+        row.append(_code_value(item, number))
     if len(row) != count:
         raise InputError(f"line {number} has {len(row)} codes; an image takes exactly {count} SEED codes")
     return row
@@ -322,8 +330,11 @@ def parse_codes(text: str, count: int = NUM_CODES) -> torch.Tensor:
     """SEED codes written as text, one image per line, in either form:
     - SEED-LLaMA's tokens: <img><img_00012>...</img> (what SEED Tokenize and the SEED-LLM nodes write; several
       images on a line are allowed, and bare <img_N> tokens without the markers make one image);
-    - `count` whole numbers separated by spaces or commas ([ ] allowed), as earlier versions wrote them.
-    Range is checked where the codebook is known (check_codes). Errors are InputError naming the line."""
+    - `count` whole numbers separated by spaces, commas or semicolons ([ ] or ( ) around them allowed), as earlier
+      versions wrote them (_number_image).
+    Numbers of more than 9 digits are refused before conversion (far outside any codebook); whether a code is inside
+    the loaded tokenizer's codebook is checked where the codes are used (check_codes). Errors are InputError naming
+    the line."""
     rows = []
     for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()

@@ -41,6 +41,9 @@ def test_both_text_forms_read_back(m):
     bare = "".join(f"<img_{int(c)}>" for c in codes[1])  # no markers, no zero padding: one image
     numbers = ", ".join(str(int(c)) for c in codes[2])
     assert torch.equal(m.seed.parse_codes(f"{bare}\n\n[{numbers}]\n"), codes[1:])
+    # digits of any script count by their value in the numbers form, full-width commas separate
+    wide = m.seed.parse_codes("\uff0c".join(["\uff11\uff12", "\u0661\u0662"] + ["3"] * 30))
+    assert wide[0, :3].tolist() == [12, 12, 3]
     for bad, message in [("<img>" + "<img_1>" * 31 + "</img>", "has 31 codes"),
                          ("<img>" + "<img_1>" * 32, "never closed"),
                          ("<img_1>" * 32 + "</img>", "without <img>"),
@@ -49,7 +52,8 @@ def test_both_text_forms_read_back(m):
                          ("<img>" + "<img_1>" * 32 + "</img> hello", "'hello' is not part of SEED codes"),
                          ("<img>" + "<img_-1>" + "<img_1>" * 31 + "</img>", "is not part of SEED codes"),
                          ("1 2 x", "'x' is not a code"), ("", "no SEED codes"),
-                         ("<img_" + "9" * 5000 + ">", "is no SEED code")]:
+                         ("<img_" + "9" * 5000 + ">", "has 5000 digits, far outside any SEED codebook"),
+                         (" ".join(["\uff11\uff12", "\u0661\u0662"] + ["3"] * 31), "has 33 codes")]:
         with pytest.raises(m.errors.InputError, match=message):
             m.seed.parse_codes(bad)
 
