@@ -215,6 +215,21 @@ def preprocess(images: torch.Tensor, size: int) -> torch.Tensor:
     return (x - mean) / std
 
 
+# Codes as text, written as SEED's later release writes them for its LLM (SEED-LLaMA, AILab-CVC/SEED main branch,
+# MultiModalLLM/eval/eval_vqa.py): <img> opens an image, <img_00000>..<img_08191> are its codes, </img> closes it.
+BOI_TOKEN = "<img>"
+EOI_TOKEN = "</img>"
+CODE_TOKEN = "<img_{:05d}>"
+MAX_CODE_DIGITS = 9  # no codebook comes near a billion entries: longer numbers are refused before conversion
+_SEPARATORS = re.compile(r"[\s,;\uff0c\uff1b\u3001]+")  # whitespace, commas, semicolons (also full-width ones)
+_TEXT_TOKEN = re.compile(r"<img>|</img>|<img_([0-9]+)>")
+
+
+def codes_text(row) -> str:
+    """One image's codes as one line: <img><img_00012>...<img_08001></img>."""
+    return BOI_TOKEN + "".join(CODE_TOKEN.format(int(c)) for c in row) + EOI_TOKEN
+
+
 @dataclass
 class SeedCodes:
     """What the SEED_TOKENS socket carries: one row of codes per image (int64, CPU)."""
@@ -227,46 +242,108 @@ class SeedCodes:
         self.codes = self.codes.detach().to("cpu", torch.int64)
 
     def text(self) -> str:
-        return "\n".join(" ".join(str(int(c)) for c in row) for row in self.codes)
-
-
-MAX_CODE_DIGITS = 9  # no codebook comes near a billion entries: longer numbers are refused before conversion
-_SEPARATORS = re.compile(r"[\s,;\uff0c\uff1b\u3001]+")  # whitespace, commas, semicolons (also full-width ones)
+        """One line per image, in SEED-LLaMA's token form (parse_codes reads it back)."""
+        return "\n".join(codes_text(row) for row in self.codes)
 
 
 def _shown(item: str) -> str:
     return repr(item if len(item) <= 24 else item[:24] + "...")
 
 
-def parse_codes(text: str, count: int = NUM_CODES) -> torch.Tensor:
-    """One image per line, `count` codes separated by spaces, commas or semicolons ([ ] or ( ) around them allowed).
+def _code_value(digits: str, number: int) -> int:
+    if len(digits) > MAX_CODE_DIGITS:
+        raise InputError(f"line {number}: {_shown(digits)} has {len(digits)} digits, far outside any SEED codebook "
+                         f"(SEED v1's codes are 0 to 8191)")
+    return int(digits)
 
-    A code is a whole number written in decimal digits. Digits of any script count by their value, as Python reads
-    them: full-width '１２' (from an East-Asian keyboard) and Arabic-Indic '١٢' are both 12. Anything else is
-    refused by name: signs, decimal points, exponents, other numerals (superscripts, Roman numerals, fractions),
-    and numbers of more than 9 digits (far outside any codebook; SEED v1 has 8192 codes). Whether a code is inside
-    the loaded tokenizer's codebook is checked where the codes are used (check_codes)."""
+
+def _token_images(line: str, number: int, count: int) -> list:
+    """The images of one line in token form: <img><img_N>...</img> blocks (several allowed), or bare <img_N>
+    tokens making one image. Whitespace between tokens is allowed; anything else is an error naming it."""
+    images, current, blocks, bare, pos = [], None, 0, [], 0
+    for m in _TEXT_TOKEN.finditer(line):
+        gap = line[pos:m.start()]
+        if gap.strip():
+            raise InputError(f"line {number}: {gap.strip()[:40]!r} is not part of SEED codes; write {BOI_TOKEN}, "
+                             f"{count} tokens like {CODE_TOKEN.format(42)} and {EOI_TOKEN} per image")
+        pos = m.end()
+        token = m.group(0)
+        if token == BOI_TOKEN:
+            if current is not None:
+                raise InputError(f"line {number}: {BOI_TOKEN} opens an image inside another; close the first with "
+                                 f"{EOI_TOKEN}")
+            if bare:
+                raise InputError(f"line {number}: codes before {BOI_TOKEN}; put every code inside "
+                                 f"{BOI_TOKEN}...{EOI_TOKEN}")
+            current = []
+        elif token == EOI_TOKEN:
+            if current is None:
+                raise InputError(f"line {number}: {EOI_TOKEN} without {BOI_TOKEN} before it")
+            images.append(current)
+            blocks += 1
+            current = None
+        else:
+            value = _code_value(m.group(1), number)
+            if current is not None:
+                current.append(value)
+            elif blocks:
+                raise InputError(f"line {number}: codes after {EOI_TOKEN}; put every code inside "
+                                 f"{BOI_TOKEN}...{EOI_TOKEN}")
+            else:
+                bare.append(value)
+    rest = line[pos:]
+    if rest.strip():
+        raise InputError(f"line {number}: {rest.strip()[:40]!r} is not part of SEED codes; write {BOI_TOKEN}, "
+                         f"{count} tokens like {CODE_TOKEN.format(42)} and {EOI_TOKEN} per image")
+    if current is not None:
+        raise InputError(f"line {number}: {BOI_TOKEN} is never closed; end the image with {EOI_TOKEN}")
+    if bare:
+        images.append(bare)
+    for i, row in enumerate(images):
+        if len(row) != count:
+            where = f"image {i + 1} of line {number}" if len(images) > 1 else f"line {number}"
+            raise InputError(f"{where} has {len(row)} codes; an image takes exactly {count} SEED codes")
+    return images
+
+
+def _number_image(line: str, number: int, count: int) -> list:
+    """One image written as `count` whole numbers. Digits of any script count by their value, as Python reads them
+    (full-width '１２' and Arabic-Indic '١٢' are 12); signs, decimal points, exponents and other numerals are
+    refused."""
+    line = line.strip("[]()").strip()
+    items = [t for t in _SEPARATORS.split(line.replace("[", " ").replace("]", " ")) if t]
+    row = []
+    for item in items:
+        if not item.isdecimal():
+            raise InputError(f"line {number}: {_shown(item)} is not a code; SEED codes are whole numbers from 0 to "
+                             f"8191, {count} per line (or {BOI_TOKEN}{CODE_TOKEN.format(42)}...{EOI_TOKEN})")
+        row.append(_code_value(item, number))
+    if len(row) != count:
+        raise InputError(f"line {number} has {len(row)} codes; an image takes exactly {count} SEED codes")
+    return row
+
+
+def parse_codes(text: str, count: int = NUM_CODES) -> torch.Tensor:
+    """SEED codes written as text, one image per line, in either form:
+    - SEED-LLaMA's tokens: <img><img_00012>...</img> (what SEED Tokenize and the SEED-LLM nodes write; several
+      images on a line are allowed, and bare <img_N> tokens without the markers make one image);
+    - `count` whole numbers separated by spaces, commas or semicolons ([ ] or ( ) around them allowed), as earlier
+      versions wrote them (_number_image).
+    Numbers of more than 9 digits are refused before conversion (far outside any codebook); whether a code is inside
+    the loaded tokenizer's codebook is checked where the codes are used (check_codes). Errors are InputError naming
+    the line."""
     rows = []
     for number, line in enumerate(text.splitlines(), 1):
-        line = line.strip().strip("[]()").strip()
+        line = line.strip()
         if not line:
             continue
-        items = [t for t in _SEPARATORS.split(line.replace("[", " ").replace("]", " ")) if t]
-        row = []
-        for item in items:
-            if not item.isdecimal():
-                raise InputError(f"line {number}: {_shown(item)} is not a code; SEED codes are whole numbers from 0 "
-                                 f"to 8191, {count} per line")
-            if len(item) > MAX_CODE_DIGITS:
-                raise InputError(f"line {number}: {_shown(item)} has {len(item)} digits, far outside any SEED "
-                                 f"codebook (SEED v1's codes are 0 to 8191)")
-            row.append(int(item))
-        if len(row) != count:
-            raise InputError(f"line {number} has {len(row)} codes; an image takes exactly {count} SEED codes")
-        rows.append(row)
+        if "<" in line or ">" in line:
+            rows.extend(_token_images(line, number, count))
+        else:
+            rows.append(_number_image(line, number, count))
     if not rows:
-        raise InputError(f"no SEED codes in the text: write {count} whole numbers (0 to 8191) per image, one image "
-                         f"per line")
+        raise InputError(f"no SEED codes in the text: write {count} codes per image, one image per line, as "
+                         f"{BOI_TOKEN}{CODE_TOKEN.format(0)}...{EOI_TOKEN} or as whole numbers (0 to 8191)")
     return torch.tensor(rows, dtype=torch.int64)
 
 

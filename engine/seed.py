@@ -39,3 +39,18 @@ def detokenize_conditioning(seed, codes: torch.Tensor, *, disk_cache=False):
     return reuse_encoding("seed_conditioning", [seed.identity], [codes],
                           lambda: {"positive": conditioning(detokenize(seed, codes))},
                           disk=disk_cache, about={"seed": seed.describe()})["positive"]
+
+
+def detokenize_sdxl(seed, head, codes: torch.Tensor, *, disk_cache=False):
+    """(N, 32) codes -> SDXL CONDITIONING: SEED's de-tokenizer, then the trained head (tokens 2048 wide + pooled)."""
+    seed_bridge.check_codes(codes, seed.config)
+
+    def compute():
+        embeddings = detokenize(seed, codes)
+        net = head.module()
+        with torch.no_grad():
+            tokens, pooled = net(embeddings.to(next(net.parameters()).device))
+        return {"positive": conditioning(tokens, pooled)}
+
+    return reuse_encoding("seed_sdxl_conditioning", [seed.identity, head.identity], [codes], compute,
+                          disk=disk_cache, about={"seed": seed.describe(), "head": head.describe()})["positive"]

@@ -25,9 +25,12 @@ KINDS = {
     "gill": "GILL model",
     "seed_v1": "SEED v1 tokenizer",
     "mumu_connector": "MUMU connector",
+    "seed_llm": "SEED-LLM visual vocabulary",
+    "seed_sdxl_head": "SEED de-tokenizer head for SDXL",
     # files the pack writes in another tool's format (kohya LoRA, peft), marked with metadata beyond_clip_kind
     "mumu_unet_lora": "MUMU UNet LoRA",
     "mumu_idefics2_lora": "MUMU Idefics2 LoRA (peft)",
+    "seed_llm_lora": "SEED-LLM LoRA (peft)",
 }
 
 

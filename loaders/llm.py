@@ -1,12 +1,13 @@
 """Hugging Face causal-LM folders from models/LLM, loaded offline, under ComfyUI's memory manager."""
 import gc
-from contextlib import contextmanager
+import hashlib
 import importlib
 import json
 import logging
 import os
 import pickle
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -183,6 +184,37 @@ def _check_causal_lm(path: Path, config: dict):
         raise LoadError(f"{path} holds a '{config.get('model_type')}' model, which is not a causal language model "
                         f"this loader reads (Llama, OPT, Mistral, ... any AutoModelForCausalLM of this "
                         f"transformers). Choose another folder.")
+
+
+_FINGERPRINTS = {}  # (folder, file identity) -> fingerprint
+FINGERPRINT_SAMPLES = 64  # 4 KiB reads per weight file: a fine-tune that changed any sizeable part changes one
+
+
+def weights_fingerprint(path: Path) -> str:
+    """What names an LLM folder's weights and tokenizer, whatever dtype or quantization it is loaded with (files
+    saved for one LLM are refused on another): each weight file's name, size, safetensors header (tensor names,
+    dtypes, shapes) and evenly spaced samples of its bytes, and the tokenizer files. Cheap for any size."""
+    path = Path(path)
+    key = (str(path.resolve()), file_identity(path))
+    if key not in _FINGERPRINTS:
+        h = hashlib.sha256()
+        weights = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
+        for f in weights:
+            size = f.stat().st_size
+            h.update(f"{f.name}:{size}".encode())
+            with open(f, "rb") as fh:
+                if f.suffix == ".safetensors":
+                    header = int.from_bytes(fh.read(8), "little")
+                    h.update(fh.read(min(header, 100 << 20)))
+                for i in range(FINGERPRINT_SAMPLES):
+                    fh.seek(size * i // FINGERPRINT_SAMPLES)
+                    h.update(fh.read(4096))
+        for name in TOKENIZER_FILES:
+            if (path / name).is_file():
+                h.update(name.encode())
+                h.update((path / name).read_bytes())
+        _FINGERPRINTS[key] = h.hexdigest()[:16]
+    return _FINGERPRINTS[key]
 
 
 def prefetch(path: Path):

@@ -1,6 +1,7 @@
 """A training run's folder, output/beyond_clip_training/<run>/:
   cache/<key>.safetensors   student inputs + teacher targets per caption (the key says what made them)
   cache/latents-<key>.safetensors   VAE latents of the run's pictures
+  cache/codes-<key>.safetensors     SEED codes of the run's pictures
   checkpoint.pt             the trainer's state (weights, optimizer, step, losses), read with weights_only=True
   history.json              losses per step, the held-out loss, where the result was written
 Every file is written atomically (a temporary file, then renamed): a crash leaves the previous one intact.
@@ -23,6 +24,7 @@ from .folders import check_output_name
 RUNS_FOLDER = "beyond_clip_training"
 CACHE_FORMAT = "beyond_clip.distill_cache"
 LATENTS_FORMAT = "beyond_clip.latents"
+CODES_FORMAT = "beyond_clip.seed_codes"
 CHECKPOINT = "checkpoint.pt"
 RESUME_ADVICE = "Delete it to start the run again, use another run name, or switch 'resume' off."
 CACHE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -122,7 +124,7 @@ def cache_about(path) -> dict:
 
 def find_cache(run: Path) -> Path:
     """The newest cache of a run (the command line trains on a cache the node or an earlier run built)."""
-    caches = sorted((p for p in (run / "cache").glob("*.safetensors") if not p.name.startswith("latents-")),
+    caches = sorted((p for p in (run / "cache").glob("*.safetensors") if not p.name.startswith(("latents-", "codes-"))),
                     key=lambda p: p.stat().st_mtime)
     if not caches:
         raise LoadError(f"{run} has no target cache (cache/*.safetensors). Build one first: give --llm and "
@@ -132,6 +134,11 @@ def find_cache(run: Path) -> Path:
 
 def latents_path(run: Path, identity: dict) -> Path:
     return run / "cache" / f"latents-{_key(identity)}.safetensors"
+
+
+def codes_path(run: Path, identity: dict) -> Path:
+    """SEED codes of a run's pictures (SEED-LLM training)."""
+    return run / "cache" / f"codes-{_key(identity)}.safetensors"
 
 
 # ---- checkpoints and history --------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ from .images import is_image_file, load_image, open_rgb, to_tensor
 TEXT_EXTENSIONS = (".txt",)
 TABLE_EXTENSIONS = (".tsv", ".txt")
 PAIRS_EXTENSIONS = (".tsv",)
+QUESTIONS_EXTENSIONS = (".tsv",)
+NO_QUESTIONS = "none"
 
 
 def _input_dir() -> Path:
@@ -226,6 +228,32 @@ def left_out_note(left_out) -> str:
     shown = ", ".join(left_out[:5]) + (f" (+{len(left_out) - 5} more)" if len(left_out) > 5 else "")
     return (f"{len(left_out)} picture(s) without a caption were left out: {shown}. Write a same-name .txt beside "
             f"each to train on it.")
+
+
+def read_questions(name) -> list:
+    """[(image path, question, answer)] from a .tsv in ComfyUI's input folder: 'image<TAB>question<TAB>answer' lines
+    (blank lines and '#' comments skipped), image paths relative to the .tsv, as in a pairs .tsv."""
+    base = _input_dir().resolve()
+    path = resolve_input_file(name)
+    if path.suffix.lower() not in QUESTIONS_EXTENSIONS:
+        raise LoadError(f"'{name}' is not a .tsv file; write questions as 'image<TAB>question<TAB>answer' lines in "
+                        f"a .tsv in ComfyUI's input folder.")
+    rows = []
+    for i, line in enumerate(read_text(path).splitlines()):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        parts = [p.strip() for p in line.split("\t")]
+        if len(parts) != 3 or not all(parts):
+            raise LoadError(f"{path}, line {i + 1}: expected 'image<TAB>question<TAB>answer', got {line[:80]!r}")
+        image = (path.parent / parts[0]).resolve()
+        if base not in image.parents or not image.is_file():
+            raise LoadError(f"{path}, line {i + 1}: '{parts[0]}' is not a file beside the .tsv in ComfyUI's input "
+                            f"folder")
+        rows.append((image, parts[1], parts[2]))
+    if not rows:
+        raise LoadError(f"{path} holds no questions; write 'image<TAB>question<TAB>answer' lines, or choose "
+                        f"'{NO_QUESTIONS}'.")
+    return rows
 
 
 def load_square_image(path: Path, resolution: int) -> torch.Tensor:

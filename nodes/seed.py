@@ -8,9 +8,11 @@ from ..engine import seed as seed_engine
 from ..engine.conditioning import check_fits_model, conditioning, guard_family, zero_conditioning_like
 from ..loaders import folders
 from ..loaders import seed as seed_files
+from ..loaders import seed_llm as seed_llm_files
+from ..loaders import seed_sdxl as seed_sdxl_files
 from ..loaders.errors import LoadError
 from ..loaders.llm import DTYPES, choose_dtype
-from .common import CACHE_TO_DISK, CATEGORY, SEED_MODEL_TYPE, SEED_TOKENS_TYPE, Progress, ui_text
+from .common import CACHE_TO_DISK, CATEGORY, SEED_MODEL_TYPE, SEED_SDXL_HEAD_TYPE, SEED_TOKENS_TYPE, Progress, ui_text
 
 CATEGORY = CATEGORY + "/SEED"
 NEGATIVE_MODES = ("CLIP empty text", "zeros")
@@ -85,7 +87,8 @@ class SeedTokenize:
     FUNCTION = "tokenize"
     CATEGORY = CATEGORY
     DESCRIPTION = ("Image batch -> 32 discrete SEED codes per image (resized to 224x224 bicubic, CLIP-normalised, as "
-                   "the reference). The codes also come out as text, one line per image.")
+                   "the reference). The codes also come out as text, one line per image, as SEED-LLaMA writes them "
+                   "(<img><img_00042>...</img>).")
 
     def tokenize(self, seed_model, image, cache_to_disk=False):
         if image.shape[0] == 0:
@@ -96,16 +99,16 @@ class SeedTokenize:
         return ui_text(text, tokens, text)
 
 
-def _negative(mode, clip, positive, width):
+def _negative(mode, clip, positive, width, family="SD1.x"):
     if mode == "zeros":
         return zero_conditioning_like(positive)
     if clip is None:
-        raise InputError("negative = 'CLIP empty text' needs the CLIP of your SD1.x checkpoint: connect the "
-                         "checkpoint loader's CLIP output, or choose negative = 'zeros'")
+        raise InputError(f"negative = 'CLIP empty text' needs the CLIP of your {family} checkpoint: connect the "
+                         f"checkpoint loader's CLIP output, or choose negative = 'zeros'")
     cond, pooled = clip.encode_from_tokens(clip.tokenize(""), return_pooled=True)
     if cond.shape[-1] != width:
-        raise InputError(f"the connected CLIP gives {cond.shape[-1]}-wide tokens, but SEED makes {width}-wide SD1.x "
-                         f"conditioning: connect the CLIP of an SD1.x checkpoint")
+        raise InputError(f"the connected CLIP gives {cond.shape[-1]}-wide tokens, but SEED makes {width}-wide {family} "
+                         f"conditioning: connect the CLIP of an {family} checkpoint")
     return conditioning(cond, pooled)
 
 
@@ -155,16 +158,19 @@ class SeedCodesFromText:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"codes": ("STRING", {"multiline": True, "default": "",
-                                                  "tooltip": f"{seed_bridge.NUM_CODES} whole numbers per image (0 to "
-                                                             f"8191), one image per line, separated by spaces, "
-                                                             f"commas or semicolons. Digits of any script count by "
-                                                             f"their value (full-width １２ = 12)"})}}
+                                                  "tooltip": f"one image per line: <img><img_00042>...</img> "
+                                                             f"({seed_bridge.NUM_CODES} code tokens) or "
+                                                             f"{seed_bridge.NUM_CODES} whole numbers (0 to 8191) "
+                                                             f"separated by spaces, commas or semicolons; digits "
+                                                             f"of any script count by their value (１２ = 12)"})}}
 
     RETURN_TYPES = (SEED_TOKENS_TYPE,)
     RETURN_NAMES = ("seed_tokens",)
     FUNCTION = "parse"
     CATEGORY = CATEGORY
-    DESCRIPTION = "SEED codes written as text (as SEED Tokenize shows them), so they can be edited and shared."
+    DESCRIPTION = ("SEED codes written as text, one image per line: <img><img_00042>...</img> as SEED Tokenize, "
+                   "SEED-LLM Draw and SEED-LLaMA write them, or 32 whole numbers (the form earlier versions wrote), so "
+                   "they can be edited, pasted and shared.")
 
     def parse(self, codes):
         return (seed_bridge.SeedCodes(seed_bridge.parse_codes(codes)),)
@@ -197,12 +203,75 @@ class SeedMixCodes:
         return (tokens, tokens.text())
 
 
+class SeedSDXLHeadLoader:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"head_name": (folders.list_bridge_files(kind=seed_sdxl_files.KIND),
+                                           {"tooltip": "A SEED SDXL head in models/bridges (Train SEED SDXL Head)"})}}
+
+    RETURN_TYPES = (SEED_SDXL_HEAD_TYPE,)
+    RETURN_NAMES = ("sdxl_head",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+    DESCRIPTION = "Loads a de-tokenizer head that turns SEED codes into SDXL conditioning (trained for one checkpoint)."
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, head_name):
+        return folders.check_bridge_choice(head_name, seed_sdxl_files.KIND, "SEED SDXL head")
+
+    def load(self, head_name):
+        return (seed_sdxl_files.load_head(folders.resolve_bridge_file(head_name)),)
+
+
+class SeedDetokenizeSDXL:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "seed_model": (SEED_MODEL_TYPE,),
+                "sdxl_head": (SEED_SDXL_HEAD_TYPE,),
+                "seed_tokens": (SEED_TOKENS_TYPE,),
+                "negative": (NEGATIVE_MODES, {"default": NEGATIVE_MODES[0],
+                                              "tooltip": "the SDXL CLIP's encoding of empty text (connect clip), or "
+                                                         "zeros"}),
+            },
+            "optional": {
+                "clip": ("CLIP", {"tooltip": "the SDXL checkpoint's CLIP, for the empty-text negative"}),
+                "model": ("MODEL", {"tooltip": "connect the MODEL you sample with to have a non-SDXL model refused "
+                                               "before sampling"}),
+                "cache_to_disk": CACHE_TO_DISK,
+            },
+        }
+
+    RETURN_TYPES = ("CONDITIONING", "CONDITIONING")
+    RETURN_NAMES = ("positive", "negative")
+    FUNCTION = "detokenize"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("SEED codes -> SDXL conditioning (77 x 2048 tokens + the 1280 pooled vector): SEED's own "
+                   "de-tokenizer, then a head trained on the SDXL checkpoint's CLIP, so codes from pictures or from "
+                   "SEED-LLM Draw drive SDXL fine-tunes.")
+
+    def detokenize(self, seed_model, sdxl_head, seed_tokens, negative, clip=None, model=None, cache_to_disk=False):
+        seed_sdxl_files.check_head_fits(sdxl_head, seed_model, seed_llm_files.seed_identity(seed_model))
+        if model is not None:
+            check_fits_model(model, sdxl_head.config.out_dim, sdxl_head.config.pooled_dim, sdxl_head.describe())
+        seed_bridge.check_codes(seed_tokens.codes, seed_model.config)
+        progress = Progress(2)
+        positive = seed_engine.detokenize_sdxl(seed_model, sdxl_head, seed_tokens.codes, disk_cache=cache_to_disk)
+        progress.step()
+        neg = _negative(negative, clip, positive, sdxl_head.config.out_dim, "SDXL")
+        progress.step()
+        return (positive, neg)
+
+
 NODE_CLASS_MAPPINGS = {
     "BeyondCLIP_SEEDLoader": SeedLoader,
     "BeyondCLIP_SEEDTokenize": SeedTokenize,
     "BeyondCLIP_SEEDDetokenize": SeedDetokenize,
     "BeyondCLIP_SEEDCodesFromText": SeedCodesFromText,
     "BeyondCLIP_SEEDMixCodes": SeedMixCodes,
+    "BeyondCLIP_SEEDSDXLHeadLoader": SeedSDXLHeadLoader,
+    "BeyondCLIP_SEEDDetokenizeSDXL": SeedDetokenizeSDXL,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "BeyondCLIP_SEEDLoader": "Load SEED Tokenizer (SEED)",
@@ -210,4 +279,6 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "BeyondCLIP_SEEDDetokenize": "SEED De-tokenize to Conditioning (SEED)",
     "BeyondCLIP_SEEDCodesFromText": "SEED Codes from Text (SEED)",
     "BeyondCLIP_SEEDMixCodes": "SEED Mix Codes (SEED)",
+    "BeyondCLIP_SEEDSDXLHeadLoader": "Load SEED SDXL Head (SEED)",
+    "BeyondCLIP_SEEDDetokenizeSDXL": "SEED De-tokenize to SDXL Conditioning (SEED)",
 }

@@ -13,9 +13,10 @@ from ..bridges.errors import InputError
 from ..bridges.gill import GENERATE, RETRIEVE
 from ..bridges.mapper import ACTIVATIONS, MapperConfig
 from ..bridges.mumu import ConnectorConfig
+from ..bridges.seed_sdxl import SeedSDXLHeadConfig
 from ..bridges.training.data import LOSSES, TrainConfig
 from ..bridges.training.trainer import fell_by
-from ..engine import train_beyond_clip, train_gill, train_mumu
+from ..engine import train_beyond_clip, train_gill, train_mumu, train_seed_llm
 from ..engine.beyond_clip import check_mapper_fits
 from ..engine.conditioning import check_fits_model
 from ..engine.training import (
@@ -30,6 +31,8 @@ from ..loaders import folders, repadapters, routers, run_folder
 from ..loaders import gill as gill_files
 from ..loaders import mumu as mumu_files
 from ..loaders import mumu_dataset as dataset_files
+from ..loaders import seed_llm as seed_llm_files
+from ..loaders import seed_sdxl as seed_sdxl_files
 from ..loaders import training_inputs as inputs
 from ..loaders.errors import LoadError
 from ..loaders.mappers import KIND as MAPPER_KIND
@@ -42,6 +45,9 @@ from .common import (
     LLM_TYPE,
     MAPPER_TYPE,
     MUMU_DATASET_TYPE,
+    SEED_LLM_TYPE,
+    SEED_MODEL_TYPE,
+    SEED_SDXL_HEAD_TYPE,
     VLM_TYPE,
     LazyProgress,
     Progress,
@@ -620,6 +626,174 @@ class TrainMUMU(ReadsPairs):
                        trainer.last_val_loss())
 
 
+PAIRS_TOOLTIP = ("In ComfyUI's input folder: a folder of pictures with same-name .txt captions, or a .tsv "
+                 "'image<TAB>caption'")
+QUESTION_FILES_TOOLTIP = ("Optional: a .tsv in ComfyUI's input folder, 'image<TAB>question<TAB>answer' per line "
+                          "(paths relative to it), trained with the paper's 'Question: {} Short answer.' prompt")
+
+
+def _question_choices():
+    return [inputs.NO_QUESTIONS] + inputs.input_files(inputs.QUESTIONS_EXTENSIONS)
+
+
+class TrainSeedLLM(ReadsPairs):
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "llm": (LLM_TYPE, {"tooltip": "The plain LLM (Load LLM) that learns to read and write SEED codes; "
+                                              "frozen, a LoRA and the new token rows learn"}),
+                "seed_model": (SEED_MODEL_TYPE, {"tooltip": "The SEED tokenizer: each picture's 32 codes, computed "
+                                                            "once and kept in the run folder"}),
+                "pairs": (inputs.pair_sources(), {"tooltip": PAIRS_TOOLTIP}),
+                "run_name": ("STRING", {"default": "seed_llm", "tooltip": "output/beyond_clip_training/<run_name>/ "
+                                        "keeps the codes and the checkpoints (stage1/ and the run folder)"}),
+                "output_name": ("STRING", {"default": "my_seed_llm", "tooltip": "Writes models/bridges/<name>"
+                                           ".safetensors (new token rows) and models/LLM/<name>-seed-llm-lora/ "
+                                           "(peft LoRA)"}),
+                "stage1_steps": ("INT", {"default": 1000, "min": 0, "max": 10_000_000,
+                                         "tooltip": "Stage 1, image to text ('A photo of' + caption); 0 skips it"}),
+                "stage2_steps": ("INT", {"default": 2000, "min": 0, "max": 10_000_000,
+                                         "tooltip": "Stage 2, both directions ('Generate an image: ' + caption -> 32 "
+                                                    "codes, and image to text)"}),
+                "batch_size": ("INT", {"default": 8, "min": 1, "max": 4096, "tooltip": "Pictures per step, each with "
+                                       "its caption, its drawing and its questions"}),
+                "learning_rate": ("FLOAT", {"default": 2e-4, "min": 1e-7, "max": 1.0, "step": 1e-5}),
+                "rank": ("INT", {"default": 8, "min": 1, "max": 512, "tooltip": "LoRA rank on every linear layer"}),
+                "lora_alpha": ("FLOAT", {"default": 16.0, "min": 0.01, "max": 4096.0, "step": 0.01}),
+                **RUN_INPUTS,
+            },
+            "optional": {"questions": (_question_choices(), {"default": inputs.NO_QUESTIONS,
+                                                             "tooltip": QUESTION_FILES_TOOLTIP})},
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    RETURN_TYPES = (SEED_LLM_TYPE, "STRING", "FLOAT")
+    RETURN_NAMES = ("seed_llm", "seed_llm_name", "val_loss")
+    OUTPUT_NODE = True
+    FUNCTION = "train"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("SEED-LLM, the SEED paper's SEED-OPT recipe on your LLM: 8192 code tokens <img_00000>.."
+                   "<img_08191> and <img> </img> join its vocabulary (input rows = the SEED codebook through a learnt "
+                   "layer, output rows learnt), a LoRA learns on every linear layer, the LLM stays frozen. Stage 1 "
+                   "image to text, stage 2 both directions. Outputs the SEED-LLM for Draw and Describe; the held-out "
+                   "loss is reported beside the untrained model's and the code-frequency prior.")
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, pairs, questions=inputs.NO_QUESTIONS):
+        found = _file_choice(pairs, inputs.pair_sources(), "image-caption set")
+        if found is not True or questions == inputs.NO_QUESTIONS:
+            return found
+        return _file_choice(questions, _question_choices(), "questions file")
+
+    @classmethod
+    def IS_CHANGED(cls, pairs, questions=inputs.NO_QUESTIONS, **kwargs):
+        return f"{ReadsPairs.IS_CHANGED(pairs)}|{inputs.file_stamp(questions)}"
+
+    def train(self, llm, seed_model, pairs, run_name, output_name, stage1_steps, stage2_steps, batch_size,
+              learning_rate, rank, lora_alpha, val_fraction, seed, resume, checkpoint_every, eval_every,
+              questions=inputs.NO_QUESTIONS, unique_id=None):
+        if llm.adapter is not None:
+            raise InputError(f"{llm.describe()} already has an adapter: connect the plain LLM (from Load LLM)")
+        if llm.quantized:
+            raise InputError(f"{llm.describe()} is loaded {llm.quantized}; training runs through the LLM's own "
+                             f"weights: load it in fp16, bf16 or fp32 to train (the trained SEED-LLM then loads on "
+                             f"the quantized LLM too)")
+        found = inputs.read_pairs(pairs)
+        asked = inputs.read_questions(questions) if questions != inputs.NO_QUESTIONS else []
+        pictures = train_seed_llm.pictures_of(found, asked)
+        run = run_folder.run_dir(run_name)
+        out_paths = seed_llm_files.output_paths(output_name)
+        settings = train_seed_llm.SeedLLMSettings(stage1_steps, stage2_steps, batch_size, learning_rate, rank,
+                                                  lora_alpha, val_fraction, seed, eval_every)
+        codes = train_seed_llm.picture_codes(run, seed_model, [p.path for p in pictures], progress=LazyProgress())
+        llm_id, seed_id = seed_llm_files.llm_identity(llm), seed_llm_files.seed_identity(seed_model)
+        data_id = run_folder.captions_identity([f"{p.path.name}\t{p.caption}\t{p.questions}" for p in pictures])
+        device = load_for_training(llm.patcher)
+        with training_context():
+            llm_module = leave_inference_mode(llm.inner)
+        codebook = seed_model.inner.quantize.embedding.weight.detach().float().cpu()
+        progress = Progress(max(1, stage1_steps + stage2_steps))
+
+        def on_step(done, total, loss, val):
+            progress.step(done)
+            _show(unique_id, f"step {done}/{total}  loss {loss:.5f}" + (f"  held-out {val:.5f}" if val is not None
+                                                                        else ""))
+
+        def write(student):
+            seed_llm_files.save_seed_llm(out_paths, student.vocab, student.lora, llm_id, seed_id,
+                                         {"run": run.name, "pictures": len(pictures), "settings": vars(settings)})
+            return out_paths["vocab"]
+
+        with training_context():
+            _, trainer, report = train_seed_llm.train_seed_llm(
+                run, llm_module, llm.tokenizer, pictures, codes, codebook, settings, write=write, device=device,
+                on_step=on_step, resume=resume, checkpoint_every=checkpoint_every,
+                start_info={"llm": llm_id["fingerprint"], "seed": seed_id["fingerprint"], "data": data_id})
+        train_seed_llm.write_report(run, report)
+        before, after = report["untrained_val"], report["final_val"]
+        text = (f"wrote models/bridges/{out_paths['vocab'].name} and models/LLM/{out_paths['lora'].name}/: "
+                f"{stage1_steps} + {stage2_steps} steps on {len(trainer.train_idx)} pictures; held-out loss by kind "
+                f"(untrained -> trained): " + ", ".join(f"{k} {before[k]:.3f} -> {after[k]:.3f}" for k in after) +
+                (f"; code prior: frequencies {report['code_frequency_prior']:.3f}, uniform "
+                 f"{report['uniform_code_loss']:.3f}" if "draw" in after else "") +
+                f" ({len(trainer.val_idx)} held-out pictures)")
+        mode = "unmerged" if llm.quantized else "merged"
+        trained = seed_llm_files.load_seed_llm(out_paths["vocab"], llm, seed_model, mode)
+        return ui_text(text, trained, out_paths["vocab"].name, trainer.last_val_loss())
+
+
+class TrainSeedSDXLHead(ReadsPairs):
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "seed_model": (SEED_MODEL_TYPE, {"tooltip": "The SEED tokenizer whose codes the head will read"}),
+                "clip": ("CLIP", {"tooltip": "The teacher: the CLIP of the SDXL checkpoint you will sample with"}),
+                "pairs": (inputs.pair_sources(), {"tooltip": PAIRS_TOOLTIP}),
+                "run_name": ("STRING", {"default": "seed_sdxl_head"}),
+                "output_name": ("STRING", {"default": "my_seed_sdxl_head",
+                                           "tooltip": "Written as models/bridges/<name>.safetensors"}),
+                "steps": ("INT", {"default": 2000, "min": 1, "max": 10_000_000}),
+                "batch_size": ("INT", {"default": 32, "min": 1, "max": 4096}),
+                "learning_rate": ("FLOAT", {"default": 1e-3, "min": 1e-7, "max": 1.0, "step": 1e-5}),
+                "hidden_dim": ("INT", {"default": 1024, "min": 8, "max": 16384}),
+                "depth": ("INT", {"default": 2, "min": 1, "max": 16, "tooltip": "Linear layers in the token MLP"}),
+                "activation": (sorted(ACTIVATIONS), {"default": "gelu"}),
+                **RUN_INPUTS,
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    RETURN_TYPES = (SEED_SDXL_HEAD_TYPE, "STRING", "FLOAT")
+    RETURN_NAMES = ("sdxl_head", "head_name", "val_loss")
+    OUTPUT_NODE = True
+    FUNCTION = "train"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("A de-tokenizer head so SEED codes drive an SDXL checkpoint: SEED's own de-tokenizer output for "
+                   "each picture's codes -> a token MLP (2048 wide) and a pooled MLP (1280), distilled onto the "
+                   "checkpoint's own CLIP encoding of the picture's caption, as the Beyond CLIP mapper is. Inputs and "
+                   "targets are cached in the run folder.")
+
+    def train(self, seed_model, clip, pairs, run_name, output_name, steps, batch_size, learning_rate, hidden_dim,
+              depth, activation, val_fraction, seed, resume, checkpoint_every, eval_every, unique_id=None):
+        train_seed_llm.check_sdxl_teacher(clip)
+        found = inputs.read_pairs(pairs)
+        run = run_folder.run_dir(run_name)
+        out_path = folders.bridge_output_path(output_name, kind=seed_sdxl_files.KIND)
+        settings = _train_settings(steps, batch_size, learning_rate, "mse", val_fraction, seed, eval_every)
+        head_config = SeedSDXLHeadConfig(in_dim=seed_model.config.out_dim, hidden_dim=hidden_dim, depth=depth,
+                                         activation=activation)
+        spec = train_seed_llm.head_cache_spec(seed_model, clip, found)
+        data, cache_path = _cache(run, train_seed_llm.pair_keys(found), spec)
+        seed_id = seed_llm_files.seed_identity(seed_model)
+        _, trainer = _run_with_progress(unique_id, steps, lambda on_step: train_seed_llm.train_sdxl_head(
+            run, data, head_config, settings, out_path, seed_id, device=mm.get_torch_device(), resume=resume,
+            on_step=on_step, checkpoint_every=checkpoint_every, cache_path=cache_path))
+        return ui_text(_summary(trainer, out_path.name, "pictures"), seed_sdxl_files.load_head(out_path),
+                       out_path.name, trainer.last_val_loss())
+
+
 NODE_CLASS_MAPPINGS = {
     "BeyondCLIP_TrainMapper": TrainMapper,
     "BeyondCLIP_TrainRouter": TrainRouter,
@@ -628,6 +802,8 @@ NODE_CLASS_MAPPINGS = {
     "BeyondCLIP_TrainMUMUConnector": TrainMUMUConnector,
     "BeyondCLIP_TrainRepAdapter": TrainRepAdapter,
     "BeyondCLIP_TrainMUMU": TrainMUMU,
+    "BeyondCLIP_TrainSEEDLLM": TrainSeedLLM,
+    "BeyondCLIP_TrainSEEDSDXLHead": TrainSeedSDXLHead,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "BeyondCLIP_TrainMapper": "Train Mapper (Beyond CLIP)",
@@ -637,4 +813,6 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "BeyondCLIP_TrainMUMUConnector": "Train Connector (MUMU)",
     "BeyondCLIP_TrainRepAdapter": "Train RepAdapter, stage 2 (Beyond CLIP)",
     "BeyondCLIP_TrainMUMU": "Train MUMU, stage 2 (LoRA on Idefics2 and UNet)",
+    "BeyondCLIP_TrainSEEDLLM": "Train SEED-LLM (SEED)",
+    "BeyondCLIP_TrainSEEDSDXLHead": "Train SEED SDXL Head (SEED)",
 }

@@ -260,16 +260,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def train_cli(host, command, *args, nproc=1):
-    """`python -m headless.train_cli COMMAND ...` in a fresh process (torchrun with nproc > 1) on this session's
-    folders; returns its output, failing the test on a non-zero exit."""
+def train_cli(host, command, *args, nproc=1, port=None):
+    """`python -m headless.train_cli COMMAND ...` in a fresh process (torchrun with nproc > 1, on `port` or a free
+    one) on this session's folders; returns its output, failing the test on a non-zero exit."""
     import os
     import subprocess
     import sys
     out_dir = host.folder_paths.get_output_directory()
     base = [sys.executable, "-m", "headless.train_cli"] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-        str(_free_port()), "-m", "headless.train_cli"]
+        str(port or _free_port()), "-m", "headless.train_cli"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(base + [command, *args, "--models", str(host.models_dir), "--output", out_dir,
                                     "--comfyui", str(host.root)],

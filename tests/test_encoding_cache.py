@@ -265,8 +265,10 @@ def test_seed_second_graph_reuses_codes_and_conditioning_and_changes_miss(host, 
     # the same codes typed in: the de-tokenizer's encoding is reused
     calls, hits = run_counting(host, renamed(codes_graph(text), "t"), [model])
     assert (calls, hits) == (0, 1) and torch.equal(host.node_output("t4")[0][0][0], positive)
-    other_codes = [str((int(v) + 1) % 8192) if i == 5 else v for i, v in enumerate(text.split())]
-    calls, hits = run_counting(host, renamed(codes_graph(" ".join(other_codes)), "u"), [model])
+    other_codes = codes.clone()
+    other_codes[0, 5] = (other_codes[0, 5] + 1) % 8192
+    other_text = pack_module(host.pack, "bridges.seed").SeedCodes(other_codes).text()
+    calls, hits = run_counting(host, renamed(codes_graph(other_text), "u"), [model])
     assert calls > 0 and hits == 0 and not torch.equal(host.node_output("u4")[0][0][0], positive)
 
     # another picture: both steps run

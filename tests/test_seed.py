@@ -452,13 +452,14 @@ def test_reconstruct_workflow_end_to_end(host, pack, official, seed_mods):
 
     # Bad codes are refused with the position and the codebook size.
     bad = copy.deepcopy(text_prompt)
-    codes = text.split()
+    codes = [str(c) for c in tokens.codes[0].tolist()]
+    assert text == "<img>" + "".join(f"<img_{int(c):05d}>" for c in codes) + "</img>"  # SEED-LLaMA's form
     codes[3] = "8192"
-    bad["2"]["inputs"]["codes"] = " ".join(codes)
+    bad["2"]["inputs"]["codes"] = "<img>" + "".join(f"<img_{int(c):05d}>" for c in codes) + "</img>"
     host.reset_cache()
     with pytest.raises(host_module.HostError, match=r"8192 \(image 1, position 4\) is out of range"):
         host.run(bad)
-    bad["2"]["inputs"]["codes"] = " ".join(codes[:30])
+    bad["2"]["inputs"]["codes"] = " ".join(codes[:30])  # the numbers form earlier versions wrote is read too
     with pytest.raises(host_module.HostError, match="30 codes; an image takes exactly 32"):
         host.run(bad)
     # The empty-text negative needs a CLIP.

@@ -5,6 +5,7 @@
 - RepAdapterStudent: Beyond CLIP stage 2, through the frozen LLM (token ids) and the frozen UNet.
 - GILLTokensStudent: GILL's 8 [IMG] input rows with the mapper, through the frozen LLM.
 - MUMUStage2Student: MUMU stage 2, connector + LoRAs on Idefics2 and the UNet, by the UNet's denoising loss.
+- SeedLLMStudent: SEED-LLM, the visual vocabulary and a LoRA on the LLM, by next-token loss on code/text sequences.
 Frozen models are held outside the module tree (in `_frozen`), so checkpoints and the optimiser see only what is
 trained.
 """
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from .. import llm_text
+from .. import seed_llm as seed_llm_bridge
 from ..mumu import encode as encode_interleaved
 from ..repadapter import attached as adapters_attached
 from .data import DistillData, TokenData, TrainConfig
@@ -134,6 +136,22 @@ class MUMUStage2Student(nn.Module):
         return self.unet_lora.attached(self._frozen[1])
 
 
+class SeedLLMStudent(nn.Module):
+    """The trained parts of a SEED-LLM, the visual vocabulary and the LoRA, around the frozen causal LM: the mean
+    next-token loss of each sequence of a padded batch (seed_llm.sequence_losses)."""
+
+    def __init__(self, llm, vocab, lora: LoRASet):
+        super().__init__()
+        self.vocab = vocab
+        self.lora = lora
+        self._frozen = (llm,)
+
+    def forward(self, ids, mask, labels):
+        llm = self._frozen[0]
+        with self.lora.attached(llm):
+            return seed_llm_bridge.sequence_losses(llm, self.vocab, ids, mask, labels)
+
+
 # ---- tasks -----------------------------------------------------------------------------------------------
 
 class DistillTask(Task):
@@ -226,3 +244,50 @@ class MUMUStage2Task(Task):
         device = next(self.module.parameters()).device
         with self.module.unet_attached():
             return diffusion_loss(self.denoiser, self.latents[i:i + 1].to(device), tokens, pooled, generator)
+
+
+class SeedLLMTask(Task):
+    """SEED-LLM: examples are pictures, each with its sequences (seed_llm.Sequence: its caption, the caption drawn
+    as its codes, its questions), so a picture and everything said about it stay on one side of the held-out
+    split."""
+    backward_to_trained_only = True
+
+    def __init__(self, student: SeedLLMStudent, examples: list, pad_id: int, eval_batch: int = 16):
+        if not examples or not all(examples):
+            raise ValueError("every picture needs at least one sequence")
+        self.module, self.examples, self.pad_id = student, examples, int(pad_id)
+        self.n_examples = len(examples)
+        self.eval_batch = max(1, int(eval_batch))
+
+    def _sequences(self, idx, kind=None):
+        return [s for i in idx for s in self.examples[int(i)] if kind is None or s.kind == kind]
+
+    def loss(self, idx, generator, forward):
+        """The mean over the pictures of each one's mean sequence loss: every picture weighs the same however many
+        questions it has, so DDP's mean over equal slices of pictures is the one-process loss."""
+        owner = torch.tensor([j for j, i in enumerate(idx) for _ in self.examples[int(i)]])
+        per_sequence = forward(*seed_llm_bridge.pad_batch(self._sequences(idx), self.pad_id))
+        owner = owner.to(per_sequence.device)
+        per_picture = torch.zeros(len(idx), device=per_sequence.device).index_add(0, owner, per_sequence)
+        return (per_picture / torch.bincount(owner, minlength=len(idx))).mean()
+
+    def groups(self, idx, evaluating):
+        if evaluating:
+            return [idx[start:start + self.eval_batch] for start in range(0, len(idx), self.eval_batch)]
+        return [idx]
+
+    @torch.no_grad()
+    def losses_by_kind(self, idx) -> dict:
+        """{kind: mean sequence loss} over the pictures idx (e.g. the held-out split), the module in eval mode."""
+        was = self.module.training
+        self.module.eval()
+        out = {}
+        for kind in sorted({s.kind for s in self._sequences(idx)}):
+            seqs = self._sequences(idx, kind)
+            total = 0.0
+            for start in range(0, len(seqs), self.eval_batch):
+                chunk = seqs[start:start + self.eval_batch]
+                total += float(self.module(*seed_llm_bridge.pad_batch(chunk, self.pad_id)).sum())
+            out[kind] = total / len(seqs)
+        self.module.train(was)
+        return out
