@@ -15,6 +15,7 @@ MODEL_DIRECTORIES = ("LLM", "grounding-dino")  # model folders whose entries are
 TINY_OPT = "beyond-clip-tiny-opt"
 TINY_GILL = "beyond-clip-tiny-gill"
 TINY_SEED = "seed/beyond-clip-tiny/seed_tokenizer.pth"
+TINY_SEED_LLM = "beyond-clip-tiny-seed-llm.safetensors"
 TINY_IDEFICS2 = "beyond-clip-tiny-idefics2"
 TINY_IDEFICS2_LORA = "beyond-clip-tiny-idefics2-lora"
 TINY_CONNECTOR = "beyond-clip-tiny-mumu-connector.safetensors"
@@ -28,9 +29,11 @@ BUILTIN_FOLDERS = ("LLM", "bridges", "loras", "text_encoders", "grounding-dino")
 # Training on built-in random models shows the code path, not a result: each Train node stops after this many
 # steps unless --set gives its steps (MUMU stage 2 is a forward and backward pass through Idefics2 and the UNet
 # per example: fewer).
-BUILTIN_TRAIN_STEPS = {"BeyondCLIP_TrainMapper": 60, "BeyondCLIP_TrainGILLMapper": 60,
-                       "BeyondCLIP_TrainGILLDecision": 60, "BeyondCLIP_TrainMUMUConnector": 30,
-                       "BeyondCLIP_TrainRepAdapter": 10, "BeyondCLIP_TrainMUMU": 6}
+BUILTIN_TRAIN_STEPS = {"BeyondCLIP_TrainMapper": {"steps": 60}, "BeyondCLIP_TrainGILLMapper": {"steps": 60},
+                       "BeyondCLIP_TrainGILLDecision": {"steps": 60}, "BeyondCLIP_TrainMUMUConnector": {"steps": 30},
+                       "BeyondCLIP_TrainRepAdapter": {"steps": 10}, "BeyondCLIP_TrainMUMU": {"steps": 6},
+                       "BeyondCLIP_TrainSEEDLLM": {"stage1_steps": 10, "stage2_steps": 20},
+                       "BeyondCLIP_TrainSEEDSDXLHead": {"steps": 60}}
 
 
 class BuiltinModels:
@@ -78,6 +81,25 @@ class BuiltinModels:
         from .tiny_seed import write_official
         self._made("bridges", str(Path(TINY_SEED).parent), write_official)
         return TINY_SEED
+
+    def seed_llm(self):
+        """An untrained SEED-LLM for the built-in Llama and SEED tokenizer, as Train SEED-LLM starts one: the code
+        rows from the SEED codebook through a random projection, the LoRA at zero."""
+        path = self.root / "bridges" / TINY_SEED_LLM
+        if not path.exists():
+            from ..engine.train_seed_llm import SeedLLMSettings, build_student
+            from ..loaders import seed as seed_files
+            from ..loaders import seed_llm as seed_llm_files
+            from ..loaders.llm import load_llm
+            llm = load_llm(TINY_LLM, self.llama(), "fp32")
+            official = self.root / "bridges" / self.seed()
+            seed = seed_files.load_seed(seed_files.prepare(official, self.root / "bridges"), name=TINY_SEED)
+            codebook = seed.inner.quantize.embedding.weight.detach().float().cpu()
+            student = build_student(llm.inner, codebook, SeedLLMSettings())
+            paths = {"vocab": path, "lora": self.root / "LLM" / (path.stem + seed_llm_files.LORA_SUFFIX)}
+            seed_llm_files.save_seed_llm(paths, student.vocab, student.lora, seed_llm_files.llm_identity(llm),
+                                         seed_llm_files.seed_identity(seed), {"built_in": "untrained"})
+        return TINY_SEED_LLM
 
     def idefics2(self):
         from .tiny_mumu import write_idefics2_folder
@@ -167,6 +189,9 @@ STAND_INS = {
                                 _replace("BeyondCLIP_TinyCLIPVision", lambda b: {"seed": 0})),
     "BeyondCLIP_SEEDLoader": StandIn("seed", "seed_model", f"{TINY_SEED} (random, official file layout, small "
                                      f"widths)", _point("seed_model", BuiltinModels.seed)),
+    "BeyondCLIP_SEEDLLMLoader": StandIn("seed_llm", "seed_llm", f"{TINY_SEED_LLM} (untrained: code rows from the "
+                                        f"SEED codebook through a random layer, LoRA at zero; for {TINY_LLM} and "
+                                        f"the built-in SEED tokenizer)", _point("seed_llm", BuiltinModels.seed_llm)),
     "BeyondCLIP_MUMULoadIdefics2": StandIn("mumu", "idefics2_name", f"{TINY_IDEFICS2} (random, 14-px patches up to "
                                            f"504 px, text width 64)", _point("idefics2_name", BuiltinModels.idefics2)),
     "BeyondCLIP_MUMUIdefics2LoRA": StandIn("mumu", "lora_name", f"{TINY_IDEFICS2_LORA} (random peft LoRA, for "
@@ -183,6 +208,12 @@ STAND_INS = {
 # GILL's LLM is OPT: with a GILL model in the graph, Load LLM belongs to GILL's family and gets the small OPT.
 GILL_LLM = StandIn("gill", "llm_name", f"{TINY_OPT} (OPT, 2 layers, width 64, random)",
                    _point("llm_name", BuiltinModels.opt))
+# A SEED-LLM is trained for one LLM and one SEED tokenizer: with Load SEED-LLM in the graph, the three stand in
+# together.
+SEED_LLM_FAMILY = {"BeyondCLIP_LLMLoader": StandIn("seed_llm", "llm_name", STAND_INS["BeyondCLIP_LLMLoader"].says,
+                                                   _point("llm_name", BuiltinModels.llama)),
+                   "BeyondCLIP_SEEDLoader": StandIn("seed_llm", "seed_model", STAND_INS["BeyondCLIP_SEEDLoader"].says,
+                                                    _point("seed_model", BuiltinModels.seed))}
 
 
 @dataclass(frozen=True)
@@ -212,6 +243,9 @@ def _stand_in(prompt, node):
     if node["class_type"] == "BeyondCLIP_LLMLoader" and any(
             n["class_type"] == "BeyondCLIP_GILLLoader" for n in prompt.values()):
         return GILL_LLM
+    if node["class_type"] in SEED_LLM_FAMILY and any(
+            n["class_type"] == "BeyondCLIP_SEEDLLMLoader" for n in prompt.values()):
+        return SEED_LLM_FAMILY[node["class_type"]]
     return STAND_INS.get(node["class_type"])
 
 
@@ -258,11 +292,13 @@ def use_builtin_models(prompt: dict, arch: str, host, demo_dir: Path, first_mode
                 node["inputs"].update(changed)
                 said.append(f"node {node_id} ({node['class_type']}): " + ", ".join(
                     f"{k} {v}" for k, v in changed.items()) + f" ({fit.why})")
-        steps, cap = node["inputs"].get("steps"), BUILTIN_TRAIN_STEPS.get(node["class_type"])
-        if cap and (node_id, "steps") not in fixed and isinstance(steps, int) and steps > cap:
-            node["inputs"]["steps"] = cap
-            said.append(f"node {node_id} ({node['class_type']}): {cap} training steps instead of {steps} (random "
-                        f"models: this shows the code path; --set {node_id}.steps=N trains longer)")
+        for name, cap in BUILTIN_TRAIN_STEPS.get(node["class_type"], {}).items():
+            steps = node["inputs"].get(name)
+            if (node_id, name) not in fixed and isinstance(steps, int) and steps > cap:
+                node["inputs"][name] = cap
+                which = "" if name == "steps" else f" ({name})"
+                said.append(f"node {node_id} ({node['class_type']}): {cap} training steps instead of {steps}{which} "
+                            f"(random models: this shows the code path; --set {node_id}.{name}=N trains longer)")
     return said
 
 

@@ -258,6 +258,7 @@ class SeedDetokenizeSDXL:
         seed_bridge.check_codes(seed_tokens.codes, seed_model.config)
         progress = Progress(2)
         positive = seed_engine.detokenize_sdxl(seed_model, sdxl_head, seed_tokens.codes, disk_cache=cache_to_disk)
+        positive = guard_family(positive, sdxl_head.describe())
         progress.step()
         neg = _negative(negative, clip, positive, sdxl_head.config.out_dim, "SDXL")
         progress.step()

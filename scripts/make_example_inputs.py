@@ -133,11 +133,11 @@ MUMU_PICTURES = {  # MUMU's dataset builder: captioned photos (same-name .txt), 
 }
 
 
-def make_mumu_pictures(sk: dict):
+def make_captioned_photos(sk: dict):
     for name, (source, caption) in MUMU_PICTURES.items():
         img = sk[source]
-        save_jpeg(fit(img.convert("RGB"), 384), OUT / "mumu_pictures" / f"{name}.jpg")
-        (OUT / "mumu_pictures" / f"{name}.txt").write_text(caption + "\n")
+        save_jpeg(fit(img.convert("RGB"), 384), OUT / "captioned_photos" / f"{name}.jpg")
+        (OUT / "captioned_photos" / f"{name}.txt").write_text(caption + "\n")
 
 
 def main():
@@ -207,7 +207,7 @@ def main():
               "a <image> man and his <image> dog in a city street\tmumu_pairs/man_crop.png\tmumu_pairs/dog_crop.png"]
     (OUT / "mumu_captions.tsv").write_text("# caption, or caption<TAB>crop... (one crop per <image>)\n"
                                            + "\n".join(lines) + "\n")
-    make_mumu_pictures(sk)
+    make_captioned_photos(sk)
     # Beyond CLIP stage 1: captions, one per line
     (OUT / "captions.txt").write_text("\n".join(captions(120, seed=0)) + "\n")
     total = sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file())

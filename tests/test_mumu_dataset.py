@@ -353,21 +353,21 @@ def test_detector_folder_refusals(host, pack, detector_dir, tmp_path, monkeypatc
 
 @pytest.fixture(scope="module")
 def pictures(host):
-    """input/mumu_pictures/: 8 captioned pictures."""
-    return make_pictures(input_dir(host) / "mumu_pictures", CAPTIONS)
+    """input/captioned_photos/: 8 captioned pictures."""
+    return make_pictures(input_dir(host) / "captioned_photos", CAPTIONS)
 
 
 def test_build_writes_a_dataset_the_trainers_read(host, pack, rules, files, engine, detector, pictures):
     training = pack_module(pack, "loaders.training_inputs")
     shutil.rmtree(input_dir(host) / "ds_main", ignore_errors=True)
     seen = []
-    result = engine.build_dataset(detector, "mumu_pictures/", "ds_main", settings(rules),
+    result = engine.build_dataset(detector, "captioned_photos/", "ds_main", settings(rules),
                                   progress=lambda done, total: seen.append((done, total)))
     folder = input_dir(host) / "ds_main"
     print("\n" + result.describe())
     assert seen == [(i, 8) for i in range(1, 9)] and result.built == 8 and result.merged is not None
     entries = manifest(folder)
-    assert [e["picture"] for e in entries] == [f"mumu_pictures/picture_{i:02d}.png" for i in range(8)]
+    assert [e["picture"] for e in entries] == [f"captioned_photos/picture_{i:02d}.png" for i in range(8)]
     with_images = [e for e in entries if e["images"]]
     assert len(with_images) >= 4, "thresholds chosen so the random tiny detector grounds some boxes"
     mumu = pack_module(pack, "bridges.mumu")
@@ -411,7 +411,7 @@ def test_build_writes_a_dataset_the_trainers_read(host, pack, rules, files, engi
     assert about["settings"]["seed"] == 0 and "canny" in about["control_images"]
     assert not [p for p in folder.rglob("*") if p.name.endswith(".tmp")] and not (folder / ".build" / "parts").exists()
     # the builder's output is not offered as a source; its trainer files are offered to the trainers
-    assert "mumu_pictures/" in files.list_sources() and "ds_main/" not in files.list_sources()
+    assert "captioned_photos/" in files.list_sources() and "ds_main/" not in files.list_sources()
     assert "ds_main/stage2_pairs.tsv" in training.pair_sources()
     assert "ds_main/stage1_captions.txt" in training.input_files(training.TABLE_EXTENSIONS)
 
@@ -459,16 +459,16 @@ def test_interrupt_leaves_nothing_half_written_and_resumes(host, rules, files, e
             raise Stop
 
     with pytest.raises(Stop):
-        engine.build_dataset(detector, "mumu_pictures/", "ds_interrupted", settings(rules), progress=stop_at_3)
+        engine.build_dataset(detector, "captioned_photos/", "ds_interrupted", settings(rules), progress=stop_at_3)
     assert not (folder / "manifest.jsonl").exists() and not (folder / "stage1_captions.txt").exists()
     assert not [p for p in folder.rglob("*") if ".tmp" in p.name]
     done = files.work_entries(folder)
     assert len(done) >= 3 and all(files.crop_files_present(folder, e) for e in done)
-    resumed = engine.build_dataset(detector, "mumu_pictures/", "ds_interrupted", settings(rules))
+    resumed = engine.build_dataset(detector, "captioned_photos/", "ds_interrupted", settings(rules))
     assert resumed.reused == len(done) and resumed.built == 8 - len(done)
     interrupted = snapshot(folder)
     shutil.rmtree(folder)
-    engine.build_dataset(detector, "mumu_pictures/", "ds_interrupted", settings(rules))
+    engine.build_dataset(detector, "captioned_photos/", "ds_interrupted", settings(rules))
     assert snapshot(folder) == interrupted
 
 
@@ -591,7 +591,7 @@ def test_manifest_edits_are_kept_and_bad_edits_named(host, pack, rules, files, e
     errors = pack_module(pack, "loaders.errors")
     folder = input_dir(host) / "ds_edited"
     shutil.rmtree(folder, ignore_errors=True)
-    engine.build_dataset(detector, "mumu_pictures/", "ds_edited", settings(rules))
+    engine.build_dataset(detector, "captioned_photos/", "ds_edited", settings(rules))
     lines = (folder / "manifest.jsonl").read_text().splitlines()
     k = next(i for i, line in enumerate(lines) if json.loads(line)["images"])
     entry = json.loads(lines[k])
@@ -602,7 +602,7 @@ def test_manifest_edits_are_kept_and_bad_edits_named(host, pack, rules, files, e
         entry["stage2"] = None
     lines[k] = json.dumps(entry)
     (folder / "manifest.jsonl").write_text("\n".join(lines) + "\n")
-    result = engine.build_dataset(detector, "mumu_pictures/", "ds_edited", settings(rules))
+    result = engine.build_dataset(detector, "captioned_photos/", "ds_edited", settings(rules))
     assert result.built == 0
     assert manifest(folder)[k]["prompt"] == entry["prompt"]
     stage1 = training.read_captions(folder / "stage1_captions.txt")
@@ -615,14 +615,14 @@ def test_manifest_edits_are_kept_and_bad_edits_named(host, pack, rules, files, e
     lines[k] = json.dumps(bad)
     (folder / "manifest.jsonl").write_text("\n".join(lines) + "\n")
     with pytest.raises(errors.InputError, match=rf"manifest.jsonl, line {k + 1}: the prompt does not match .*<ghost>"):
-        engine.build_dataset(detector, "mumu_pictures/", "ds_edited", settings(rules))
+        engine.build_dataset(detector, "captioned_photos/", "ds_edited", settings(rules))
     after = snapshot(folder)
     assert {n: b for n, b in after.items() if n != "manifest.jsonl"} == \
         {n: b for n, b in before.items() if n != "manifest.jsonl"}
     # deleting the line builds that picture again
     del lines[k]
     (folder / "manifest.jsonl").write_text("\n".join(lines) + "\n")
-    assert engine.build_dataset(detector, "mumu_pictures/", "ds_edited", settings(rules)).built == 1
+    assert engine.build_dataset(detector, "captioned_photos/", "ds_edited", settings(rules)).built == 1
 
 
 def test_fuzz_the_parsers_of_user_files(host, pack, files):
@@ -727,7 +727,7 @@ def test_build_and_preview_nodes(host, pack, detector_dir, pictures):
     forget_everything(host)
     shutil.rmtree(input_dir(host) / "ds_nodes", ignore_errors=True)
     host.progress.clear()
-    ui = host.run(build_graph("mumu_pictures/", "ds_nodes"))
+    ui = host.run(build_graph("captioned_photos/", "ds_nodes"))
     dataset, summary = host.node_output("2")
     assert dataset.stage1 == "ds_nodes/stage1_captions.txt" and dataset.pictures == 8
     assert "8 built" in summary and summary in ui["2"]["text"][0]
@@ -738,14 +738,14 @@ def test_build_and_preview_nodes(host, pack, detector_dir, pictures):
     # queued again unchanged: nothing searched, nothing rewritten, and from then on served from the cache; a new
     # picture makes it run (and search only that one)
     before = {p: p.stat().st_mtime_ns for p in (input_dir(host) / "ds_nodes").rglob("*") if p.is_file()}
-    host.run(build_graph("mumu_pictures/", "ds_nodes"))
+    host.run(build_graph("captioned_photos/", "ds_nodes"))
     assert "0 built, 8 kept" in host.node_output("2")[1]
     assert {p: p.stat().st_mtime_ns for p in before} == before
-    host.run(build_graph("mumu_pictures/", "ds_nodes"))
+    host.run(build_graph("captioned_photos/", "ds_nodes"))
     assert "2" in host.cached_nodes()
     make_pictures(pictures, ["a dog on a sofa"], offset=8)
     try:
-        host.run(build_graph("mumu_pictures/", "ds_nodes"))
+        host.run(build_graph("captioned_photos/", "ds_nodes"))
         assert "1 built, 8 kept" in host.node_output("2")[1]
     finally:
         for suffix in (".png", ".txt"):
@@ -768,7 +768,7 @@ def test_build_node_stops_at_the_interrupt_button_and_resumes(host, pack, files,
     comfy.utils.set_progress_bar_global_hook(interrupt_at_third_picture)
     try:
         with pytest.raises(Exception, match="interrupted"):
-            host.run(build_graph("mumu_pictures/", "ds_node_interrupted"))
+            host.run(build_graph("captioned_photos/", "ds_node_interrupted"))
     finally:
         mm.interrupt_current_processing(False)
         comfy.utils.set_progress_bar_global_hook(lambda value, total, *a, **k: host.progress.append((value, total)))
@@ -776,14 +776,14 @@ def test_build_node_stops_at_the_interrupt_button_and_resumes(host, pack, files,
     assert not (folder / "manifest.jsonl").exists() and 3 <= len(done) < 8
     assert not [p for p in folder.rglob("*") if ".tmp" in p.name]
     forget_everything(host)
-    host.run(build_graph("mumu_pictures/", "ds_node_interrupted"))
+    host.run(build_graph("captioned_photos/", "ds_node_interrupted"))
     assert f"{8 - len(done)} built, {len(done)} kept" in host.node_output("2")[1]
 
 
 def test_stage2_trainer_reads_the_dataset(host, pack, tiny_idefics2, mumu_connector_file, detector_dir, pictures):
     forget_everything(host)
     shutil.rmtree(input_dir(host) / "ds_stage2", ignore_errors=True)
-    g = build_graph("mumu_pictures/", "ds_stage2")
+    g = build_graph("captioned_photos/", "ds_stage2")
     del g["3"], g["4"]
     g.update({
         "10": {"class_type": "BeyondCLIP_MUMULoadIdefics2",
@@ -826,7 +826,7 @@ def test_shipped_dataset_workflow_end_to_end(host, pack, tiny_idefics2, mumu_inp
             inputs["detector_name"] = DETECTOR
         elif kind == "BeyondCLIP_BuildMUMUDataset":
             assert (inputs["box_threshold"], inputs["text_threshold"]) == (0.35, 0.25), "Grounding DINO's defaults"
-            inputs.update(source="mumu_pictures/", dataset_name="wf_mumu_dataset", box_threshold=0.3)
+            inputs.update(source="captioned_photos/", dataset_name="wf_mumu_dataset", box_threshold=0.3)
         elif kind == "BeyondCLIP_TrainMUMUConnector":
             assert inputs["captions"] == "mumu_dataset/stage1_captions.txt" and isinstance(inputs["dataset"], list)
             inputs.update(steps=150, batch_size=8, learning_rate=2e-3, width=64, depth=2, heads=4, image_resolution=32,

@@ -25,6 +25,9 @@ TRAIN_OUTPUTS = {  # node type -> files it writes, from its output_name
     "BeyondCLIP_TrainMUMU": ["bridges/{}.safetensors", "loras/{}-unet-lora.safetensors",
                              "LLM/{}-idefics2-lora/adapter_config.json",
                              "LLM/{}-idefics2-lora/adapter_model.safetensors"],
+    "BeyondCLIP_TrainSEEDLLM": ["bridges/{}.safetensors", "LLM/{}-seed-llm-lora/adapter_config.json",
+                                "LLM/{}-seed-llm-lora/adapter_model.safetensors"],
+    "BeyondCLIP_TrainSEEDSDXLHead": ["bridges/{}.safetensors"],
 }
 
 
