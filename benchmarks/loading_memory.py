@@ -121,33 +121,6 @@ def measure(label, kind, path, cold):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def write_idefics2_folder(folder, build_tokenizer, text_width, layers, vision_width, vision_layers):
-    """An Idefics2 folder as the tests build it (tests/conftest.py write_tiny_idefics2), at a benchmark size."""
-    import torch
-    from transformers import Idefics2Config, Idefics2ForConditionalGeneration, Idefics2ImageProcessor, Idefics2Processor
-
-    tokenizer = build_tokenizer()
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<fake_token_around_image>", "<image>",
-                                                                "<end_of_utterance>"]})
-    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-           "pad_token_id": tokenizer.pad_token_id}
-    config = Idefics2Config(
-        vision_config=dict(hidden_size=vision_width, intermediate_size=4 * vision_width,
-                           num_hidden_layers=vision_layers, num_attention_heads=8, image_size=224, patch_size=14),
-        text_config=dict(model_type="mistral", vocab_size=len(tokenizer), hidden_size=text_width,
-                         intermediate_size=int(3.5 * text_width), num_hidden_layers=layers, num_attention_heads=8,
-                         num_key_value_heads=2, max_position_embeddings=1024, **ids),
-        perceiver_config=dict(hidden_size=text_width, resampler_n_latents=16, resampler_depth=1, resampler_n_heads=4,
-                              resampler_head_dim=32, num_key_value_heads=2),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), **ids)
-    torch.manual_seed(0)
-    Idefics2ForConditionalGeneration(config).save_pretrained(str(folder))
-    image_processor = Idefics2ImageProcessor(do_image_splitting=False, size={"longest_edge": 224, "shortest_edge": 112})
-    processor = Idefics2Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=16)
-    processor.save_pretrained(str(folder))
-    return Path(folder)
-
-
 def to_bf16(file):
     import torch
     from safetensors.torch import load_file, save_file
@@ -186,8 +159,9 @@ def main():
     try:
         tiny_llm, mappers = module(pack, "headless.tiny_llm"), module(pack, "loaders.mappers")
         llm = tiny_llm.write_llm_folder(scratch / "llm", hidden_size=args.hidden, layers=args.layers, context=256)
-        vlm = write_idefics2_folder(scratch / "vlm", tiny_llm.build_tokenizer, args.vlm_width, args.vlm_layers,
-                                    vision_width=768, vision_layers=6)
+        vlm = module(pack, "headless.tiny_mumu").write_idefics2_folder(
+            scratch / "vlm", text_width=args.vlm_width, text_layers=args.vlm_layers, vision_width=768, vision_layers=6,
+            heads=8, context=1024, image_size=224, patch_size=14, image_seq_len=16)
         if args.file_dtype == "bf16":
             for folder in (llm, vlm):
                 to_bf16(folder / "model.safetensors")

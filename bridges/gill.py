@@ -13,12 +13,13 @@ order-free read-out). Train it with the same per-token L2 loss against CLIP-G's 
 It is optional: its presence in the weights is what makes a mapper an SDXL mapper.
 """
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config_record import ConfigRecord
 from .errors import InputError
 from .llm_text import check_text
 from .pixels import check_pixels
@@ -32,7 +33,8 @@ class GILLInputError(InputError):
 
 
 @dataclass
-class GILLConfig:
+class GILLConfig(ConfigRecord):
+    FIELDS_LABEL = "GILL config fields"
     llm_dim: int = 4096  # OPT-6.7B's word_embed_proj_dim (= hidden size)
     num_img_tokens: int = 8  # [IMG0]..[IMG7]
     mapper_hidden: int = 512
@@ -49,16 +51,6 @@ class GILLConfig:
     decision_in: int = 0  # 0: no decision model; llm_dim: [IMG0] state; llm_dim + 1: plus the best retrieval score
     opt_version: str = ""
     visual_encoder: str = ""
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "GILLConfig":
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown GILL config fields {sorted(unknown)}")
-        return cls(**d)
 
     @classmethod
     def from_state_dict(cls, sd: dict, **extra) -> "GILLConfig":

@@ -5,12 +5,13 @@ those are config fields stored with the weights. SDXL also needs a pooled vector
 had to produce: a second small MLP reads the hidden state of the prompt's last token, which in a causal LLM
 has seen the whole prompt (the same role CLIP's end-of-text token plays for CLIP's own pooled output).
 """
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
 from . import contract
+from .config_record import ConfigRecord
 from .encoder_record import EncoderRecord
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -20,7 +21,8 @@ TARGETS = contract.TRAINABLE
 
 
 @dataclass
-class MapperConfig:
+class MapperConfig(ConfigRecord):
+    FIELDS_LABEL = "mapper config fields"
     in_dim: int  # the LLM's hidden size (4096 for LLaMA-2-7B)
     target: str = "sd1"  # "sd1" (77 x 768) or "sdxl" (N x 2048 + pooled 1280)
     hidden_dim: int = 512
@@ -51,17 +53,6 @@ class MapperConfig:
     @property
     def pooled_dim(self) -> int:
         return contract.family_by_key(self.target).pooled
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "MapperConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown mapper config fields {sorted(unknown)}")
-        return cls(**d)
 
 
 def _mlp(in_dim, hidden_dim, out_dim, depth, activation):

@@ -23,7 +23,7 @@ what a picture shows, weigh the word that names it: `a <man> (man:1.3)`.
 Pure torch + transformers modules; no file I/O, no ComfyUI.
 """
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,7 @@ from torch import nn
 
 from . import contract, hooks
 from . import prompt_weights as weighting
+from .config_record import ConfigRecord
 from .errors import InputError
 from .llm_text import check_text
 from .pixels import check_pixels
@@ -314,7 +315,8 @@ def encode(model, seq: Sequence, pixel_values, hidden_layer: int = -1) -> torch.
 # ----------------------------------------------------------------------------------------------- connector
 
 @dataclass
-class ConnectorConfig:
+class ConnectorConfig(ConfigRecord):
+    FIELDS_LABEL = "MUMU connector config fields"
     in_dim: int  # Idefics2's text hidden size (4096 for idefics2-8b)
     width: int = 1024
     depth: int = 16  # MUMU: 16 layers
@@ -329,16 +331,6 @@ class ConnectorConfig:
             raise ValueError(f"invalid MUMU connector config {asdict(self)}")
         if self.width % self.heads:
             raise ValueError(f"connector width {self.width} is not divisible by its {self.heads} heads")
-
-    def to_dict(self):
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ConnectorConfig":
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown MUMU connector config fields {sorted(unknown)}")
-        return cls(**d)
 
 
 class AttentionPool(nn.Module):

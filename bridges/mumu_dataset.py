@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .config_record import ConfigRecord
 from .errors import InputError
 from .mumu import PLACEHOLDER, POSITIONAL
 
@@ -80,8 +81,9 @@ class Rules:
 
 
 @dataclass(frozen=True)
-class Settings:
+class Settings(ConfigRecord):
     """What a user chooses for a build (node inputs / command-line options)."""
+    FIELDS_LABEL = "dataset settings"
     seed: int = 0
     box_threshold: float = 0.35  # Grounding DINO's usual demo values
     text_threshold: float = 0.25
@@ -98,9 +100,6 @@ class Settings:
         if self.control != "canny":
             raise InputError(f"control image kind {self.control!r} is not available: only 'canny' is (depth and "
                              f"sketch need models the pack does not ship)")
-
-    def to_dict(self):
-        return asdict(self)
 
 
 # ------------------------------------------------------------------------------------------------ seeded draws

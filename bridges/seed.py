@@ -10,7 +10,7 @@ SD's UNet reads like CLIP text features.
 State-dict keys here are the module's own (transformers naming); loaders/seed.py maps the official LAVIS keys.
 """
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -18,6 +18,7 @@ from PIL import Image
 from torch import nn
 from transformers import Blip2QFormerConfig, Blip2QFormerModel, Blip2VisionConfig, Blip2VisionModel
 
+from .config_record import ConfigRecord
 from .errors import InputError
 from .pixels import check_pixels
 
@@ -29,7 +30,8 @@ MASKED_SCORE = -10000.0
 
 
 @dataclass
-class SeedConfig:
+class SeedConfig(ConfigRecord):
+    FIELDS_LABEL = "SEED config fields"
     # EVA-CLIP vision tower
     vision_width: int = 1408
     vision_layers: int = 39
@@ -58,16 +60,9 @@ class SeedConfig:
     reverse_cross_attention_freq: int = 2
     out_dim: int = 768
 
-    def to_dict(self):
-        return asdict(self)
-
     @classmethod
     def from_dict(cls, d):
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown SEED config fields {unknown}")
-        return cls(**{k: int(v) for k, v in d.items()})
+        return super().from_dict({k: int(v) for k, v in d.items()} if isinstance(d, dict) else d)
 
 
 class Block(nn.Module):

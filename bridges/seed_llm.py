@@ -17,12 +17,13 @@ seeded sampling); describing decodes text tokens only. Both run the decoder with
 Pure torch/transformers: the caller puts models on their device and turns results into nodes' outputs.
 """
 import inspect
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config_record import ConfigRecord
 from .errors import InputError
 from .seed import NUM_CODES
 
@@ -33,7 +34,8 @@ IGNORE = -100  # label of positions without loss (as transformers' losses use it
 
 
 @dataclass
-class SeedLLMConfig:
+class SeedLLMConfig(ConfigRecord):
+    FIELDS_LABEL = "SEED-LLM config fields"
     base_vocab: int  # rows of the LLM's input embedding: the new tokens' ids start here
     width: int  # the LLM's embedding width
     codebook_size: int = 8192
@@ -66,16 +68,6 @@ class SeedLLMConfig:
 
     def code_ids(self, codes: torch.Tensor) -> torch.Tensor:
         return codes.to(torch.long) + self.base_vocab
-
-    def to_dict(self):
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d):
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown SEED-LLM config fields {sorted(unknown)}")
-        return cls(**d)
 
 
 class VisualVocabulary(nn.Module):

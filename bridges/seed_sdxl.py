@@ -6,17 +6,19 @@ maps SEED's embeddings token by token to SDXL's width (an MLP, as the Beyond CLI
 their mean to the pooled vector (SEED's reverse Q-Former is not causal: no one position summarises the codes the
 way CLIP's end token does). It is distilled onto an SDXL checkpoint's own CLIP encoding of each picture's caption.
 """
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
 from . import contract
+from .config_record import ConfigRecord
 from .mapper import ACTIVATIONS, _mlp
 
 
 @dataclass
-class SeedSDXLHeadConfig:
+class SeedSDXLHeadConfig(ConfigRecord):
+    FIELDS_LABEL = "SEED SDXL head config fields"
     in_dim: int = 768  # SEED's generation embeddings (SeedConfig.out_dim)
     hidden_dim: int = 1024
     depth: int = 2
@@ -29,16 +31,6 @@ class SeedSDXLHeadConfig:
             raise ValueError(f"unknown activation {self.activation!r}; expected one of {sorted(ACTIVATIONS)}")
         if min(self.in_dim, self.hidden_dim, self.depth, self.out_dim, self.pooled_dim) < 1:
             raise ValueError(f"invalid SEED SDXL head config {asdict(self)}")
-
-    def to_dict(self):
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d):
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown SEED SDXL head config fields {sorted(unknown)}")
-        return cls(**d)
 
 
 class SeedSDXLHead(nn.Module):

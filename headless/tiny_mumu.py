@@ -13,10 +13,10 @@ TEXT_WIDTH = 64  # the small Idefics2's text model (Mistral) width: what the con
 
 
 def write_idefics2_folder(folder, seed=0, text_width=TEXT_WIDTH, context=512, image_size=64, patch_size=4,
-                          image_seq_len=8) -> Path:
+                          image_seq_len=8, text_layers=2, vision_width=32, vision_layers=2, heads=4) -> Path:
     """A small random Idefics2 folder: config.json, model.safetensors (with LM head and perceiver, as released),
-    tokenizer and processor files built locally. Vision tower 32 wide, 2 layers; `image_size` / `patch_size` set
-    the largest picture and the pixels per token (the tests use 64 / 4; idefics2-8b has 980 / 14)."""
+    tokenizer and processor files built locally. `image_size` / `patch_size` set the largest picture and the pixels
+    per token (the tests use 64 / 4; idefics2-8b has 980 / 14); the benchmarks choose larger widths and depths."""
     from transformers import Idefics2Config, Idefics2ForConditionalGeneration, Idefics2ImageProcessor, Idefics2Processor
 
     from .tiny_llm import build_tokenizer
@@ -27,10 +27,10 @@ def write_idefics2_folder(folder, seed=0, text_width=TEXT_WIDTH, context=512, im
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
            "pad_token_id": tokenizer.pad_token_id}
     config = Idefics2Config(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=image_size, patch_size=patch_size),
+        vision_config=dict(hidden_size=vision_width, intermediate_size=2 * vision_width, num_hidden_layers=vision_layers,
+                           num_attention_heads=heads, image_size=image_size, patch_size=patch_size),
         text_config=dict(model_type="mistral", vocab_size=len(tokenizer), hidden_size=text_width,
-                         intermediate_size=2 * text_width, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=2 * text_width, num_hidden_layers=text_layers, num_attention_heads=heads,
                          num_key_value_heads=2, max_position_embeddings=context, **ids),
         perceiver_config=dict(hidden_size=text_width, resampler_n_latents=8, resampler_depth=1, resampler_n_heads=2,
                               resampler_head_dim=16, num_key_value_heads=1),

@@ -172,7 +172,7 @@ def test_fuzz_pickled_checkpoints(pack, allowed, scratch):
 # ---- JSON of model folders ------------------------------------------------------------------------------------
 
 def test_fuzz_model_folder_json(host, pack, allowed, scratch, tiny_llama):
-    llm, gill, mumu = (pack_module(pack, f"loaders.{m}") for m in ("llm", "gill", "mumu"))
+    llm, gill, peft_lora = (pack_module(pack, f"loaders.{m}") for m in ("llm", "gill", "peft_lora"))
     source = host.models_dir / "LLM" / tiny_llama
     folder = scratch / "llm-folder"
     folder.mkdir()
@@ -213,8 +213,8 @@ def test_fuzz_model_folder_json(host, pack, allowed, scratch, tiny_llama):
         return lora
 
     def read_lora(folder):
-        config, _ = mumu.read_peft_lora(folder)
-        mumu._alpha_for(config, "text_model.layers.0.self_attn.q_proj")
+        config, _ = peft_lora.read_peft_lora(folder)
+        peft_lora.scale_for(config, "text_model.layers.0.self_attn.q_proj", 8)
     check(fuzz("peft adapter folder (adapter_config.json)", read_lora, lora_case, allowed))
 
 

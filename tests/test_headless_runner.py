@@ -58,7 +58,7 @@ def test_a_family_is_swapped_whole_and_settings_given_with_set_are_kept(host, pa
     assert "absent.safetensors -> beyond-clip-tiny-mapper-sd15.safetensors" in text
     assert (tmp_path / "builtin" / "LLM" / run.TINY_LLM / "config.json").is_file()
     assert prompt["3"]["inputs"]["width"] == 512, "the checkpoint family was not swapped: latents stay as they are"
-    assert prompt["4"]["inputs"]["steps"] == run.BUILTIN_TRAIN_STEPS["BeyondCLIP_TrainMapper"]
+    assert prompt["4"]["inputs"]["steps"] == run.BUILTIN_TRAIN_STEPS["BeyondCLIP_TrainMapper"]["steps"]
     assert prompt["5"]["inputs"]["steps"] == 20000 and "node 5" not in text
     assert host.folder_paths.get_folder_paths("bridges")[0] == str(host.models_dir / "bridges")
     # everything listed: nothing to swap, nothing said

@@ -5,15 +5,18 @@ steps, so "N steps" and "N/2 steps, stop, resume, N/2 steps" see the same batche
 restored, end with the same weights. Under DDP each rank takes an equal slice of the same global batch.
 """
 import hashlib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
+
+from ..config_record import ConfigRecord
 
 LOSSES = ("mse", "gill_l2")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(ConfigRecord):
+    FIELDS_LABEL = "training settings"
     steps: int = 500
     batch_size: int = 16  # the global batch: split over the ranks under DDP
     lr: float = 1e-3
@@ -37,16 +40,6 @@ class TrainConfig:
             raise ValueError(f"invalid training settings {asdict(self)}")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-
-    def to_dict(self):
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d):
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown training settings {sorted(unknown)}")
-        return cls(**d)
 
     def resume_key(self):
         """What must match for a checkpoint to be continued (the step count may grow)."""
