@@ -3,8 +3,8 @@ import logging
 
 import torch
 
-from ..bridges import prompt_weights as weighting
 from ..bridges import llm_text
+from ..bridges import prompt_weights as weighting
 from ..bridges.conversation import drawing_text
 from ..bridges.errors import LoadError
 from . import llm as llm_engine

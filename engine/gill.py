@@ -23,8 +23,8 @@ from ..loaders import gill as gill_files
 from ..loaders import images as picture_files
 from . import llm as llm_engine
 from .cache import reuse_encoding
-from .prompt_weights import warn_ignored
 from .conditioning import conditioning
+from .prompt_weights import warn_ignored
 
 log = logging.getLogger(__name__)
 

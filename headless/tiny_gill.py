@@ -67,6 +67,6 @@ def write_opt_folder(folder, seed=0) -> Path:
     weights = folder / "model.safetensors"
     with safe_open(str(weights), "pt") as f:
         metadata = f.metadata()
-        sd = {k: f.get_tensor(k) * (10 if k.endswith("self_attn.out_proj.weight") else 1) for k in f.keys()}
+        sd = {k: f.get_tensor(k) * (10 if k.endswith("self_attn.out_proj.weight") else 1) for k in f.keys()}  # noqa: SIM118 - safe_open handles are not iterable
     save_file(sd, str(weights), metadata=metadata)
     return folder

@@ -46,8 +46,7 @@ def _has_control_widget(name, spec) -> bool:
 def _declared_inputs(node_class):
     types = node_class.INPUT_TYPES()
     for section in ("required", "optional"):
-        for name, spec in (types.get(section) or {}).items():
-            yield name, spec
+        yield from (types.get(section) or {}).items()
 
 
 def to_api(workflow: dict, node_classes: dict) -> dict:

@@ -118,7 +118,7 @@ def read_bridge(path, kind: str):
             if not isinstance(config, dict):
                 raise LoadError(f"{path}: its config metadata is not a JSON object. The file is damaged; write it "
                                 f"again.")
-            state_dict = {k: f.get_tensor(k) for k in f.keys()}
+            state_dict = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open handles are not iterable
     except SafetensorError as e:
         raise LoadError(f"{path} is not a readable safetensors file ({e}); it is truncated or corrupt. "
                         f"Copy or train it again.") from None

@@ -136,7 +136,7 @@ def load_encoding(path, device):
             if meta.get("format") != FORMAT:
                 return None
             layout = json.loads(meta["layout"])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open handles are not iterable
         value = {}
         for name, spec in layout.items():
             if spec == "tensor":

@@ -11,7 +11,6 @@ import gc
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 

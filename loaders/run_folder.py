@@ -62,7 +62,7 @@ def read_tensors(path: Path, fmt: str):
         with safe_open(str(path), framework="pt", device="cpu") as f:
             if (f.metadata() or {}).get("format") != fmt:
                 return None
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open handles are not iterable
     except (OSError, SafetensorError):
         return None
     with torch.inference_mode(False):

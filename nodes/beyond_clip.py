@@ -3,8 +3,8 @@ into the LLM's weights, and the router that sends a request to chat or to drawin
 import logging
 
 from ..bridges import llm_text
-from ..bridges.errors import InputError
 from ..bridges.conversation import ASSISTANT, USER, Conversation, Picture, Turn
+from ..bridges.errors import InputError
 from ..engine import beyond_clip as beyond_clip_engine
 from ..engine import llm as llm_engine
 from ..engine.conditioning import guard_family, zero_conditioning_like

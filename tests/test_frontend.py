@@ -5,8 +5,8 @@ import os
 import shutil
 
 import pytest
-from PIL import Image
 from conftest import PACK_DIR, pack_module
+from PIL import Image
 
 WORKFLOWS = sorted((PACK_DIR / "workflows").glob("*.json"))
 

@@ -8,7 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import PACK_DIR, api_workflow, check_golden_pixels, headless_module, node_of, pack_module, pixel_change, run_saved_image
+from conftest import (
+    PACK_DIR,
+    api_workflow,
+    check_golden_pixels,
+    headless_module,
+    node_of,
+    pack_module,
+    pixel_change,
+    run_saved_image,
+)
 from PIL import Image
 from torch import nn
 
@@ -125,7 +134,7 @@ def tiny_opt(host, pack):
     from safetensors import safe_open
     folder = pack_module(pack, "headless.tiny_gill").write_opt_folder(host.models_dir / "LLM" / "tiny-opt")
     with safe_open(folder / "model.safetensors", "pt") as f:
-        assert sum(k.endswith("self_attn.out_proj.weight") for k in f.keys()) == 2
+        assert sum(k.endswith("self_attn.out_proj.weight") for k in f.keys()) == 2  # noqa: SIM118 - safe_open handles are not iterable
     return "tiny-opt"
 
 

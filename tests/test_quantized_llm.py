@@ -5,13 +5,13 @@ import copy
 import sys
 import types
 
+import bitsandbytes as bnb  # noqa: E402, F401 - the test extras install it: missing, these tests fail
 import pytest
 import torch
 from conftest import check_golden_pixels, forget_everything, node_of, pack_module, pixel_change, run_saved_image
 from test_beyond_clip_nodes import encode_graph, positive_tokens, run_error
 from test_beyond_clip_workflows import workflow_prompt
 
-import bitsandbytes as bnb  # noqa: E402, F401 - the test extras install it: missing, these tests fail
 CHOICES = {"int8": "int8 (bitsandbytes)", "nf4": "nf4 (bitsandbytes)"}
 LAYERS = {"int8": "Linear8bitLt", "nf4": "Linear4bit"}
 

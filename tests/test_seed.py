@@ -10,7 +10,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import PACK_DIR, api_workflow, check_golden_pixels, headless_module, host_module, node_of, pack_module, pixel_change, run_saved_image
+from conftest import (
+    PACK_DIR,
+    api_workflow,
+    check_golden_pixels,
+    headless_module,
+    host_module,
+    node_of,
+    pack_module,
+    pixel_change,
+    run_saved_image,
+)
 from PIL import Image
 
 WORKFLOWS = PACK_DIR / "workflows"

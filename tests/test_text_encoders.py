@@ -293,7 +293,7 @@ def test_mapper_record_damaged_is_refused_by_file(host, pack, tmp_path, tiny_lla
     good = tmp_path / "good.safetensors"
     _record_mapper(pack, llm, "sd1", good)
     with safe_open(str(good), "pt") as f:
-        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open handles are not iterable
     config = json.loads(meta["config"])
     for damage in ({"signature": "%%%"}, {"arch": None, "signature": None, "extra": 1}, {"width": 999}):
         bad = tmp_path / "bad.safetensors"

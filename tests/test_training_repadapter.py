@@ -170,7 +170,7 @@ def test_trained_adapter_changes_the_encoding_through_the_stock_graph(host, tiny
     plain_cond = host.node_output("4")[0][0][0]
     unmerged = run_saved_image(host, sample_graph(tiny_llama, mapper_files["sd1"], name, "unmerged"))
     unmerged_cond = host.node_output("4")[0][0][0]
-    merged = run_saved_image(host, sample_graph(tiny_llama, mapper_files["sd1"], name, "merged"))
+    run_saved_image(host, sample_graph(tiny_llama, mapper_files["sd1"], name, "merged"))
     merged_cond = host.node_output("4")[0][0][0]
     change = pixel_change(unmerged.pixels, plain.pixels)
     cond_change = (unmerged_cond - plain_cond).abs().mean().item()

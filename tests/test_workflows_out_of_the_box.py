@@ -12,9 +12,8 @@ import subprocess
 import sys
 
 import pytest
-from PIL import Image
-
 from conftest import PACK_DIR, headless_module, host_module
+from PIL import Image
 
 WORKFLOWS = sorted((PACK_DIR / "workflows").glob("*.json"))
 examples = headless_module("examples")

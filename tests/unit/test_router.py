@@ -35,7 +35,7 @@ def split(rows, test_fraction=0.25, seed=0):
 
 
 def fit(router_mod, rows, **kwargs):
-    return router_mod.NaiveBayesRouter(**kwargs).fit([t for _, t in rows], [l for l, _ in rows])
+    return router_mod.NaiveBayesRouter(**kwargs).fit([t for _, t in rows], [label for label, _ in rows])
 
 
 def test_dataset_shape(rows):
@@ -44,7 +44,7 @@ def test_dataset_shape(rows):
     assert all(text.strip() for _, text in rows)
     texts = [text.lower() for _, text in rows]
     assert len(set(texts)) == len(texts)
-    counts = {label: sum(1 for l, _ in rows if l == label) for label in ("chat", "draw")}
+    counts = {label: sum(1 for row_label, _ in rows if row_label == label) for label in ("chat", "draw")}
     assert min(counts.values()) >= 0.4 * len(rows)
 
 
