@@ -100,7 +100,8 @@ def token_counts(mumu, text_tokens=20, images=3):
     for grid, label in ((8, "112 px"), (18, "252 px, MUMU stage 1"), (36, "504 px, MUMU stage 2")):
         n = grid * grid
         seq = mumu.Sequence(input_ids=torch.zeros(1, text_tokens + images * n, dtype=torch.long),
-                            spans=[mumu.Span(start=text_tokens // 2 + i * n, image=i, grid=grid) for i in range(images)],
+                            spans=[mumu.Span(start=text_tokens // 2 + i * n, image=i, grid=grid)
+                                   for i in range(images)],
                             text_tokens=text_tokens)
         rows.append((f"{images} images x {n} ({label})", seq.input_ids.shape[1]))
         if grid == 36:
@@ -143,7 +144,8 @@ def main():
     if not gpu:
         torch.set_num_threads(1)  # a small model on shared cores: one thread times steadier
     where = (f"full-size SDXL UNet, fp16, {timed_size}x{timed_size}, on {torch.cuda.get_device_name()}" if gpu else
-             f"small SDXL-like UNet of the tests, fp32, {timed_size}x{timed_size}, on the CPU ({torch.get_num_threads()} threads)")
+             f"small SDXL-like UNet of the tests, fp32, {timed_size}x{timed_size}, on the CPU "
+             f"({torch.get_num_threads()} threads)")
     print(f"FLOPs: SDXL base UNet ({sum(p.numel() for p in counted.parameters()) / 1e9:.2f} B parameters) at "
           f"{args.size}x{args.size}, one forward. Time: {where}. ComfyUI: {root}")
     print(f"{'conditioning':42s} {'tokens':>6s} {'TFLOP/step':>10s} {'x CLIP':>7s} {'ms/step':>9s} {'x CLIP':>7s}")

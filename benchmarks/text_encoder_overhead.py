@@ -28,7 +28,8 @@ def main():
     try:
         importlib.import_module("comfy.text_encoders.llama")
     except ImportError:
-        raise SystemExit(f"ComfyUI {host.version} has no LLM text encoders; set COMFYUI_PATH to ComfyUI 0.3.64+") from None
+        raise SystemExit(f"ComfyUI {host.version} has no LLM text encoders; "
+                         "set COMFYUI_PATH to ComfyUI 0.3.64+") from None
     import nodes as comfy_nodes
     tiny, encoders, llm_engine = (module(pack, m) for m in ("headless.tiny_text_encoders", "loaders.text_encoders",
                                                             "engine.llm"))

@@ -30,7 +30,8 @@ def load_bridges():
     package = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = package
     spec.loader.exec_module(package)
-    return (importlib.import_module(spec.name + ".training.data"), importlib.import_module(spec.name + ".training.tasks"),
+    return (importlib.import_module(spec.name + ".training.data"),
+            importlib.import_module(spec.name + ".training.tasks"),
             importlib.import_module(spec.name + ".training.trainer"), importlib.import_module(spec.name + ".mapper"),
             importlib.import_module(spec.name + ".gill"))
 

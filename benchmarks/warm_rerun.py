@@ -130,7 +130,8 @@ def main():
         ("only the seed changed", f"{seed_time * 1e3:.1f}", ", ".join(sorted(ran_seed)),
          "encoder re-ran" if "4" in ran_seed else "no re-encode (target)"),
     ] + gill_rows(host, pack)
-    print(f"\nComfyUI {host.version}; the encoder's first run (load LLM + mapper, encode) took {encoder * 1e3:.1f} ms\n")
+    print(f"\nComfyUI {host.version}; the encoder's first run (load LLM + mapper, encode) "
+          f"took {encoder * 1e3:.1f} ms\n")
     table(("run", "ms", "nodes that ran", "check"), rows)
 
 

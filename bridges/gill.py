@@ -84,9 +84,9 @@ class GILLMapper(nn.Module):
         self.fc = nn.Linear(in_dim, hidden)
         with warnings.catch_warnings():  # "enable_nested_tensor is True, but ... norm_first": nothing to act on
             warnings.filterwarnings("ignore", message="enable_nested_tensor")
-            self.tfm = nn.Transformer(batch_first=True, norm_first=True, d_model=hidden, num_encoder_layers=encoder_layers,
-                                      num_decoder_layers=decoder_layers, dim_feedforward=ffn, dropout=0.0,
-                                      nhead=heads)
+            self.tfm = nn.Transformer(batch_first=True, norm_first=True, d_model=hidden,
+                                      num_encoder_layers=encoder_layers, num_decoder_layers=decoder_layers,
+                                      dim_feedforward=ffn, dropout=0.0, nhead=heads)
         self.model = nn.Linear(hidden, out_dim)
         self.query_embs = nn.Parameter(torch.zeros(1, out_tokens, hidden))
         self.pooled_model = nn.Linear(hidden, pooled_dim) if pooled_dim else None

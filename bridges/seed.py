@@ -144,12 +144,14 @@ class SeedTokenizer(nn.Module):
         self.query_tokens = nn.Parameter(torch.zeros(1, c.num_queries, c.hidden))
         self.qformer = _qformer(c.hidden, c.qformer_layers, c.qformer_heads, c.qformer_mlp, c.cross_attention_freq,
                                 c.vision_width)
-        self.encode_task_layer = nn.Sequential(nn.Linear(c.hidden, c.hidden), nn.Tanh(), nn.Linear(c.hidden, c.code_dim))
+        self.encode_task_layer = nn.Sequential(nn.Linear(c.hidden, c.hidden), nn.Tanh(),
+                                               nn.Linear(c.hidden, c.code_dim))
         self.quantize = Codebook(c.codebook_size, c.code_dim)
         self.decode_task_layer = nn.Sequential(nn.Linear(c.code_dim, c.code_dim), nn.Tanh(),
                                                nn.Linear(c.code_dim, c.hidden))
         self.pos_embed_text = nn.Parameter(torch.zeros(1, c.num_queries, c.hidden))
-        self.blocks_text = nn.ModuleList(Block(c.hidden, c.decoder_heads, c.decoder_mlp) for _ in range(c.decoder_blocks))
+        self.blocks_text = nn.ModuleList(Block(c.hidden, c.decoder_heads, c.decoder_mlp)
+                                         for _ in range(c.decoder_blocks))
         self.reverse_tokens = nn.Parameter(torch.zeros(1, c.reverse_queries, c.hidden))
         self.reverse_qformer = _qformer(c.hidden, c.reverse_layers, c.reverse_heads, c.reverse_mlp,
                                         c.reverse_cross_attention_freq, c.hidden)

@@ -66,8 +66,9 @@ def train_gill_mapper(run: Path, data, base, train_config: TrainConfig, out_path
     and the base's [IMG] embeddings stay fixed. With it (the frozen LLM, on `device` as ordinary tensors), `data`
     (TokenData) holds each caption's token ids and the 8 [IMG] embedding rows train with the mapper, through the
     LLM. Writes the GILL file. Returns (state dict written, trainer)."""
-    cfg = GILLConfig.from_dict({**base.config.to_dict(), "out_dim": data.targets.shape[-1], "out_tokens":
-                                data.targets.shape[1], "pooled_dim": data.pooled.shape[-1] if data.pooled is not None else 0})
+    cfg = GILLConfig.from_dict({**base.config.to_dict(), "out_dim": data.targets.shape[-1],
+                                "out_tokens": data.targets.shape[1],
+                                "pooled_dim": data.pooled.shape[-1] if data.pooled is not None else 0})
     if contract.family_of(cfg.out_dim) is contract.SD1:  # SD1's pooled output is unused
         cfg.pooled_dim = 0
         data = data.without_pooled()

@@ -54,7 +54,8 @@ def build_parser():
     shots = sub.add_parser("screenshots", help="load each workflow in the real frontend (headless Chromium) and "
                                                "save a screenshot of its graph into docs/images/")
     shots.add_argument("--comfyui", help="the ComfyUI folder whose server and frontend to use")
-    train_cli.build_parser(sub.add_parser("train", help="train a bridge (mapper, connector, router) from the command line"))
+    train_cli.build_parser(sub.add_parser("train",
+                                          help="train a bridge (mapper, connector, router) from the command line"))
     dataset_cli.build_parser(sub.add_parser("dataset", help="build a training dataset (MUMU: captioned pictures -> "
                                                             "prompts with crops), one process or under torchrun"))
     docs = sub.add_parser("docs", help="regenerate README.md's node table from the node definitions")

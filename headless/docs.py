@@ -21,7 +21,8 @@ def _outputs(node_class):
 
 def node_table(mappings: dict, display_names: dict) -> str:
     rows = ["| node | inputs | outputs | what it does |", "|---|---|---|---|"]
-    for node_id, node_class in sorted(mappings.items(), key=lambda kv: (kv[1].CATEGORY, display_names.get(kv[0], kv[0]))):
+    for node_id, node_class in sorted(mappings.items(),
+                                      key=lambda kv: (kv[1].CATEGORY, display_names.get(kv[0], kv[0]))):
         description = " ".join(getattr(node_class, "DESCRIPTION", "").split())
         rows.append(f"| **{display_names.get(node_id, node_id)}**<br>`{node_id}` | {_inputs(node_class)} | "
                     f"{_outputs(node_class)} | {description} |")

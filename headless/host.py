@@ -189,7 +189,8 @@ class Host:
             for node_id, info in (node_errors or {}).items():
                 for e in info.get("errors", []):
                     details.append(f"node {node_id} ({info.get('class_type')}): {e.get('message')}: {e.get('details')}")
-            head = f"{error.get('message')}: {error.get('details')}" if not valid else "Prompt outputs failed validation"
+            head = (f"{error.get('message')}: {error.get('details')}" if not valid
+                    else "Prompt outputs failed validation")
             raise HostError(head + "".join("\n  " + d for d in details))
         return outputs
 

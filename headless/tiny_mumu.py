@@ -27,8 +27,9 @@ def write_idefics2_folder(folder, seed=0, text_width=TEXT_WIDTH, context=512, im
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
            "pad_token_id": tokenizer.pad_token_id}
     config = Idefics2Config(
-        vision_config=dict(hidden_size=vision_width, intermediate_size=2 * vision_width, num_hidden_layers=vision_layers,
-                           num_attention_heads=heads, image_size=image_size, patch_size=patch_size),
+        vision_config=dict(hidden_size=vision_width, intermediate_size=2 * vision_width,
+                           num_hidden_layers=vision_layers, num_attention_heads=heads, image_size=image_size,
+                           patch_size=patch_size),
         text_config=dict(model_type="mistral", vocab_size=len(tokenizer), hidden_size=text_width,
                          intermediate_size=2 * text_width, num_hidden_layers=text_layers, num_attention_heads=heads,
                          num_key_value_heads=2, max_position_embeddings=context, **ids),

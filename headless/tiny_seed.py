@@ -126,7 +126,8 @@ def write_official(folder, seed=0, **overrides):
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     eva, qf, tok = official_state(seed)
-    for d, changes in zip((eva, qf, tok), (overrides.get("eva", {}), overrides.get("qf", {}), overrides.get("tok", {}))):
+    for d, changes in zip((eva, qf, tok),
+                          (overrides.get("eva", {}), overrides.get("qf", {}), overrides.get("tok", {}))):
         for k, v in changes.items():
             if v is None:
                 d.pop(k)

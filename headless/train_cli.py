@@ -21,11 +21,11 @@ workflows they ship in, through the same host and node: `python -m headless run 
 host's), the names as the Train SEED-LLM node lists them (a folder 'shapes/' or a .tsv); rank 0 computes the
 pictures' codes into the run folder, every rank trains its slice of each batch (DDP), rank 0 writes the LoRA folder
 and the rows file. `seed-sdxl-head` distils a SEED de-tokenizer head onto an SDXL checkpoint's CLIP (one process or
-several), on the run's cache as `mapper` does (built first with --checkpoint and --pairs). --seed-tokenizer is the official seed_tokenizer.pth (beside causal_qformer.pth and eva_vit_g.pth) or a
-converted seed-v1*.safetensors.
+several), on the run's cache as `mapper` does (built first with --checkpoint and --pairs). --seed-tokenizer is the
+official seed_tokenizer.pth (beside causal_qformer.pth and eva_vit_g.pth) or a converted seed-v1*.safetensors.
 
-`mapper` and `connector` train on the run's target cache (output/beyond_clip_training/<run>/cache/), which the Train node
-or this command builds: with --llm (a Hugging Face folder), --checkpoint (the checkpoint whose CLIP is the
+`mapper` and `connector` train on the run's target cache (output/beyond_clip_training/<run>/cache/), which the Train
+node or this command builds: with --llm (a Hugging Face folder), --checkpoint (the checkpoint whose CLIP is the
 teacher) and --captions, the cache is (re)built first; without them the run's newest cache is used. Runs resume
 from the run's checkpoint unless --no-resume. Several processes (torchrun sets WORLD_SIZE) train with
 torch.distributed DDP (nccl on GPUs, gloo on CPUs): each takes an equal slice of every global batch, rank 0
@@ -125,7 +125,8 @@ def build_parser(parser=None):
     r.add_argument("--out", required=True, help="models/bridges/<out>.router.json")
     r.add_argument("--alpha", type=float, default=1.0)
     for p in (m, c, r, s, h):
-        p.add_argument("--comfyui", help="the ComfyUI folder to boot (default: $COMFYUI_PATH or the one the pack is in)")
+        p.add_argument("--comfyui",
+                       help="the ComfyUI folder to boot (default: $COMFYUI_PATH or the one the pack is in)")
         p.add_argument("--models", type=Path, help="a models folder laid out like ComfyUI/models (first for bridges)")
         p.add_argument("--output", type=Path, help="ComfyUI's output folder (run folders go in it)")
     return parser
@@ -225,7 +226,8 @@ def _training_for(args, pack, data, about, cache_path, rank):
             raise SystemExit(f"error: {cache_path} holds {about.get('student')!r} states, not Idefics2's: give "
                              f"--idefics2, --checkpoint and --captions to build the connector's cache")
         config = _mod(pack, "bridges.mumu").ConnectorConfig(in_dim=data.inputs.shape[-1], width=args.width,
-                                                            depth=args.depth, heads=args.heads, hidden_layer=hidden_layer)
+                                                            depth=args.depth, heads=args.heads,
+                                                            hidden_layer=hidden_layer)
         out_path = folders.bridge_output_path(args.out, kind=_mod(pack, "loaders.mumu").KIND) if rank == 0 else None
         return _mod(pack, "engine.train_mumu").train_connector, config, out_path, {"probes": args.probes}
     config = _mod(pack, "bridges.mapper").MapperConfig(

@@ -63,7 +63,8 @@ def choose_dtype(choice: str, device) -> torch.dtype:
     if choice == "auto":
         return torch.bfloat16 if bf16_ok else torch.float16 if fp16_ok else torch.float32
     wanted = torch.bfloat16 if choice == "bf16" else torch.float16
-    if (wanted == torch.bfloat16 and not bf16_ok or wanted == torch.float16 and not fp16_ok) and not mm.is_device_cpu(device):
+    if ((wanted == torch.bfloat16 and not bf16_ok or wanted == torch.float16 and not fp16_ok)
+            and not mm.is_device_cpu(device)):
         log.warning("%s is not supported on %s; loading the LLM in fp32", choice, device)
         return torch.float32
     return wanted

@@ -300,7 +300,8 @@ def load_idefics2_lora(folder: Path, vlm: LoadedIdefics2) -> PeftLoRA:
         scale = scale_for(config, path, a.shape[0])
         factors[name] = mumu_bridge.LoRAFactor(down=a, up=b, scale=scale)
     if unknown or wrong:
-        parts = ([f"{len(unknown)} layer(s) this Idefics2 does not have (linear), e.g. {unknown[:3]}"] if unknown else []) + \
+        parts = ([f"{len(unknown)} layer(s) this Idefics2 does not have (linear), e.g. {unknown[:3]}"]
+                 if unknown else []) + \
                 ([f"wrong shapes: {wrong[:3]}"] if wrong else [])
         raise LoadError(f"{folder}: the LoRA does not fit {vlm.describe()}: " + "; ".join(parts) +
                         ". Use a LoRA trained for this Idefics2.")
@@ -352,7 +353,8 @@ def apply_idefics2_lora(vlm: LoadedIdefics2, lora: PeftLoRA, strength: float, mo
 
 # The layers MUMU's rank-8 UNet LoRA adapts: the attention projections of every transformer block (the paper
 # gives only the rank; these are the usual SDXL LoRA targets).
-UNET_LORA_TARGETS = re.compile(r"^diffusion_model\..*transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)\.weight$")
+UNET_LORA_TARGETS = re.compile(r"^diffusion_model\..*transformer_blocks\.\d+\."
+                               r"attn[12]\.(to_q|to_k|to_v|to_out\.0)\.weight$")
 
 
 def unet_lora_name(model_key: str) -> str:

@@ -78,7 +78,8 @@ def _some(keys, n=4):
 def check_tokenizer_file(sd: dict, path: Path):
     has = lambda prefix: any(k.startswith(prefix) for k in sd)  # noqa: E731
     if any(has(m) for m in SEED2_MARKERS) and "distill_text_proj.weight" not in sd:
-        raise LoadError(f"{path} is a SEED-2 (SEED-LLaMA) tokenizer: its de-tokenizer ({_some(k for k in sd if k.startswith(SEED2_MARKERS))}) "
+        raise LoadError(f"{path} is a SEED-2 (SEED-LLaMA) tokenizer: its de-tokenizer "
+                        f"({_some(k for k in sd if k.startswith(SEED2_MARKERS))}) "
                         f"makes a 1024-wide image embedding for Stable Diffusion 2.1 unCLIP, not the SD1.x text "
                         f"conditioning of SEED v1. These nodes read SEED v1: {TOKENIZER_FILE} and {QFORMER_FILE} "
                         f"from AILab-CVC/seed-tokenizer-1 (github AILab-CVC/SEED, branch v1).")
@@ -237,7 +238,8 @@ def classify(sd: dict, config: SeedConfig, model: SeedTokenizer = None):
     for key in sorted(set(sd) - expected):
         m = re.match(r"visual_encoder\.blocks\.(\d+)\.", key)
         if m and int(m.group(1)) >= config.vision_layers:
-            ignored.setdefault(f"EVA blocks after the first {config.vision_layers} (BLIP-2 and SEED drop them)", []).append(key)
+            ignored.setdefault(f"EVA blocks after the first {config.vision_layers} (BLIP-2 and SEED drop them)",
+                               []).append(key)
             continue
         reason = next((r for p, r in IGNORED if p.match(key)), None)
         if reason:

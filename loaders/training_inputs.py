@@ -48,7 +48,8 @@ def input_folders():
     for child in sorted(base.iterdir()):
         if child.is_dir() and not child.name.startswith("."):
             found.append(child.name)
-            found += [f"{child.name}/{g.name}" for g in sorted(child.iterdir()) if g.is_dir() and not g.name.startswith(".")]
+            found += [f"{child.name}/{g.name}" for g in sorted(child.iterdir())
+                      if g.is_dir() and not g.name.startswith(".")]
     return found
 
 

@@ -46,7 +46,8 @@ class LLMLoader:
     RETURN_NAMES = ("llm",)
     FUNCTION = "load"
     CATEGORY = CATEGORY
-    DESCRIPTION = ("Loads a Hugging Face causal LM (Llama, OPT, Mistral, ...) and its tokenizer from models/LLM, offline, "
+    DESCRIPTION = ("Loads a Hugging Face causal LM (Llama, OPT, Mistral, ...) and its tokenizer from models/LLM, "
+                   "offline, "
                    "or a single-file .gguf LLM (dequantized by transformers' GGUF support into the chosen dtype, its "
                    "tokenizer built from the file's own metadata; needs the gguf package), "
                    "under ComfyUI's memory manager (offloaded when the UNet needs the memory). auto: bf16/fp16 where "
@@ -281,7 +282,8 @@ class ChatOrDrawRouter:
     OUTPUT_NODE = True
     FUNCTION = "run"
     CATEGORY = CATEGORY
-    DESCRIPTION = ("Routes the prompt: 'draw' encodes it (negative: the encoding of empty text); 'chat' answers it in text and, where "
+    DESCRIPTION = ("Routes the prompt: 'draw' encodes it (negative: the encoding of empty text); "
+                   "'chat' answers it in text and, where "
                    "ComfyUI supports it, stops the image branch so no sampling time is spent.")
 
     @classmethod

@@ -68,7 +68,8 @@ class GILLLoader:
     @classmethod
     def VALIDATE_INPUTS(cls, gill_name):
         choices = _gill_choices()
-        return True if gill_name in choices else folders.not_found_message("GILL model", gill_name, choices, "models/bridges")
+        return (True if gill_name in choices
+                else folders.not_found_message("GILL model", gill_name, choices, "models/bridges"))
 
     def load(self, gill_name):
         if gill_name.endswith(".safetensors"):
@@ -83,7 +84,8 @@ class GILLConvert:
     def INPUT_TYPES(cls):
         return {"required": {
             "gill_name": (_official_folders(), {"tooltip": "An official release folder in models/bridges"}),
-            "filename": ("STRING", {"default": "gill_opt", "tooltip": "Written as models/bridges/<filename>.safetensors"}),
+            "filename": ("STRING", {"default": "gill_opt",
+                                    "tooltip": "Written as models/bridges/<filename>.safetensors"}),
             "overwrite": ("BOOLEAN", {"default": False}),
         }}
 
@@ -98,7 +100,8 @@ class GILLConvert:
     @classmethod
     def VALIDATE_INPUTS(cls, gill_name):
         choices = _official_folders()
-        return True if gill_name in choices else folders.not_found_message("GILL release folder", gill_name, choices, "models/bridges")
+        return (True if gill_name in choices
+                else folders.not_found_message("GILL release folder", gill_name, choices, "models/bridges"))
 
     def convert(self, gill_name, filename, overwrite):
         out = folders.bridge_output_path(filename, "filename")
@@ -122,7 +125,8 @@ class GILLEncode:
             "optional": {
                 "images": ("IMAGE", {"tooltip": f"One image per {PLACEHOLDER}, in order (a batch; combine several "
                                                 f"with 'Batch Images')"}),
-                "clip_vision": ("CLIP_VISION", {"tooltip": "CLIP ViT-L/14 (clip-vit-large-patch14) from 'Load CLIP Vision'"}),
+                "clip_vision": ("CLIP_VISION",
+                                {"tooltip": "CLIP ViT-L/14 (clip-vit-large-patch14) from 'Load CLIP Vision'"}),
                 "model": ("MODEL", {"tooltip": "Connect the MODEL you sample with to check the mapper fits it "
                                                "before encoding (unconnected, the sampler checks it on ComfyUI from "
                                                "December 2024 on)"}),
@@ -136,7 +140,8 @@ class GILLEncode:
     CATEGORY = CATEGORY
     DESCRIPTION = ("GILL: appends [IMG0]..[IMG7] to the prompt (text and images), reads the LLM's last-layer states "
                    "there and maps them with GILLMapper into SD text space (77 tokens; SDXL mappers add the pooled "
-                   "vector). Pair with CLIPTextEncode of an empty text as the negative, as GILL does. Prompt weights such as "
+                   "vector). Pair with CLIPTextEncode of an empty text as the negative, as GILL does. "
+                   "Prompt weights such as "
                    "(word:1.3) are ignored here (the prompt is read as written, with a warning): GILLMapper reads "
                    "eight learnt query states, not one state per word.")
 
@@ -156,8 +161,8 @@ class GILLBuildIndex:
         return {"required": {
             "gill": (GILL_TYPE,),
             "clip_vision": ("CLIP_VISION", {"tooltip": "CLIP ViT-L/14, the tower GILL's retrieval head reads"}),
-            "folder": (inputs.input_folders(), {"tooltip": "A folder of your images inside ComfyUI's input folder (a link "
-                                                     "to a folder elsewhere works)"}),
+            "folder": (inputs.input_folders(), {"tooltip": "A folder of your images inside ComfyUI's input folder "
+                                                     "(a link to a folder elsewhere works)"}),
             "index_name": ("STRING", {"default": "", "tooltip": "Empty: the folder's name. Stored in "
                                                                f"output/{INDEX_SUBDIR}/<name>.safetensors + .json"}),
             "mode": (MODES, {"default": "update", "tooltip": "update: embed only new or changed images; "
@@ -174,7 +179,8 @@ class GILLBuildIndex:
     @classmethod
     def VALIDATE_INPUTS(cls, folder):
         choices = inputs.input_folders()
-        return True if folder in choices else folders.not_found_message("image folder", folder, choices, "ComfyUI's input folder")
+        return (True if folder in choices
+                else folders.not_found_message("image folder", folder, choices, "ComfyUI's input folder"))
 
     @classmethod
     def IS_CHANGED(cls, folder, index_name, mode, **kwargs):
@@ -325,7 +331,8 @@ class GILLDialogue:
     FUNCTION = "reply"
     CATEGORY = CATEGORY
     DESCRIPTION = ("GILL answers your message after the conversation so far: the frozen LLM writes its reply and, "
-                   "where it writes [IMG0], shows a picture, retrieved from your index or generated (conditioning for the "
+                   "where it writes [IMG0], shows a picture, retrieved from your index or generated "
+                   "(conditioning for the "
                    "KSampler) as its decision model says. Lists per picture: conditioning (the generated ones), "
                    "retrieved image and score, decision. Where ComfyUI can skip a branch (Aug 2024 on), a reply "
                    "without a picture to generate runs no sampler. Feed the sampler's pictures back with Reply "

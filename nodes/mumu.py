@@ -29,7 +29,8 @@ class LoadIdefics2:
     def INPUT_TYPES(cls):
         return {"required": {
             "idefics2_name": (folders.list_model_dirs(folders.LLM),
-                              {"tooltip": "An Idefics2 folder (e.g. idefics2-8b) in models/LLM, with its processor files"}),
+                              {"tooltip": "An Idefics2 folder (e.g. idefics2-8b) in models/LLM, "
+                                          "with its processor files"}),
             "dtype": (DTYPES, {"default": "auto"}),
         }}
 
@@ -167,7 +168,8 @@ class Encode:
             "optional": {
                 "images": (MUMU_IMAGES_TYPE,),
                 "model": ("MODEL", {"tooltip": "Connect the MODEL you sample with to check it is SDXL before encoding "
-                                               "(unconnected, the sampler checks it on ComfyUI from December 2024 on)"}),
+                                               "(unconnected, the sampler checks it "
+                                               "on ComfyUI from December 2024 on)"}),
                 "cache_to_disk": CACHE_TO_DISK,
             },
         }

@@ -44,7 +44,8 @@ class SeedLoader:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "seed_model": (seed_choices(), {"tooltip": "models/bridges/seed/seed_tokenizer.pth (with causal_qformer.pth "
+            "seed_model": (seed_choices(), {"tooltip": "models/bridges/seed/seed_tokenizer.pth "
+                                                       "(with causal_qformer.pth "
                                                        "and eva_vit_g.pth beside it; converted once to "
                                                        "models/bridges/seed-v1.safetensors), or a converted file"}),
             "dtype": (DTYPES, {"default": "auto", "tooltip": "precision of the EVA ViT-g vision tower (the Q-Former, "

@@ -183,7 +183,8 @@ class TrainMapper(ReadsCaptions):
                                                                  "caption per line"}),
                 "run_name": ("STRING", {"default": "beyond_clip_mapper", "tooltip": "output/beyond_clip_training/"
                                         "<run_name>/ keeps the target cache and the checkpoint to resume from"}),
-                "output_name": ("STRING", {"default": "my_mapper", "tooltip": "Written as models/bridges/<name>.safetensors"}),
+                "output_name": ("STRING", {"default": "my_mapper",
+                                           "tooltip": "Written as models/bridges/<name>.safetensors"}),
                 "steps": ("INT", {"default": 2000, "min": 1, "max": 10_000_000}),
                 "batch_size": ("INT", {"default": 32, "min": 1, "max": 4096}),
                 "learning_rate": ("FLOAT", {"default": 1e-3, "min": 1e-7, "max": 1.0, "step": 1e-5}),
@@ -236,8 +237,10 @@ class TrainRouter(ReadsExamples):
             "examples": (inputs.input_files(inputs.TABLE_EXTENSIONS), {
                 "tooltip": "A tab-separated file in ComfyUI's input folder with the header 'label<TAB>text' and "
                            "labels 'chat' or 'draw'"}),
-            "output_name": ("STRING", {"default": "my_router", "tooltip": "Written as models/bridges/<name>.router.json"}),
-            "alpha": ("FLOAT", {"default": 1.0, "min": 0.001, "max": 100.0, "step": 0.01, "tooltip": "Laplace smoothing"}),
+            "output_name": ("STRING", {"default": "my_router",
+                                       "tooltip": "Written as models/bridges/<name>.router.json"}),
+            "alpha": ("FLOAT", {"default": 1.0, "min": 0.001, "max": 100.0, "step": 0.01,
+                                "tooltip": "Laplace smoothing"}),
             "bigrams": ("BOOLEAN", {"default": True}),
             "val_fraction": ("FLOAT", {"default": 0.2, "min": 0.0, "max": 0.5, "step": 0.01}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1}),
@@ -395,7 +398,8 @@ class TrainMUMUConnector(ReadsCaptions):
                 "heads": ("INT", {"default": 16, "min": 1, "max": 128}),
                 "hidden_layer": ("INT", {"default": -1, "min": -128, "max": 128, "tooltip": "-1 = last layer"}),
                 "image_resolution": ("INT", {"default": 252, "min": 1, "max": 4096,
-                                             "tooltip": "Pixels per side of each crop (MUMU stage 1: 252 -> 324 tokens)"}),
+                                             "tooltip": "Pixels per side of each crop "
+                                                        "(MUMU stage 1: 252 -> 324 tokens)"}),
                 "probes": ("INT", {"default": 64, "min": 1, "max": 4096, "tooltip": "Probe queries of the "
                                    "length-invariant token loss (the first one is the mean token)"}),
                 **RUN_INPUTS,
@@ -403,7 +407,8 @@ class TrainMUMUConnector(ReadsCaptions):
             },
             # optional: graphs saved before it existed keep validating
             "optional": {"dataset": (MUMU_DATASET_TYPE, {
-                "tooltip": "A dataset from Build MUMU Dataset: its stage-1 caption file is used instead of 'captions'"})},
+                "tooltip": "A dataset from Build MUMU Dataset: its stage-1 caption file is used instead of "
+                           "'captions'"})},
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
@@ -453,13 +458,16 @@ class TrainRepAdapter(ReadsPairs):
                 "llm": (LLM_TYPE, {"tooltip": "The plain LLM (no adapter applied) the mapper was trained on"}),
                 "mapper": (MAPPER_TYPE, {"tooltip": "A stage-1 mapper for this LLM and checkpoint; it stays frozen"}),
                 "clip": ("CLIP", {"tooltip": "The teacher of the caption loss: the CLIP of the checkpoint"}),
-                "model": ("MODEL", {"tooltip": "The SD1.x or SDXL MODEL whose denoising loss trains the adapter; frozen"}),
+                "model": ("MODEL", {"tooltip": "The SD1.x or SDXL MODEL whose denoising loss trains the adapter; "
+                                               "frozen"}),
                 "vae": ("VAE", {"tooltip": "The checkpoint's VAE: the images become latents once, cached"}),
                 "pairs": (inputs.pair_sources(), {"tooltip": "In ComfyUI's input folder: a folder of images with "
-                                                               "same-name .txt captions, or a .tsv 'image<TAB>caption'"}),
+                                                               "same-name .txt captions, "
+                                                               "or a .tsv 'image<TAB>caption'"}),
                 "run_name": ("STRING", {"default": "beyond_clip_repadapter", "tooltip": "output/beyond_clip_training/"
                                         "<run_name>/ keeps the caches and the checkpoint to resume from"}),
-                "output_name": ("STRING", {"default": "my_repadapter", "tooltip": "Written as models/bridges/<name>.safetensors"}),
+                "output_name": ("STRING", {"default": "my_repadapter",
+                                           "tooltip": "Written as models/bridges/<name>.safetensors"}),
                 "steps": ("INT", {"default": 1000, "min": 1, "max": 10_000_000}),
                 "batch_size": ("INT", {"default": 4, "min": 1, "max": 4096}),
                 "learning_rate": ("FLOAT", {"default": 1e-4, "min": 1e-7, "max": 1.0, "step": 1e-5}),
@@ -484,7 +492,8 @@ class TrainRepAdapter(ReadsPairs):
     CATEGORY = CATEGORY
     DESCRIPTION = ("Beyond CLIP stage 2: RepAdapters on every linear layer of the LLM learn, with the mapper frozen, "
                    "loss = MSE(mapper(LLM+adapters(caption)), CLIP(caption)) + lambda * the frozen UNet's denoising "
-                   "loss of the caption's image under that conditioning (SD1.x, or SDXL with the pooled vector and size "
+                   "loss of the caption's image under that conditioning (SD1.x, or SDXL with the pooled vector "
+                   "and size "
                    "embeddings). Writes the adapter where Load "
                    "RepAdapter lists it and outputs the LLM with it applied (unmerged).")
 
@@ -560,9 +569,11 @@ class TrainMUMU(ReadsPairs):
                                            "tooltip": "MUMU: 5e-6 (0 = no UNet LoRA training)"}),
                 "rank": ("INT", {"default": 8, "min": 1, "max": 512, "tooltip": "LoRA rank (MUMU: 8)"}),
                 "resolution": ("INT", {"default": 1024, "min": 8, "max": 4096, "step": 8,
-                                       "tooltip": "Each picture's centre square is resized to this many pixels a side"}),
+                                       "tooltip": "Each picture's centre square is resized "
+                                                  "to this many pixels a side"}),
                 "image_resolution": ("INT", {"default": 504, "min": 1, "max": 4096,
-                                             "tooltip": "Pixels per side of each crop (MUMU stage 2: 504 -> 1296 tokens)"}),
+                                             "tooltip": "Pixels per side of each crop "
+                                                        "(MUMU stage 2: 504 -> 1296 tokens)"}),
                 **RUN_INPUTS,
             },
             "optional": {"dataset": (MUMU_DATASET_TYPE, {"tooltip": "A dataset from Build MUMU Dataset: its "
@@ -583,7 +594,8 @@ class TrainMUMU(ReadsPairs):
     CATEGORY = CATEGORY
     DESCRIPTION = ("MUMU stage 2: the connector from stage 1 trains on, with rank-8 LoRAs on Idefics2's text attention "
                    "and on the SDXL UNet's attention, by the frozen UNet's denoising loss on your captioned pictures "
-                   "(crops placed before their words). Outputs Idefics2 with its LoRA, the connector and the MODEL with "
+                   "(crops placed before their words). Outputs Idefics2 with its LoRA, the connector and "
+                   "the MODEL with "
                    "its LoRA, ready for Encode (MUMU) and KSampler; the files are listed by the loaders at once.")
 
     def train(self, idefics2, connector, model, vae, pairs, run_name, output_name, steps, batch_size, connector_lr,

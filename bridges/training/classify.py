@@ -15,7 +15,8 @@ def train_linear_classifier(features: torch.Tensor, labels: torch.Tensor, classe
     weight = counts.sum() / (classes * counts)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     # standardised inputs train faster; the scaling is folded back into the Linear at the end
-    mean, std = features.mean(0), features.std(0).clamp(min=1e-6) if len(features) > 1 else torch.ones(features.shape[1])
+    mean, std = (features.mean(0),
+                 features.std(0).clamp(min=1e-6) if len(features) > 1 else torch.ones(features.shape[1]))
     x = (features - mean) / std
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -108,7 +108,8 @@ def batch_for_step(train_idx: torch.Tensor, step: int, batch_size: int, seed: in
         raise ValueError(f"the batch size {batch_size} must be divisible by the number of processes ({world})")
     g = torch.Generator().manual_seed(step_seed(seed, step))
     n = len(train_idx)
-    pick = torch.randperm(n, generator=g)[:batch_size] if batch_size <= n else torch.randint(n, (batch_size,), generator=g)
+    pick = (torch.randperm(n, generator=g)[:batch_size] if batch_size <= n
+            else torch.randint(n, (batch_size,), generator=g))
     return train_idx[pick[rank::world]]
 
 

@@ -69,7 +69,8 @@ class ConnectorStudent(nn.Module):
 
     def loss(self, prediction, targets, target_pooled, kind, pooled_weight=1.0):
         tokens, pooled, valid = prediction
-        loss = token_loss(probe_attention(tokens, valid, self.probes), probe_attention(targets, None, self.probes), kind)
+        loss = token_loss(probe_attention(tokens, valid, self.probes), probe_attention(targets, None, self.probes),
+                          kind)
         if pooled is not None and target_pooled is not None:
             loss = loss + pooled_weight * token_loss(pooled, target_pooled, kind)
         return loss
