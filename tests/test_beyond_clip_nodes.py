@@ -49,7 +49,8 @@ def positive_tokens(host, g):
     return host.node_output("4")[0][0][0]
 
 
-def test_repadapter_merged_equals_unmerged_and_leaves_the_plain_llm_intact(host, tiny_llama, mapper_files, adapter_file):
+def test_repadapter_merged_equals_unmerged_and_leaves_the_plain_llm_intact(host, tiny_llama, mapper_files,
+                                                                            adapter_file):
     mapper = mapper_files["sd1"]
     plain = positive_tokens(host, encode_graph(tiny_llama, mapper))
     merged = positive_tokens(host, encode_graph(tiny_llama, mapper, adapter=adapter_file, mode="merged"))
@@ -121,11 +122,14 @@ def test_stock_conditioning_nodes_accept_the_output(host, tiny_llama, mapper_fil
     g["6"] = {"class_type": "BeyondCLIP_TinyCheckpoint", "inputs": {"arch": arch}}
     g["11"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["6", 1], "text": "loratrigger, a fox"}}
     g["12"] = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["4", 0], "conditioning_2": ["11", 0]}}
-    g["13"] = {"class_type": "ConditioningConcat", "inputs": {"conditioning_to": ["12", 0], "conditioning_from": ["11", 0]}}
-    g["14"] = {"class_type": "ConditioningAverage", "inputs": {"conditioning_to": ["4", 0], "conditioning_from": ["11", 0],
-                                                               "conditioning_to_strength": 0.5}}
-    g["15"] = {"class_type": "ConditioningSetTimestepRange", "inputs": {"conditioning": ["14", 0], "start": 0.0, "end": 0.5}}
-    g["16"] = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["13", 0], "conditioning_2": ["15", 0]}}
+    g["13"] = {"class_type": "ConditioningConcat",
+               "inputs": {"conditioning_to": ["12", 0], "conditioning_from": ["11", 0]}}
+    g["14"] = {"class_type": "ConditioningAverage",
+               "inputs": {"conditioning_to": ["4", 0], "conditioning_from": ["11", 0], "conditioning_to_strength": 0.5}}
+    g["15"] = {"class_type": "ConditioningSetTimestepRange",
+               "inputs": {"conditioning": ["14", 0], "start": 0.0, "end": 0.5}}
+    g["16"] = {"class_type": "ConditioningCombine",
+               "inputs": {"conditioning_1": ["13", 0], "conditioning_2": ["15", 0]}}
     g["17"] = {"class_type": "ConditioningSetArea", "inputs": {"conditioning": ["4", 1], "width": 64, "height": 64,
                                                                "x": 0, "y": 0, "strength": 1.0}}
     g["18"] = {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["17", 0]}}

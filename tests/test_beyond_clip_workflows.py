@@ -88,8 +88,8 @@ def test_router_workflow_draws_a_picture_request_and_answers_a_question(host, pa
     assert route == "draw" and p_draw > 0.5 and positive[0][0].shape == (1, 77, 768)
     assert len(host.saved_images(ui)) == 1
     with Image.open(host.saved_images(ui)[0]) as drawn:
-        check_golden_pixels(host, "beyond_clip_router_sd15.json", SavedImage(png=b"", pixels=drawn.convert("RGB").tobytes(),
-                                                                             path=None, ui=ui))
+        check_golden_pixels(host, "beyond_clip_router_sd15.json",
+                            SavedImage(png=b"", pixels=drawn.convert("RGB").tobytes(), path=None, ui=ui))
     # The adapter is merged into the encoder: the conditioning differs from the plain LLM's.
     apply_id = node_of(prompt, "BeyondCLIP_ApplyRepAdapter")
     assert host.node_output(apply_id)[0].adapter.mode == "merged"

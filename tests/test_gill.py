@@ -31,7 +31,8 @@ VISION_DIM = headless_module("tiny_clip_vision").WIDTH  # the small CLIP tower's
 class TextFcLayer(nn.Module):
     """Layers used in mapping text embeddings to visual outputs."""
 
-    def __init__(self, in_dim: int, out_dim: int, num_input_tokens: int = 1, num_output_tokens: int = 1, mode: str = 'linear'):
+    def __init__(self, in_dim: int, out_dim: int, num_input_tokens: int = 1, num_output_tokens: int = 1,
+                 mode: str = 'linear'):
         super().__init__()
 
         self.num_input_tokens = num_input_tokens
@@ -58,7 +59,8 @@ class TextFcLayer(nn.Module):
             x = x + input_embs
 
         if isinstance(self.model, nn.ModuleList):
-            assert len(self.model) == x.shape[1] == self.num_input_tokens, (len(self.model), x.shape, self.num_input_tokens)
+            assert len(self.model) == x.shape[1] == self.num_input_tokens, \
+                (len(self.model), x.shape, self.num_input_tokens)
             outputs = []
             for i in range(self.num_input_tokens):
                 outputs.append(self.model[i](x[:, i, :]))  # (N, D)
@@ -75,7 +77,8 @@ class TextFcLayer(nn.Module):
                 else:
                     raise NotImplementedError
 
-        assert outputs.shape[1] == 1 or (outputs.shape[1] * outputs.shape[2] == self.num_output_tokens * 768), (outputs.shape, self.num_output_tokens)
+        assert outputs.shape[1] == 1 or (outputs.shape[1] * outputs.shape[2] == self.num_output_tokens * 768), \
+            (outputs.shape, self.num_output_tokens)
         return outputs  # (N, T, D)
 
 
@@ -250,7 +253,8 @@ def test_clip_vision_pooler_output_from_comfy(gill, towers):
     mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
     std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
     with torch.no_grad():
-        want = hf_tower(0).vision_model(pixel_values=((img.movedim(-1, 1) * 255).round() / 255 - mean) / std).pooler_output
+        want = hf_tower(0).vision_model(
+            pixel_values=((img.movedim(-1, 1) * 255).round() / 255 - mean) / std).pooler_output
         got = gill.clip_pooled(towers(0), img)
         projected = towers(0).encode_image(img)["image_embeds"]
     assert got.shape == (1, VISION_DIM) and projected.shape == (1, 32)

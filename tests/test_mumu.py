@@ -61,10 +61,12 @@ def test_perceiverless_encoding_matches_transformers_own_merge(host, mumu, files
     fake = vlm.tokenizer.convert_tokens_to_ids(mumu.FAKE_TOKEN)
     for span in seq.spans:  # each image framed like Idefics2's processor frames it
         assert seq.input_ids[0, span.start - 1] == fake and seq.input_ids[0, span.start + 64] == fake
-    pixels = torch.stack([mumu.prepare_image(picture(40, 30, seed=s), res, vlm.image_mean, vlm.image_std) for s in (1, 2)])
+    pixels = torch.stack([mumu.prepare_image(picture(40, 30, seed=s), res, vlm.image_mean, vlm.image_std)
+                          for s in (1, 2)])
     with torch.no_grad():
         ours = mumu.encode(vlm.inner, seq, pixels, hidden_layer=-1)
-        features = reference.connector.modality_projection(reference.vision_model(pixel_values=pixels).last_hidden_state)
+        features = reference.connector.modality_projection(
+            reference.vision_model(pixel_values=pixels).last_hidden_state)
         per_occurrence = torch.stack([features[s.image] for s in seq.spans])
         # transformers' own merge of precomputed image features (its forward's keyword for them has changed
         # name and type across releases; the merger itself has kept its signature since 4.40)
@@ -81,7 +83,8 @@ def test_perceiverless_encoding_matches_transformers_own_merge(host, mumu, files
     seq = mumu.build_sequence(vlm.tokenizer, ["a dog"], grid, context=vlm.context)
     with torch.no_grad():
         assert torch.allclose(mumu.encode(vlm.inner, seq, None, -2),
-                              reference(input_ids=seq.input_ids, output_hidden_states=True).hidden_states[-2], atol=1e-5)
+                              reference(input_ids=seq.input_ids, output_hidden_states=True).hidden_states[-2],
+                              atol=1e-5)
 
 
 def test_idefics2_lora_matches_peft_merged_and_unmerged(host, mumu, files, vlm, tiny_idefics2, mumu_idefics2_lora):
@@ -91,7 +94,8 @@ def test_idefics2_lora_matches_peft_merged_and_unmerged(host, mumu, files, vlm, 
     base = Idefics2ForConditionalGeneration.from_pretrained(str(host.models_dir / "LLM" / tiny_idefics2))
     with_peft = peft.PeftModel.from_pretrained(base, str(host.models_dir / "LLM" / mumu_idefics2_lora)).eval()
     lora = files.load_idefics2_lora(host.models_dir / "LLM" / mumu_idefics2_lora, vlm)
-    assert any(p.startswith("vision_model.") for p in lora.factors) and any(p.startswith("text_model.") for p in lora.factors)
+    assert any(p.startswith("vision_model.") for p in lora.factors) and \
+        any(p.startswith("text_model.") for p in lora.factors)
     assert any(p.startswith("connector.modality_projection") for p in lora.factors)
     grid, res = files.grid_for(vlm, TINY_RES)
     seq = mumu.build_sequence(vlm.tokenizer, mumu.bind_placeholders("a <image> dog", [""]), grid, context=vlm.context)
@@ -353,7 +357,8 @@ def test_wrong_folders_and_files_are_refused_by_name(host, pack, tiny_idefics2, 
     mumu = pack_module(pack, "bridges.mumu")
     narrow = "tiny-mumu-connector-48.safetensors"
     pack_module(pack, "loaders.mumu").save_connector(
-        host.models_dir / "bridges" / narrow, mumu.MUMUConnector(mumu.ConnectorConfig(in_dim=48, width=32, depth=1, heads=4)))
+        host.models_dir / "bridges" / narrow,
+        mumu.MUMUConnector(mumu.ConnectorConfig(in_dim=48, width=32, depth=1, heads=4)))
     error = run_error(host, encode_graph(tiny_idefics2, narrow, "a dog"))
     assert "reads 48-wide" in error and "produces 64" in error and narrow in error
 

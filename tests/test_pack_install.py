@@ -75,7 +75,8 @@ def test_the_published_pack_never_installs_or_downloads():
     benchmarks/ and CI out): the runner finds a ComfyUI but never fetches one."""
     kept_out = {"tests", "scripts", "benchmarks", ".ci"}
     shipped = [p for p in PACK_DIR.rglob("*.py")
-               if p.relative_to(PACK_DIR).parts[0] not in kept_out and not p.relative_to(PACK_DIR).parts[0].startswith(".")]
+               if p.relative_to(PACK_DIR).parts[0] not in kept_out
+               and not p.relative_to(PACK_DIR).parts[0].startswith(".")]
     assert shipped
     for path in shipped:
         text = path.read_text()

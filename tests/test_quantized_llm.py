@@ -34,7 +34,8 @@ def cosine(a, b):
 
 
 @pytest.mark.parametrize("kind", ["int8", "nf4"])
-def test_quantized_llm_is_accounted_at_its_packed_size_and_encodes_like_fp32(host, pack, tiny_llama, mapper_files, kind):
+def test_quantized_llm_is_accounted_at_its_packed_size_and_encodes_like_fp32(host, pack, tiny_llama, mapper_files,
+                                                                             kind):
     import comfy.model_management as mm
     skip_unless_releases_run(pack, kind)
     llm_mod = pack_module(pack, "loaders.llm")

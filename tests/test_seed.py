@@ -93,7 +93,8 @@ def ref_bert(sd, prefix, layers, query_embeds, encoder_hidden_states):
         p = f"{prefix}encoder.layer.{i}."
         x = attention(p + "attention.", x, None, ext)
         if i % 2 == 0:
-            x = attention(p + "crossattention.", x, encoder_hidden_states, torch.zeros(bs, 1, 1, encoder_hidden_states.shape[1]))
+            x = attention(p + "crossattention.", x, encoder_hidden_states,
+                          torch.zeros(bs, 1, 1, encoder_hidden_states.shape[1]))
         h = F.gelu(F.linear(x, sd[p + "intermediate_query.dense.weight"], sd[p + "intermediate_query.dense.bias"]))
         h = F.linear(h, sd[p + "output_query.dense.weight"], sd[p + "output_query.dense.bias"])
         x = F.layer_norm(h + x, (D,), sd[p + "output_query.LayerNorm.weight"], sd[p + "output_query.LayerNorm.bias"],
@@ -106,9 +107,11 @@ def ref_block(sd, p, x):
     heads = D // 64
     B, N, C = x.shape
     h = F.layer_norm(x, (C,), sd[p + "norm1.weight"], sd[p + "norm1.bias"], eps=1e-6)
-    qkv = F.linear(h, sd[p + "attn.qkv.weight"], sd[p + "attn.qkv.bias"]).reshape(B, N, 3, heads, C // heads).permute(2, 0, 3, 1, 4)
+    qkv = F.linear(h, sd[p + "attn.qkv.weight"], sd[p + "attn.qkv.bias"]).reshape(B, N, 3, heads, C // heads) \
+        .permute(2, 0, 3, 1, 4)
     attn = ((qkv[0] @ qkv[1].transpose(-2, -1)) * (C // heads) ** -0.5).softmax(dim=-1)
-    x = x + F.linear((attn @ qkv[2]).transpose(1, 2).reshape(B, N, C), sd[p + "attn.proj.weight"], sd[p + "attn.proj.bias"])
+    x = x + F.linear((attn @ qkv[2]).transpose(1, 2).reshape(B, N, C), sd[p + "attn.proj.weight"],
+                     sd[p + "attn.proj.bias"])
     h = F.layer_norm(x, (C,), sd[p + "norm2.weight"], sd[p + "norm2.bias"], eps=1e-6)
     return x + F.linear(F.gelu(F.linear(h, sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"])), sd[p + "mlp.fc2.weight"],
                         sd[p + "mlp.fc2.bias"])
@@ -118,7 +121,8 @@ def ref_predict(eva, qf, tok, image):
     """SEEDVisualTokenizer.predict (models/visual_tokenizer.py, branch v1), in fp32: (codes, z, embeddings)."""
     sd = {**qf, **tok}
     image_embeds = F.layer_norm(ref_eva(eva, image), (W,), sd["ln_vision.weight"], sd["ln_vision.bias"], eps=1e-5)
-    query_output = ref_bert(sd, "Qformer.bert.", Q_LAYERS, sd["query_tokens"].expand(image.shape[0], -1, -1), image_embeds)
+    query_output = ref_bert(sd, "Qformer.bert.", Q_LAYERS, sd["query_tokens"].expand(image.shape[0], -1, -1),
+                            image_embeds)
     z = F.linear(torch.tanh(F.linear(query_output, sd["encode_task_layer.0.weight"], sd["encode_task_layer.0.bias"])),
                  sd["encode_task_layer.2.weight"], sd["encode_task_layer.2.bias"])
     codes = ref_quantize(sd["quantize.embedding.weight"], z)
@@ -199,8 +203,10 @@ def test_converted_config_comes_from_the_shapes(seed_mods, loaded):
     seed, path = loaded
     c = seed.config
     assert path.name == "seed-v1-tiny.safetensors"
-    assert (c.vision_width, c.vision_layers, c.vision_heads, c.vision_mlp, c.image_size) == (W, VIT_LAYERS, 2, VIT_MLP, 224)
-    assert (c.hidden, c.num_queries, c.qformer_layers, c.qformer_heads, c.cross_attention_freq) == (D, NQ, Q_LAYERS, 2, 2)
+    assert (c.vision_width, c.vision_layers, c.vision_heads, c.vision_mlp, c.image_size) == \
+        (W, VIT_LAYERS, 2, VIT_MLP, 224)
+    assert (c.hidden, c.num_queries, c.qformer_layers, c.qformer_heads, c.cross_attention_freq) == \
+        (D, NQ, Q_LAYERS, 2, 2)
     assert (c.codebook_size, c.code_dim, c.decoder_blocks, c.reverse_queries, c.reverse_layers, c.out_dim) == \
         (N_EMBED, CDIM, DEC_BLOCKS, NR, R_LAYERS, OUT)
     # The full-size official sizes come out of the same rules.
@@ -330,8 +336,10 @@ def test_missing_unexpected_and_wrong_files_are_named(tmp_path, pack, seed_mods,
     _, loader, _ = seed_mods
     LoadError = pack_module(pack, "loaders.errors").LoadError
 
-    tok = write_official(tmp_path / "missing", tok={"Reverse_Qformer.bert.encoder.layer.1.output_query.dense.weight": None})
-    with pytest.raises(LoadError, match=r"lack 1 tensor.*Reverse_Qformer\.bert\.encoder\.layer\.1\.output_query\.dense\.weight"):
+    tok = write_official(tmp_path / "missing",
+                         tok={"Reverse_Qformer.bert.encoder.layer.1.output_query.dense.weight": None})
+    with pytest.raises(LoadError,
+                       match=r"lack 1 tensor.*Reverse_Qformer\.bert\.encoder\.layer\.1\.output_query\.dense\.weight"):
         _convert(loader, tok, tmp_path)
     tok = write_official(tmp_path / "noln", qf={"ln_vision.weight": None})
     with pytest.raises(LoadError, match=r"ln_vision\.weight"):
@@ -344,7 +352,8 @@ def test_missing_unexpected_and_wrong_files_are_named(tmp_path, pack, seed_mods,
 
     # SEED-2 (SEED-LLaMA): same encoder, a de-tokenizer for SD 2.1 unCLIP image embeddings.
     seed2 = {k: v for k, v in official_state(0)[2].items()
-             if not k.startswith(("distill_text_proj", "Reverse_Qformer", "reverse_tokens", "blocks_text", "pos_embed_text"))}
+             if not k.startswith(("distill_text_proj", "Reverse_Qformer", "reverse_tokens", "blocks_text",
+                                  "pos_embed_text"))}
     seed2.update({"pos_embed_image": torch.zeros(1, 32, D), "blocks_image.0.norm1.weight": torch.ones(D),
                   "image_down.0.weight": torch.zeros(256, D), "distill_image_proj.weight": torch.zeros(1024, 1024)})
     (tmp_path / "seed2").mkdir()

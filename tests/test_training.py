@@ -196,7 +196,8 @@ def test_shipped_training_workflow_end_to_end(host, pack, tiny_llama, caption_fi
     folders = pack_module(pack, "loaders.folders")
     assert "workflow-mapper.safetensors" in folders.list_bridge_files()
     loaded = json.loads(json.dumps(prompt))
-    loaded[train_id] = {"class_type": "BeyondCLIP_MapperLoader", "inputs": {"mapper_name": "workflow-mapper.safetensors"}}
+    loaded[train_id] = {"class_type": "BeyondCLIP_MapperLoader",
+                        "inputs": {"mapper_name": "workflow-mapper.safetensors"}}
     via_loader = run_saved_image(host, loaded)
     assert via_loader.pixels == first.pixels
     assert torch.equal(host.node_output(encode_id)[0][0][0], positive)
@@ -291,7 +292,8 @@ def test_gill_decision_training(host, pack, tiny_opt_gill):
     with torch.no_grad():
         states = pack_module(pack, "engine.gill").img_states(llm_handle, gill, "show me a real photo of the red fox")
         assert gill.inner.retrieve_probability(states) > 0.5
-        states = pack_module(pack, "engine.gill").img_states(llm_handle, gill, "draw me an imaginary red fox as a painting")
+        states = pack_module(pack, "engine.gill").img_states(llm_handle, gill,
+                                                             "draw me an imaginary red fox as a painting")
         assert gill.inner.retrieve_probability(states) < 0.5
 
 

@@ -155,5 +155,6 @@ def test_connector_command_line_refuses_a_mapper_cache(host, pack):
     run = run_folder.run_dir("mumu-cli-wrong")
     run_folder.build_cache(run, ["a", "b"], lambda text: (torch.zeros(1, 77, 64), 0),
                          lambda text: (torch.zeros(1, 77, 2048), torch.zeros(1, 1280)), {"student": "beyond_clip"})
-    with pytest.raises(AssertionError, match="holds 'beyond_clip' states.*give --idefics2, --checkpoint and --captions"):
+    with pytest.raises(AssertionError,
+                       match="holds 'beyond_clip' states.*give --idefics2, --checkpoint and --captions"):
         train_cli(host, "connector", "--run-name", "mumu-cli-wrong", "--out", "wrong", "--steps", "1")

@@ -91,7 +91,8 @@ def stock_graph(trained, idefics2, connector, unet_lora, idefics2_lora):
 def test_mumu_stage2_trains_the_three_parts_and_drives_ksampler(host, pack, tiny_idefics2, mumu_connector_file,
                                                                 mumu_pairs):
     forget_everything(host)
-    vlm = pack_module(pack, "loaders.mumu").load_idefics2(tiny_idefics2, host.models_dir / "LLM" / tiny_idefics2, "fp32")
+    vlm = pack_module(pack, "loaders.mumu").load_idefics2(tiny_idefics2, host.models_dir / "LLM" / tiny_idefics2,
+                                                          "fp32")
     unet = pack_module(pack, "headless.tiny_models").tiny_checkpoint("sdxl")[0].model.diffusion_model
     vlm_before, unet_before = snapshot(vlm.inner), snapshot(unet)
     stage1 = load_file(str(host.models_dir / "bridges" / mumu_connector_file))
@@ -183,7 +184,8 @@ def test_mumu_stage2_resume_is_exact(host, tiny_idefics2, mumu_connector_file, m
     assert history(host, "mumu-s2-halves")["history"] == history(host, "mumu-s2-straight")["history"]
     for folder, name in (("bridges", "{}.safetensors"), ("loras", "{}-unet-lora.safetensors"),
                          ("LLM", "{}-idefics2-lora/adapter_model.safetensors")):
-        a, b = (load_file(str(host.models_dir / folder / name.format(r))) for r in ("mumu-s2-straight", "mumu-s2-halves"))
+        a, b = (load_file(str(host.models_dir / folder / name.format(r)))
+                for r in ("mumu-s2-straight", "mumu-s2-halves"))
         assert same(a, b), folder
 
 
@@ -194,14 +196,18 @@ def test_mumu_stage2_refusals(host, pack, tiny_idefics2, mumu_connector_file, mu
     sd1 = copy.deepcopy(train_only)
     sd1["6"]["inputs"]["arch"] = "sd15"
     forget_everything(host)
-    with pytest.raises(Exception, match=r"MUMU connector .*tiny-mumu-connector.safetensors. produces 2048-wide.*MODEL expects 768"):
+    with pytest.raises(Exception,
+                       match=r"MUMU connector .*tiny-mumu-connector.safetensors. "
+                             r"produces 2048-wide.*MODEL expects 768"):
         host.run(sd1)
     # a file of someone else's under the UNet LoRA's name is never replaced
     foreign = host.models_dir / "loras" / "mumu-s2-bad-unet-lora.safetensors"
     from safetensors.torch import save_file
     save_file({"x": torch.zeros(1)}, str(foreign))
     forget_everything(host)
-    with pytest.raises(Exception, match=r"mumu-s2-bad-unet-lora.safetensors exists and is not a MUMU UNet LoRA written by this pack"):
+    with pytest.raises(Exception,
+                       match=r"mumu-s2-bad-unet-lora.safetensors exists and is not a MUMU UNet LoRA "
+                             r"written by this pack"):
         host.run(train_only)
     assert load_file(str(foreign)).keys() == {"x"}
     # a caption whose crops do not match its <image> placeholders is refused by line
@@ -259,7 +265,8 @@ def test_shipped_mumu_training_workflow_end_to_end(host, pack, tiny_idefics2, mu
           f"{two['initial_val_loss']:.4f} -> {two['final_val_loss']:.4f}")
     assert one["final_val_loss"] < one["initial_val_loss"] and two["final_val_loss"] < two["initial_val_loss"]
     positive = host.node_output(ids["BeyondCLIP_MUMUEncode"])[0][0]
-    assert positive[0].shape[0] == 1 and positive[0].shape[2] == 2048 and positive[1]["pooled_output"].shape == (1, 1280)
+    assert positive[0].shape[0] == 1 and positive[0].shape[2] == 2048 and \
+        positive[1]["pooled_output"].shape == (1, 1280)
     assert first.path.name.startswith("MUMU_trained")
     for path in ("bridges/wf-mumu.safetensors", "loras/wf-mumu-unet-lora.safetensors",
                  "LLM/wf-mumu-idefics2-lora/adapter_config.json"):

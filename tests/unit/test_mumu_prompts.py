@@ -15,10 +15,13 @@ def picture(h, w, c=3, seed=0):
 # ------------------------------------------------------------------------------------------- prompt syntax
 
 def test_placeholders_bind_by_position_and_by_name(mumu):
-    assert mumu.bind_placeholders("a <image> man and his <image> dog", ["", ""]) == ["a ", 0, " man and his ", 1, " dog"]
-    assert mumu.bind_placeholders("a <man> man and his <dog> dog", ["dog", "man"]) == ["a ", 1, " man and his ", 0, " dog"]
+    assert mumu.bind_placeholders("a <image> man and his <image> dog", ["", ""]) == \
+        ["a ", 0, " man and his ", 1, " dog"]
+    assert mumu.bind_placeholders("a <man> man and his <dog> dog", ["dog", "man"]) == \
+        ["a ", 1, " man and his ", 0, " dog"]
     # Mixed, and a named image used twice: named ones by name, unnamed ones in order.
-    assert mumu.bind_placeholders("<image> <man> x <man> in <image>", ["", "man", ""]) == [0, " ", 1, " x ", 1, " in ", 2]
+    assert mumu.bind_placeholders("<image> <man> x <man> in <image>", ["", "man", ""]) == \
+        [0, " ", 1, " x ", 1, " in ", 2]
     assert mumu.bind_placeholders("just words", []) == ["just words"]
 
 
@@ -49,7 +52,8 @@ def test_images_are_padded_square_with_black_and_any_channel_layout_works(mumu):
     assert torch.allclose(wide[:, 5:11], torch.ones(1), atol=1e-3), "the picture itself stays white"
 
     gray = picture(30, 30, 1)
-    assert torch.equal(mumu.prepare_image(gray, 16, mean, std), mumu.prepare_image(gray.expand(30, 30, 3), 16, mean, std))
+    assert torch.equal(mumu.prepare_image(gray, 16, mean, std),
+                       mumu.prepare_image(gray.expand(30, 30, 3), 16, mean, std))
     rgba = picture(30, 30, 4)
     rgba[..., 3] = 0.0  # fully transparent -> the black background
     assert torch.all(mumu.prepare_image(rgba, 16, mean, std) == -1)

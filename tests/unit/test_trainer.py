@@ -26,7 +26,8 @@ def toy_data(t, n=40, seed=0):
 
 def make_trainer(t, data, steps, per_example=False, seed=0):
     config = t.data.TrainConfig(steps=steps, batch_size=8, lr=3e-3, seed=seed, val_fraction=0.2, eval_every=5)
-    mapper = t.data.seeded_init(seed, lambda: t.mapper.BeyondCLIPMapper(t.mapper.MapperConfig(in_dim=16, hidden_dim=32)))
+    mapper = t.data.seeded_init(seed,
+                                lambda: t.mapper.BeyondCLIPMapper(t.mapper.MapperConfig(in_dim=16, hidden_dim=32)))
     task = t.tasks.DistillTask(t.tasks.MapperStudent(mapper), data, config)
     task.per_example = per_example
     return t.trainer.Trainer(task, config)
