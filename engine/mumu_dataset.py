@@ -200,6 +200,142 @@ def _dropped_record(d, box, rule):
     return {"phrase": d.phrase, "span": list(d.span), "score": round(d.score, 4), "box": list(box), "rule": rule}
 
 
+def _finished_so_far(folder):
+    """(manifest entries by picture, file stamps by picture) of the built dataset, with the pictures an interrupted
+    build (or another process) finished since."""
+    known, stamps = files.read_manifest(folder), files.read_stamps(folder)
+    for line in files.work_entries(folder):
+        if "skipped" not in line:
+            known[line["picture"]] = {k: v for k, v in line.items() if k != "_stamp"}
+        if isinstance(line.get("_stamp"), list) and len(line["_stamp"]) == 3:
+            stamps[line["picture"]] = tuple(line["_stamp"])
+    return known, stamps
+
+
+class _Build:
+    """One process's share of a build: pictures are read and checked in worker threads (prepare), searched by the
+    detector in this thread (search), and handed to the writer's threads in order."""
+
+    def __init__(self, detector_handle, folder, key, settings: rules.Settings, device):
+        self.handle, self.folder, self.key, self.settings = detector_handle, folder, key, settings
+        self.known, self.stamps = _finished_so_far(folder)
+        self.detector = Detector(detector_handle, settings.rules.head_query, device)
+        self.caption_texts = {}
+        self.writer = None
+
+    def prepare(self, p):
+        """(kind, payload) for one picture, in a worker thread."""
+        entry = self.known.get(p.key)
+        usable = (entry is not None and entry.get("build") == self.key and entry.get("caption") == p.caption
+                  and files.crop_files_present(self.folder, entry))
+        stamp = self.stamps.get(p.key)
+        if usable and stamp is not None and tuple(stamp[:2]) == (p.size, p.mtime_ns) and stamp[2] == entry["sha256"]:
+            return "reuse", (entry, list(stamp))
+        try:
+            sha = files.file_sha256(p.path)
+        except OSError as e:
+            return "skip", (f"could not be read ({type(e).__name__}: {e})", None)
+        stamp = [p.size, p.mtime_ns, sha]
+        if usable and entry["sha256"] == sha:
+            return "reuse", (entry, stamp)
+        try:
+            picture = open_rgb(p.path)
+        except LoadError as e:
+            return "skip", (str(e), stamp)
+        w, h = picture.size
+        iw, ih = rules.detector_input_size(w, h, self.handle.shortest_edge, self.handle.longest_edge)
+        if min(iw, ih) < MIN_DETECTOR_SIDE:
+            return "search", (picture, stamp, sha, f"too thin to search: the detector would see it at {iw}x{ih} px")
+        if not rules.has_words(p.caption):
+            return "search", (picture, stamp, sha, "the caption has no words to search for")
+        if p.caption not in self.caption_texts:
+            self.caption_texts[p.caption] = self.detector.text(rules.query_text(p.caption))
+        return "search", (picture, stamp, sha, self.detector.pixels(picture))
+
+    def entry_for(self, p, picture, sha, plan, note=""):
+        pid = picture_id(p.key)
+        images = [_image_record(pid, image) for image in plan.images]
+        entry = {"picture": p.key, "sha256": sha, "caption": p.caption, "size": list(picture.size),
+                 "prompt": plan.prompt, "images": images, "stage2": plan.stage2,
+                 "dropped": [_dropped_record(*d) for d in plan.dropped]}
+        if note:
+            entry["note"] = note
+        entry["build"] = self.key
+        return entry
+
+    def search(self, p, picture, stamp, sha, pixels):
+        """Detects, plans and hands the picture to the writer (this thread: the detector runs here)."""
+        settings = self.settings
+        w, h = picture.size
+        if isinstance(pixels, str):  # not searched; the reason
+            plan = rules.plan_picture([], w, h, p.caption, p.key, settings, None, control_available=False)
+            note = pixels
+        else:
+            text, offsets = self.caption_texts[p.caption]
+            probs, boxes = self.detector.forward(pixels, text)
+            found = rules.ground(probs, boxes, offsets, p.caption, w, h, settings.box_threshold,
+                                 settings.text_threshold)
+
+            def find_head(box):
+                return self.detector.find_heads(picture, box, settings.box_threshold, settings.text_threshold)
+
+            plan = rules.plan_picture(found, w, h, p.caption, p.key, settings, find_head)
+            note = "" if found else "no phrase of the caption was found in the picture above the thresholds"
+        entry = self.entry_for(p, picture, sha, plan, note)
+        self.writer.put({**entry, "_stamp": stamp},
+                        _render(self.folder, picture, plan, p.key, settings, entry["images"]))
+
+    def run(self, part, mine, result: BuildResult, workers: int, progress):
+        """Every picture of `mine`, in order; readers run ahead of the detector by a few pictures."""
+        self.detector.load()
+        self.writer = _Writer(part, workers)
+        readers = ThreadPoolExecutor(max(1, workers), thread_name_prefix="mumu-dataset-reader")
+        pending, upcoming = deque(), iter(mine)
+
+        def refill():
+            while len(pending) < 2 * max(1, workers) + 2:
+                p = next(upcoming, None)
+                if p is None:
+                    return
+                pending.append((p, readers.submit(self.prepare, p)))
+
+        try:
+            refill()
+            done = 0
+            while pending:
+                p, future = pending.popleft()
+                refill()
+                kind, payload = future.result()
+                if kind == "reuse":
+                    entry, stamp = payload
+                    self.writer.put({**entry, "_stamp": stamp})
+                    result.reused += 1
+                elif kind == "skip":
+                    why, stamp = payload
+                    self.writer.put({"picture": p.key, "skipped": why, "_stamp": stamp})
+                    result.skipped.append((p.key, why))
+                else:
+                    self.search(p, *payload)
+                    result.built += 1
+                done += 1
+                if progress is not None:
+                    progress(done, len(mine))
+        except BaseException:
+            # interrupted (or failed): the pictures handed to the writer are finished, the rest left for next time
+            for _, future in pending:
+                future.cancel()
+            readers.shutdown(wait=True)
+            try:
+                self.writer.close()
+            except Exception as e:  # the interruption is what the caller must see
+                log.warning("MUMU dataset: a picture could not be written while stopping (%s: %s)",
+                            type(e).__name__, e)
+            raise
+        readers.shutdown(wait=True)
+        self.writer.close()
+        result.forwards = self.detector.forwards
+
+
 def build_dataset(detector_handle, source_name: str, dataset_name: str, settings: rules.Settings, *, rank: int = 0,
                   world: int = 1, progress=None, workers: int = 2, device=None) -> BuildResult:
     """Builds (or brings up to date) input/<dataset_name>/ from the captioned pictures of `source_name`.
@@ -216,124 +352,10 @@ def build_dataset(detector_handle, source_name: str, dataset_name: str, settings
     key = build_key(settings, detector_handle)
     fp = files.fingerprint(key, source)
     part = files.PartWriter(folder, rank, world)
-    known, stamps = files.read_manifest(folder), files.read_stamps(folder)
-    for line in files.work_entries(folder):  # pictures an interrupted build (or another process) finished
-        if "skipped" not in line:
-            known[line["picture"]] = {k: v for k, v in line.items() if k != "_stamp"}
-        if isinstance(line.get("_stamp"), list) and len(line["_stamp"]) == 3:
-            stamps[line["picture"]] = tuple(line["_stamp"])
     mine = source.pictures[rank::world]
-    detector = Detector(detector_handle, settings.rules.head_query, device)
     result = BuildResult(rank=rank, world=world, pictures=len(mine), built=0, reused=0, skipped=[], forwards=0,
                          problems=source.problems)
-    caption_texts = {}
-
-    def prepare(p):
-        """(kind, payload) for one picture, in a worker thread."""
-        entry = known.get(p.key)
-        usable = (entry is not None and entry.get("build") == key and entry.get("caption") == p.caption
-                  and files.crop_files_present(folder, entry))
-        stamp = stamps.get(p.key)
-        if usable and stamp is not None and tuple(stamp[:2]) == (p.size, p.mtime_ns) and stamp[2] == entry["sha256"]:
-            return "reuse", (entry, list(stamp))
-        try:
-            sha = files.file_sha256(p.path)
-        except OSError as e:
-            return "skip", (f"could not be read ({type(e).__name__}: {e})", None)
-        stamp = [p.size, p.mtime_ns, sha]
-        if usable and entry["sha256"] == sha:
-            return "reuse", (entry, stamp)
-        try:
-            picture = open_rgb(p.path)
-        except LoadError as e:
-            return "skip", (str(e), stamp)
-        w, h = picture.size
-        iw, ih = rules.detector_input_size(w, h, detector_handle.shortest_edge, detector_handle.longest_edge)
-        if min(iw, ih) < MIN_DETECTOR_SIDE:
-            return "search", (picture, stamp, sha, f"too thin to search: the detector would see it at {iw}x{ih} px")
-        if not rules.has_words(p.caption):
-            return "search", (picture, stamp, sha, "the caption has no words to search for")
-        if p.caption not in caption_texts:
-            caption_texts[p.caption] = detector.text(rules.query_text(p.caption))
-        return "search", (picture, stamp, sha, detector.pixels(picture))
-
-    def entry_for(p, picture, sha, plan, note=""):
-        pid = picture_id(p.key)
-        images = [_image_record(pid, image) for image in plan.images]
-        entry = {"picture": p.key, "sha256": sha, "caption": p.caption, "size": list(picture.size),
-                 "prompt": plan.prompt, "images": images, "stage2": plan.stage2,
-                 "dropped": [_dropped_record(*d) for d in plan.dropped]}
-        if note:
-            entry["note"] = note
-        entry["build"] = key
-        return entry
-
-    def search(p, picture, stamp, sha, pixels):
-        """Detects, plans and hands the picture to the writer (main thread: the detector runs here)."""
-        w, h = picture.size
-        if isinstance(pixels, str):  # not searched; the reason
-            plan = rules.plan_picture([], w, h, p.caption, p.key, settings, None, control_available=False)
-            note = pixels
-        else:
-            text, offsets = caption_texts[p.caption]
-            probs, boxes = detector.forward(pixels, text)
-            found = rules.ground(probs, boxes, offsets, p.caption, w, h, settings.box_threshold,
-                                 settings.text_threshold)
-
-            def find_head(box):
-                return detector.find_heads(picture, box, settings.box_threshold, settings.text_threshold)
-
-            plan = rules.plan_picture(found, w, h, p.caption, p.key, settings, find_head)
-            note = "" if found else "no phrase of the caption was found in the picture above the thresholds"
-        entry = entry_for(p, picture, sha, plan, note)
-        writer.put({**entry, "_stamp": stamp}, _render(folder, picture, plan, p.key, settings, entry["images"]))
-
-    detector.load()
-    writer = _Writer(part, workers)
-    readers = ThreadPoolExecutor(max(1, workers), thread_name_prefix="mumu-dataset-reader")
-    pending, upcoming = deque(), iter(mine)
-
-    def refill():
-        while len(pending) < 2 * max(1, workers) + 2:
-            p = next(upcoming, None)
-            if p is None:
-                return
-            pending.append((p, readers.submit(prepare, p)))
-
-    try:
-        refill()
-        done = 0
-        while pending:
-            p, future = pending.popleft()
-            refill()
-            kind, payload = future.result()
-            if kind == "reuse":
-                entry, stamp = payload
-                writer.put({**entry, "_stamp": stamp})
-                result.reused += 1
-            elif kind == "skip":
-                why, stamp = payload
-                writer.put({"picture": p.key, "skipped": why, "_stamp": stamp})
-                result.skipped.append((p.key, why))
-            else:
-                search(p, *payload)
-                result.built += 1
-            done += 1
-            if progress is not None:
-                progress(done, len(mine))
-    except BaseException:
-        # interrupted (or failed): the pictures handed to the writer are finished, the rest left for next time
-        for _, future in pending:
-            future.cancel()
-        readers.shutdown(wait=True)
-        try:
-            writer.close()
-        except Exception as e:  # the interruption is what the caller must see
-            log.warning("MUMU dataset: a picture could not be written while stopping (%s: %s)", type(e).__name__, e)
-        raise
-    readers.shutdown(wait=True)
-    writer.close()
-    result.forwards = detector.forwards
+    _Build(detector_handle, folder, key, settings, device).run(part, mine, result, workers, progress)
     part.finish(fp)
     info = {"settings": settings.to_dict(), "build": key,
             "detector": {"name": detector_handle.name, "identity": detector_handle.build_identity,
