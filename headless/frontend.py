@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from . import examples
-from .host import PACK_DIR, PACK_FOLDER_NAME, HostError, find_comfyui
+from .host import PACK_DIR, PACK_FOLDER_NAME, HostError, find_comfyui, registry_copy_dir
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("CHROMEDRIVER", "/usr/bin/chromedriver")
@@ -127,6 +127,8 @@ def comfyui_server(comfyui=None, input_images=(), timeout=300):
             # 2024 hosts read custom_nodes/ beside main.py only: link the pack there (the registry copy lives
             # in our cache; a user's own ComfyUI already has the pack installed there)
             link = root / "custom_nodes" / PACK_FOLDER_NAME
+            if link.is_symlink() and link.resolve() != PACK_DIR and root == registry_copy_dir().resolve():
+                link.unlink()  # our cache's link to another checkout of the pack: this one is served
             if not link.exists() and not any(p.resolve() == PACK_DIR for p in (root / "custom_nodes").iterdir()):
                 link.symlink_to(PACK_DIR, target_is_directory=True)
         log_path = scratch / "server.log"
