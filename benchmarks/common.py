@@ -42,6 +42,20 @@ def median_time(fn, repeats, warmup=2):
     return statistics.median(times)
 
 
+def paired_times(a, b, repeats, warmup=2):
+    """Times of a and b run back to back, `repeats` pairs: on a shared machine the load drifts within seconds, and
+    the median of per-pair ratios cancels what hits both sides of a pair alike."""
+    for _ in range(warmup):
+        a(), b()
+    times_a, times_b = [], []
+    for _ in range(repeats):
+        for fn, times in ((a, times_a), (b, times_b)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return times_a, times_b
+
+
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

@@ -9,27 +9,12 @@ ratios (medians of the times as context).
 """
 import argparse
 import statistics
-import time
 
 import torch
-from common import boot, module, table
+from common import boot, module, paired_times, table
 
 CONFIGS = [("small", 64, 2), ("mid", 512, 8), ("large", 1024, 12)]  # (name, hidden size, layers)
 PROMPT = "a watercolor painting of a lighthouse on a cliff at sunset, seagulls, warm light"
-
-
-def paired_times(a, b, repeats, warmup=2):
-    """Times of a and b run back to back, `repeats` pairs: on a shared machine the load drifts within seconds, and
-    the median of per-pair ratios cancels what hits both sides of a pair alike."""
-    for _ in range(warmup):
-        a(), b()
-    times_a, times_b = [], []
-    for _ in range(repeats):
-        for fn, times in ((a, times_a), (b, times_b)):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return times_a, times_b
 
 
 def main():

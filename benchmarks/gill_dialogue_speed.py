@@ -17,28 +17,15 @@ states, each as a share of that turn.
 """
 import argparse
 import statistics
-import time
 from pathlib import Path
 
 import torch
-from common import boot, median_time, module, table
+from common import boot, median_time, module, paired_times, table
 
 CONFIGS = [("small", 64, 2), ("mid", 512, 8), ("large", 1024, 12)]  # (name, hidden size, layers)
 OPT_VOCAB = 50272
 MESSAGES = ["what should i cook for dinner tonight?", "tell me about the sea", "how do i bake bread",
             "what is the capital of france", "write a poem about the sea"]
-
-
-def paired_times(a, b, repeats, warmup=1):
-    for _ in range(warmup):
-        a(), b()
-    times_a, times_b = [], []
-    for _ in range(repeats):
-        for fn, times in ((a, times_a), (b, times_b)):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return times_a, times_b
 
 
 def opt_folder(tiny_llm, folder, width, layers):
@@ -87,7 +74,7 @@ def measure(name, llm, gill, node, dialogue, gill_engine, bridge, args):
         with torch.inference_mode():
             node.reply(llm, gill, message=message, max_pictures=0, **settings)
 
-    bare_times, node_times = paired_times(bare, dialogue_node, args.repeats)
+    bare_times, node_times = paired_times(bare, dialogue_node, args.repeats, warmup=1)
     b, n = statistics.median(bare_times), statistics.median(node_times)
     ratio = statistics.median(u / t for t, u in zip(node_times, bare_times))  # node tokens/s over bare tokens/s
     params = sum(p.numel() for p in model.parameters()) / 1e6

@@ -13,8 +13,7 @@ import importlib
 import statistics
 
 import torch
-from common import boot, module, table
-from encode_overhead import paired_times
+from common import boot, module, paired_times, table
 
 CONFIGS = [("small", 64, 3), ("mid", 512, 6), ("large", 1024, 8)]  # (name, width, layers) of a Gemma 2 encoder
 PROMPT = "a watercolor painting of a lighthouse on a cliff at sunset, seagulls, warm light"
