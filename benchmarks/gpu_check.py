@@ -544,7 +544,10 @@ class Check:
         from packaging.version import Version
         dtype_arg = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
         with torch.device(device or self.mm.text_encoder_device()):
-            model = auto_cls.from_config(config, attn_implementation="sdpa", **{dtype_arg: dtype})
+            try:
+                model = auto_cls.from_config(config, attn_implementation="sdpa", **{dtype_arg: dtype})
+            except ValueError:  # a transformers without the SDPA path for this model (Idefics2 on 4.40)
+                model = auto_cls.from_config(config, attn_implementation="eager", **{dtype_arg: dtype})
         return model.eval().requires_grad_(False)
 
     def _dtype(self):

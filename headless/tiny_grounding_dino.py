@@ -46,6 +46,7 @@ def bert_vocab(vocab_size: int = 1200):
 
 
 def write_grounding_dino_folder(folder, size: str = "tiny", seed: int = 0) -> Path:
+    import transformers
     from transformers import (
         BertTokenizerFast,
         GroundingDinoConfig,
@@ -57,7 +58,11 @@ def write_grounding_dino_folder(folder, size: str = "tiny", seed: int = 0) -> Pa
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     vocab = bert_vocab(30522 if size == "full" else 1200)
-    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
+    else:  # transformers 4 builds a BERT tokenizer from a vocab.txt only
+        (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+        tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
     if size == "full":  # grounding-dino-tiny's configuration
         config = GroundingDinoConfig(
             backbone_config=dict(model_type="swin", out_indices=[2, 3, 4], image_size=224, window_size=7,

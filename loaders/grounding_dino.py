@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import AutoProcessor, GroundingDinoForObjectDetection
 
 from . import folders
@@ -124,10 +125,17 @@ def _check_tokenizer(path: Path, tokenizer):
                         f"files (vocab.txt, tokenizer.json, tokenizer_config.json) of this Grounding DINO release.")
 
 
+MIN_TRANSFORMERS_MAJOR = 5  # the dataset builder is tested on 5 only; 4.x's tokenizer and grounding differ
+
+
 def load_grounding_dino(name: str, path: Path = None, dtype_choice: str = "fp32", load_device=None,
                         progress=None) -> GroundingDINO:
     """The detector, offline; progress(step) after each of 3 steps. load_device: where ComfyUI runs it (default:
     the text encoders' device, like the stock CLIP vision model)."""
+    if int(transformers.__version__.split(".")[0]) < MIN_TRANSFORMERS_MAJOR:
+        raise LoadError(f"Grounding DINO (Build MUMU Dataset) needs transformers {MIN_TRANSFORMERS_MAJOR}.0 or newer; "
+                        f"ComfyUI's Python has {transformers.__version__}, whose Grounding DINO grounds differently "
+                        f"(its processor and post-processing changed). Upgrade it: pip install -U transformers")
     path = Path(path) if path is not None else resolve(name)
     if dtype_choice not in TORCH_DTYPES:
         raise LoadError(f"unknown dtype {dtype_choice!r}; choose one of {DTYPES}")

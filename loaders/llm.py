@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import pickle
+import re
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -162,11 +163,22 @@ def weights_failure(path: Path, config: dict, error: Exception, cls=None) -> str
                 return f"{str(bad).strip()} Use the release's .safetensors files, or copy this file again."
         return f"a weight file in {path} could not be read as plain tensors; copy the folder again."
     if "mismatched" in text or "size mismatch" in text:
-        wrong = direct_weights.shape_mismatches(cls or AutoModelForCausalLM, path)
+        wrong = direct_weights.shape_mismatches(cls or AutoModelForCausalLM, path) or _size_mismatches(text)
         return direct_weights.shape_message(path, wrong or ["a tensor's shape differs from the one it gives"])
     detail = "" if "weights_only" in text or "trust_remote_code" in text else f": {text[:300]}"
     return (f"the weights in {path} could not be loaded ({type(error).__name__}{detail}). A weight file is "
             f"truncated, corrupt or does not belong to this config.json; copy the folder again.")
+
+
+_SIZE_MISMATCH = re.compile(r"size mismatch for ([\w.]+): copying a param with shape torch\.Size\(\[([\d, ]*)\]\) "
+                            r"from checkpoint, the shape in current model is torch\.Size\(\[([\d, ]*)\]\)")
+
+
+def _size_mismatches(text: str) -> list:
+    """The wrongly shaped tensors as transformers 4 names them in its error (5 reads no such list: direct_weights
+    compares the headers)."""
+    return [f"a weight file holds '{name}' with shape [{have}], the config makes it [{want}]"
+            for name, have, want in _SIZE_MISMATCH.findall(text)]
 
 
 def _chain(error):
@@ -404,7 +416,12 @@ def gguf_info(path: Path) -> GGUFInfo:
     except ImportError:
         raise LoadError(f"{path.name} is a GGUF file: reading it needs the 'gguf' package. Install it into "
                         f"ComfyUI's Python ({GGUF_PIP}) and restart ComfyUI, or use a Hugging Face folder.") from None
-    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+    try:
+        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+    except ImportError:  # transformers before 4.41
+        raise LoadError(f"{path.name} is a GGUF file, which this transformers ({transformers.__version__}) cannot "
+                        f"read. Upgrade transformers in ComfyUI's Python (5.0 or newer reads GGUF tensor by tensor), "
+                        f"or use a Hugging Face folder.") from None
     try:
         reader = GGUFReader(str(path))
         field = reader.fields["general.architecture"]

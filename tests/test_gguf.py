@@ -9,9 +9,27 @@ import torch
 from conftest import pack_module
 
 
+def needs_transformers_gguf():
+    """transformers reads GGUF from 4.41 on; on older ones Load LLM refuses a .gguf file by name (loaders/llm.py)."""
+    import transformers
+    try:
+        import transformers.modeling_gguf_pytorch_utils  # noqa: F401
+    except ImportError:
+        pytest.skip(f"transformers {transformers.__version__} has no GGUF support (4.41 on); the pack refuses .gguf "
+                    f"files by name there")
+
+
+def needs_streamed_reader():
+    import transformers
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip(f"the tensor-by-tensor reader follows transformers 5's GGUF code; {transformers.__version__} loads "
+                    f"through from_pretrained (test_gguf_loads_as_the_llm_it_was_made_from covers that)")
+
+
 @pytest.fixture(scope="module")
 def gguf_llm(host, pack, tiny_llama):
     pytest.importorskip("gguf", reason="GGUF files need the optional gguf package (pip install gguf)")
+    needs_transformers_gguf()
     path = host.models_dir / "LLM" / "tiny-llama-Q8_0.gguf"
     write = pack_module(pack, "headless.tiny_gguf").write_gguf
     model, tokenizer = write(path, host.models_dir / "LLM" / tiny_llama)
@@ -106,6 +124,7 @@ def gguf_variants(host, pack, tiny_llama, tmp_path_factory):
     out (tied to the embeddings), an extra rope_freqs tensor (Llama 3 files; transformers has no parameter for it
     and skips it)."""
     pytest.importorskip("gguf", reason="GGUF files need the optional gguf package (pip install gguf)")
+    needs_transformers_gguf()
     write = pack_module(pack, "headless.tiny_gguf").write_gguf
     folder = host.models_dir / "LLM" / tiny_llama
     base = tmp_path_factory.mktemp("gguf-variants")
@@ -153,6 +172,8 @@ def assert_same_as_transformers(got, ref):
 def test_streamed_gguf_equals_transformers_load(pack, gguf_variants, variant, dtype, caplog):
     """The reader gives transformers' own gguf_file= model, tensor for tensor, and the same outputs."""
     import logging
+
+    needs_streamed_reader()
     reader = pack_module(pack, "loaders.gguf_weights")
     path = gguf_variants[variant]
     rng = torch.get_rng_state()
@@ -176,6 +197,7 @@ def test_streamed_gguf_equals_transformers_load(pack, gguf_variants, variant, dt
 def test_streamed_in_row_chunks_equals_transformers_load(pack, gguf_variants, monkeypatch):
     """A tensor larger than the reader's chunk is dequantized a few rows at a time: the same values (every ggml type
     quantizes each row by itself). The small model's tensors fit in one chunk: make the chunk one row."""
+    needs_streamed_reader()
     reader = pack_module(pack, "loaders.gguf_weights")
     monkeypatch.setattr(reader, "CHUNK", 4)
     auto = pack_module(pack, "loaders.llm").AutoModelForCausalLM
@@ -187,6 +209,7 @@ def test_streamed_in_row_chunks_equals_transformers_load(pack, gguf_variants, mo
 
 def test_load_llm_reads_gguf_tensor_by_tensor(host, pack, gguf_llm, caplog):
     import logging
+    needs_streamed_reader()
     reader = pack_module(pack, "loaders.gguf_weights")
     pack_module(pack, "loaders.handles").forget_all()
     with caplog.at_level(logging.DEBUG, logger=reader.__name__):
@@ -201,6 +224,7 @@ def test_gguf_the_reader_cannot_vouch_for_falls_back(host, pack, tiny_llama, tmp
     transformers reads with its packed-block loader, a tensor processor that sets tensors itself: None, with the
     reason logged; the pack's loader then uses transformers' load."""
     import logging
+    needs_streamed_reader()
 
     import numpy as np
     from transformers import modeling_gguf_pytorch_utils as hf_gguf
@@ -239,6 +263,7 @@ def test_gguf_the_reader_cannot_vouch_for_falls_back(host, pack, tiny_llama, tmp
 
 def test_streamed_gguf_damaged_files_are_refused_by_name(pack, gguf_llm, tmp_path):
     """Cut inside its tensor data, or with its tensor table pointing past the end: a LoadError naming the file."""
+    needs_streamed_reader()
     reader = pack_module(pack, "loaders.gguf_weights")
     load_error = pack_module(pack, "bridges.errors").LoadError
     auto = pack_module(pack, "loaders.llm").AutoModelForCausalLM

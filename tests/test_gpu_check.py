@@ -30,6 +30,9 @@ def gpu_check():
 
 
 def test_tiny_run_prints_every_row_with_finite_numbers(tmp_path):
+    import transformers
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip(f"the GPU check builds its models with transformers 5's API; this is {transformers.__version__}")
     """The suite's own ComfyUI (both hosts), with torchvision, av and torchsde made absent as on the GPU machine."""
     check = gpu_check()
     absent = "; ".join(f"sys.modules[{m!r}] = None" for m in ABSENT_ON_THE_GPU_MACHINE)

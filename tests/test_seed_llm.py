@@ -323,6 +323,8 @@ def test_a_4bit_llm_takes_the_lora_unmerged_only(host, pack, trained, tiny_llama
     """nf4 (bitsandbytes, its CPU backend here): the file is the same LLM (the fingerprint reads the files, not the
     packed weights), the merged mode is refused by name, unmerged draws nearly the fp32 codes."""
     import bitsandbytes  # noqa: F401  (the test extras install it: missing, this test fails)
+    from test_quantized_llm import skip_unless_releases_run
+    skip_unless_releases_run(pack, "nf4")
     files, engine = pack_module(pack, "loaders.seed_llm"), pack_module(pack, "engine.seed_llm")
     errors = pack_module(pack, "bridges.errors")
     handle = trained_handle(host, pack)
