@@ -1,8 +1,10 @@
 """What the benchmark scripts share: a booted in-process ComfyUI with the pack loaded, a timing helper, a
 memory sampler and a table printer. Run the scripts from the pack folder: python benchmarks/<name>.py"""
+import atexit
 import importlib
 import importlib.util
 import os
+import shutil
 import statistics
 import tempfile
 import threading
@@ -17,7 +19,10 @@ def boot(scratch=None):
     spec = importlib.util.spec_from_file_location("beyond_clip_bench_host", PACK_DIR / "headless" / "host.py")
     host_module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(host_module)
-    scratch = Path(scratch or tempfile.mkdtemp(prefix="beyond-clip-bench-"))
+    if scratch is None:  # made here: removed when the script ends, whichever way (models of a GiB or more)
+        scratch = Path(tempfile.mkdtemp(prefix="beyond-clip-bench-"))
+        atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    scratch = Path(scratch)
     host = host_module.Host(output_dir=scratch / "output", temp_dir=scratch / "temp")
     host.add_models_dir(scratch / "models", ("LLM", "bridges", "checkpoints"))
     host.models_dir = scratch / "models"
