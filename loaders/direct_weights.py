@@ -308,15 +308,26 @@ def shape_mismatches(cls, path, skip: tuple = ()) -> list:
     messages when from_pretrained refused the folder); [] when they cannot be told from the headers."""
     path = Path(path)
     try:
-        get_model_conversion_mapping, no_tie_weights = _transformers_5()
         files = checkpoint_files(path)
         entries_by_file = [(f, read_header(f)) for f in files]
         config = _load_config(cls, path, torch.float32)
+        try:
+            get_model_conversion_mapping, no_tie_weights = _transformers_5()
+        except Fallback:  # transformers 4: checkpoint keys are the model's own; compare with a model on meta
+            return _plain_mismatches(_model_class(cls, config), config, entries_by_file)
         model = _build(_model_class(cls, config), config, torch.float32, no_tie_weights)
         return _match(model, entries_by_file, tuple(skip))[2]
     except Exception as e:  # a message helper: whatever stops it, the caller says what it knows
         log.debug("%s: shapes not compared (%s: %s)", path, type(e).__name__, e)
         return []
+
+
+def _plain_mismatches(model_class, config, entries_by_file) -> list:
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in model_class(config).state_dict().items()}
+    return [f"{file.name} holds '{e.key}' with shape {list(e.shape)}, the config makes it {list(expected[e.key])}"
+            for file, entries in entries_by_file for e in entries
+            if e.key in expected and tuple(e.shape) != expected[e.key]]
 
 
 def _read_file(file: Path, entries, targets, wanted, use_mmap):
