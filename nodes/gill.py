@@ -111,12 +111,15 @@ class GILLConvert:
         return ui_text(str(out), str(out))
 
 
+GILL_LLM_INPUT = (LLM_TYPE, {"tooltip": "OPT-6.7B (facebook/opt-6.7b) from models/LLM, as GILL was trained"})
+
+
 class GILLEncode:
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "llm": (LLM_TYPE, {"tooltip": "OPT-6.7B (facebook/opt-6.7b) from models/LLM, as GILL was trained"}),
+                "llm": GILL_LLM_INPUT,
                 "gill": (GILL_TYPE,),
                 "prompt": ("STRING", {"multiline": True, "default": "",
                                       "tooltip": f"Text; write {PLACEHOLDER} where each connected image goes. "
@@ -283,7 +286,7 @@ class GILLDialogue:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "llm": (LLM_TYPE, {"tooltip": "OPT-6.7B (facebook/opt-6.7b) from models/LLM, as GILL was trained"}),
+                "llm": GILL_LLM_INPUT,
                 "gill": (GILL_TYPE,),
                 "message": ("STRING", {"multiline": True, "default": "",
                                        "tooltip": f"Your turn. Write {PLACEHOLDER} where each connected picture goes "
